@@ -1,0 +1,524 @@
+//! GPU context: adapter choice, device with the adapter's real limits, pipeline cache,
+//! buffer pool, uploads/readbacks and the binding-window helper that lets kernels work on
+//! tensors larger than one storage binding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+/// Environment variable naming the adapter (substring of its name, or its index).
+pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
+/// Environment variable capping the storage-binding size in bytes (testing, debugging).
+pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found for backends {backends:?}. Install a Vulkan driver (Linux without a GPU: \
+         `apt-get install mesa-vulkan-drivers libvulkan1` gives the software driver lavapipe), \
+         or choose other backends with WGPU_BACKEND=vulkan|metal|dx12|gl"
+    )]
+    NoAdapter { backends: wgpu::Backends },
+    #[error("no adapter matches {wanted:?}; available: {available}")]
+    AdapterNotFound { wanted: String, available: String },
+    #[error("could not open the GPU device on {adapter}: {source}")]
+    RequestDevice { adapter: String, source: wgpu::RequestDeviceError },
+    #[error("GPU out of memory or validation error: {0}")]
+    Device(String),
+    #[error("{MAX_BINDING_ENV} must be a byte count, got {0:?}")]
+    BadBindingEnv(String),
+    #[error("a single row of {row_bytes} bytes exceeds the storage binding limit of {limit} bytes")]
+    RowTooLarge { row_bytes: u64, limit: u64 },
+    #[error("buffer of {bytes} bytes exceeds the adapter's maximum buffer size of {limit} bytes")]
+    BufferTooLarge { bytes: u64, limit: u64 },
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+/// How to choose and configure the device.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Adapter name substring or index; falls back to `LORAP_ADAPTER`, then the first
+    /// discrete/integrated GPU, then anything.
+    pub adapter: Option<String>,
+    /// Cap on the storage binding size in bytes (never above the adapter's); falls back to
+    /// `LORAP_MAX_BINDING`.
+    pub max_binding: Option<u64>,
+    /// Backends to search; default: WGPU_BACKEND, else all. Tests pin Vulkan so a missing
+    /// driver fails loudly instead of falling back to GL.
+    pub backends: Option<wgpu::Backends>,
+}
+
+/// One adapter as `gpu-info` shows it.
+#[derive(Debug, Clone)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// The backends WGPU_BACKEND names, or all of them.
+pub fn backends_from_env() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())
+}
+
+/// Every adapter the enabled backends see.
+pub fn list_adapters(backends: wgpu::Backends) -> Vec<AdapterReport> {
+    let inst = instance(backends);
+    let adapters = pollster::block_on(inst.enumerate_adapters(backends));
+    adapters
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| AdapterReport { index, info: a.get_info(), limits: a.limits(), features: a.features() })
+        .collect()
+}
+
+fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>, backends: wgpu::Backends) -> Result<wgpu::Adapter> {
+    if adapters.is_empty() {
+        return Err(GpuError::NoAdapter { backends });
+    }
+    let names = || {
+        adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("[{i}] {} ({:?})", a.get_info().name, a.get_info().backend))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(w) = wanted {
+        let pos = match w.parse::<usize>() {
+            Ok(i) if i < adapters.len() => Some(i),
+            _ => adapters.iter().position(|a| a.get_info().name.to_lowercase().contains(&w.to_lowercase())),
+        };
+        return match pos {
+            Some(i) => Ok(adapters.into_iter().nth(i).unwrap()),
+            None => Err(GpuError::AdapterNotFound { wanted: w.to_string(), available: names() }),
+        };
+    }
+    // Prefer real GPUs, then the CPU (lavapipe) driver; GL last since it lacks f16/subgroups.
+    let rank = |a: &wgpu::Adapter| {
+        let i = a.get_info();
+        let t = match i.device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Cpu => 3,
+            wgpu::DeviceType::Other => 4,
+        };
+        (i.backend == wgpu::Backend::Gl, t)
+    };
+    let best = adapters.iter().enumerate().min_by_key(|(_, a)| rank(a)).map(|(i, _)| i).unwrap();
+    Ok(adapters.into_iter().nth(best).unwrap())
+}
+
+/// Features this crate uses when the adapter has them.
+fn wanted_features() -> wgpu::Features {
+    wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY
+}
+
+type PoolKey = u64;
+
+#[derive(Default)]
+struct PoolInner {
+    free: HashMap<PoolKey, Vec<wgpu::Buffer>>,
+    idle_bytes: u64,
+    live_bytes: u64,
+    peak_bytes: u64,
+}
+
+/// Reuses storage buffers of identical size: per-layer passes allocate the same shapes
+/// over and over. Idle buffers beyond `max_idle_bytes` are released.
+pub struct BufferPool {
+    inner: Mutex<PoolInner>,
+    max_idle_bytes: u64,
+}
+
+impl BufferPool {
+    fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut p = self.inner.lock().unwrap();
+        let b = p.free.get_mut(&size).and_then(|v| v.pop())?;
+        p.idle_bytes -= size;
+        p.live_bytes += size;
+        p.peak_bytes = p.peak_bytes.max(p.live_bytes);
+        Some(b)
+    }
+    fn note_new(&self, size: u64) {
+        let mut p = self.inner.lock().unwrap();
+        p.live_bytes += size;
+        p.peak_bytes = p.peak_bytes.max(p.live_bytes + p.idle_bytes);
+    }
+    fn give(&self, buf: wgpu::Buffer) {
+        let size = buf.size();
+        let mut p = self.inner.lock().unwrap();
+        p.live_bytes -= size;
+        if p.idle_bytes + size > self.max_idle_bytes {
+            drop(p);
+            buf.destroy();
+            return;
+        }
+        p.idle_bytes += size;
+        p.free.entry(size).or_default().push(buf);
+    }
+    /// Releases every idle buffer.
+    pub fn trim(&self) {
+        let mut p = self.inner.lock().unwrap();
+        for (_, v) in p.free.drain() {
+            for b in v {
+                b.destroy();
+            }
+        }
+        p.idle_bytes = 0;
+    }
+}
+
+/// A pooled f32 storage buffer; returns to the pool on drop.
+pub struct GpuBuf {
+    buf: Option<wgpu::Buffer>,
+    /// Length in f32 elements.
+    pub len: usize,
+    pool: Arc<BufferPool>,
+}
+
+impl GpuBuf {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().unwrap()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.raw().size()
+    }
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
+
+impl std::fmt::Debug for GpuBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuf({} f32)", self.len)
+    }
+}
+
+/// The part of a buffer one dispatch binds: an aligned byte window plus the element
+/// offset of the first wanted element inside it.
+pub struct BindWindow<'a> {
+    pub binding: wgpu::BufferBinding<'a>,
+    pub inner_offset: u32,
+}
+
+/// The device, its queue, and the shared caches.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    /// Effective storage-binding limit in bytes (adapter's, or lower if forced).
+    max_binding: u64,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pool: Arc<BufferPool>,
+}
+
+impl Gpu {
+    /// Opens the device chosen by `opts` (and the environment), with the adapter's own
+    /// limits and the useful features it has.
+    pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>> {
+        let backends = opts.backends.unwrap_or_else(backends_from_env);
+        let inst = instance(backends);
+        let adapters = pollster::block_on(inst.enumerate_adapters(backends));
+        let wanted = opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok());
+        let adapter = choose_adapter(adapters, wanted.as_deref(), backends)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features() & wanted_features();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("lorap-gpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|source| GpuError::RequestDevice { adapter: info.name.clone(), source })?;
+        let env_cap = match std::env::var(MAX_BINDING_ENV) {
+            Ok(s) => Some(s.trim().parse::<u64>().map_err(|_| GpuError::BadBindingEnv(s))?),
+            Err(_) => None,
+        };
+        let cap = opts.max_binding.or(env_cap);
+        let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let max_binding = cap.map_or(adapter_binding, |c| c.min(adapter_binding)).max(256);
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, "GPU ready");
+        Ok(Arc::new(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            max_binding,
+            pipelines: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
+        }))
+    }
+
+    /// Effective storage binding limit in bytes.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Largest f32 element count one binding may hold, minus the alignment slack that
+    /// `window` may need.
+    pub fn max_binding_elems(&self) -> usize {
+        ((self.max_binding - self.limits.min_storage_buffer_offset_alignment as u64) / 4) as usize
+    }
+
+    /// Bytes of storage buffers alive now and the peak since the start.
+    pub fn memory_stats(&self) -> (u64, u64) {
+        let p = self.pool.inner.lock().unwrap();
+        (p.live_bytes, p.peak_bytes)
+    }
+
+    pub fn trim_pool(&self) {
+        self.pool.trim()
+    }
+
+    /// A storage buffer of `len` f32, contents undefined (pooled).
+    pub fn alloc(&self, len: usize) -> Result<GpuBuf> {
+        let size = ((len.max(1) * 4) as u64).next_multiple_of(16);
+        if size > self.limits.max_buffer_size {
+            return Err(GpuError::BufferTooLarge { bytes: size, limit: self.limits.max_buffer_size });
+        }
+        let buf = match self.pool.take(size) {
+            Some(b) => b,
+            None => {
+                self.pool.note_new(size);
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }
+        };
+        Ok(GpuBuf { buf: Some(buf), len, pool: self.pool.clone() })
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros(&self, len: usize) -> Result<GpuBuf> {
+        let b = self.alloc(len)?;
+        let mut enc = self.encoder();
+        enc.clear_buffer(b.raw(), 0, None);
+        self.submit(enc);
+        Ok(b)
+    }
+
+    /// Uploads f32 data.
+    pub fn upload(&self, data: &[f32]) -> Result<GpuBuf> {
+        let b = self.alloc(data.len())?;
+        self.write(&b, 0, data);
+        Ok(b)
+    }
+
+    /// Writes f32 data at element offset `at`.
+    pub fn write(&self, buf: &GpuBuf, at: usize, data: &[f32]) {
+        assert!(at + data.len() <= buf.len, "write past the end of a buffer");
+        if !data.is_empty() {
+            self.queue.write_buffer(buf.raw(), (at * 4) as u64, bytemuck::cast_slice(data));
+        }
+    }
+
+    /// Uploads f16 values converted to f32.
+    pub fn upload_f16(&self, data: &[half::f16]) -> Result<GpuBuf> {
+        self.upload_converted(data.len(), |i| data[i].to_f32())
+    }
+
+    /// Uploads bf16 values converted to f32.
+    pub fn upload_bf16(&self, data: &[half::bf16]) -> Result<GpuBuf> {
+        self.upload_converted(data.len(), |i| data[i].to_f32())
+    }
+
+    /// Converts in bounded host chunks so a large weight never needs a full f32 copy on the host.
+    fn upload_converted(&self, len: usize, get: impl Fn(usize) -> f32) -> Result<GpuBuf> {
+        let b = self.alloc(len)?;
+        const CHUNK: usize = 1 << 22;
+        let mut tmp = Vec::with_capacity(CHUNK.min(len));
+        for start in (0..len).step_by(CHUNK) {
+            let end = (start + CHUNK).min(len);
+            tmp.clear();
+            tmp.extend((start..end).map(&get));
+            self.write(&b, start, &tmp);
+        }
+        Ok(b)
+    }
+
+    /// Reads `len` f32 from element offset `at`.
+    pub fn read_range(&self, buf: &GpuBuf, at: usize, len: usize) -> Result<Vec<f32>> {
+        assert!(at + len <= buf.len, "read past the end of a buffer");
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = (len * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.encoder();
+        enc.copy_buffer_to_buffer(buf.raw(), (at * 4) as u64, &staging, 0, bytes);
+        self.submit(enc);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| GpuError::Device(e.to_string()))?
+            .map_err(|e| GpuError::Device(e.to_string()))?;
+        let view = slice.get_mapped_range().map_err(|e| GpuError::Device(e.to_string()))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads the whole buffer.
+    pub fn read(&self, buf: &GpuBuf) -> Result<Vec<f32>> {
+        self.read_range(buf, 0, buf.len)
+    }
+
+    pub fn encoder(&self) -> wgpu::CommandEncoder {
+        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+    }
+
+    pub fn submit(&self, enc: wgpu::CommandEncoder) {
+        self.queue.submit([enc.finish()]);
+    }
+
+    /// Blocks until all submitted work finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Device(e.to_string()))
+    }
+
+    /// Compute pipeline for (shader, entry point, override constants), compiled once.
+    pub fn pipeline(
+        &self,
+        shader_name: &'static str,
+        source: &'static str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Arc<wgpu::ComputePipeline> {
+        let key = format!("{shader_name}:{entry}:{constants:?}");
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return p.clone();
+        }
+        let module = {
+            let mut m = self.modules.lock().unwrap();
+            m.entry(shader_name)
+                .or_insert_with(|| {
+                    Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(shader_name),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    }))
+                })
+                .clone()
+        };
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: false },
+            cache: None,
+        }));
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        p
+    }
+
+    /// Binds elements [first, first+count) of `buf`: the byte offset is aligned down to
+    /// the adapter's storage alignment and the remainder returned as `inner_offset`.
+    pub fn window<'a>(&self, buf: &'a GpuBuf, first: usize, count: usize) -> BindWindow<'a> {
+        let align = self.limits.min_storage_buffer_offset_alignment as u64;
+        let start = (first as u64 * 4) / align * align;
+        let inner = (first as u64 * 4 - start) / 4;
+        let end = ((first + count.max(1)) as u64 * 4).min(buf.bytes());
+        let size = (end - start).next_multiple_of(4);
+        debug_assert!(size <= self.max_binding, "binding window of {size} bytes over the limit");
+        BindWindow {
+            binding: wgpu::BufferBinding { buffer: buf.raw(), offset: start, size: std::num::NonZeroU64::new(size) },
+            inner_offset: inner as u32,
+        }
+    }
+
+    /// Records one dispatch: `params` goes to binding 0 as a uniform, `storage` to
+    /// bindings 1.. in order.
+    pub fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        storage: &[wgpu::BufferBinding<'_>],
+        groups: (u32, u32, u32),
+    ) {
+        if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
+            return;
+        }
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (i, b) in storage.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: wgpu::BindingResource::Buffer(b.clone()) });
+        }
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    /// Splits `n` workgroups into a 2-D grid within the per-dimension limit; shaders
+    /// rebuild the linear index as x + y * num_workgroups.x.
+    pub fn grid_1d(&self, n: u32) -> (u32, u32, u32) {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        if n <= max {
+            (n, 1, 1)
+        } else {
+            (max, n.div_ceil(max), 1)
+        }
+    }
+
+    /// Row ranges [r0, r1) such that each tensor's rows in one range fit one binding.
+    /// `row_elems` lists the elements per row of every tensor the op binds by rows.
+    pub fn row_chunks(&self, rows: usize, row_elems: &[usize]) -> Result<Vec<(usize, usize)>> {
+        let cap = self.max_binding_elems();
+        let widest = row_elems.iter().copied().max().unwrap_or(1).max(1);
+        if widest > cap {
+            return Err(GpuError::RowTooLarge { row_bytes: widest as u64 * 4, limit: self.max_binding });
+        }
+        let per = (cap / widest).max(1);
+        Ok((0..rows).step_by(per).map(|r0| (r0, (r0 + per).min(rows))).collect())
+    }
+}

@@ -1,0 +1,4 @@
+//! lorap-gpu: LoRAP compression and evaluation of LLaMA-family models through wgpu compute shaders.
+
+pub mod cli;
+pub mod gpu;

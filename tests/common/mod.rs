@@ -1,0 +1,33 @@
+//! Shared test helpers: a Vulkan-pinned GPU context and seeded random data.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use lorap_gpu::gpu::{Gpu, GpuOptions};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Tests pin Vulkan (lavapipe on CI) so a missing driver fails instead of falling back to GL.
+pub fn options() -> GpuOptions {
+    GpuOptions { backends: Some(wgpu::Backends::VULKAN), ..Default::default() }
+}
+
+pub fn gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(&options()).expect("Vulkan adapter (install mesa-vulkan-drivers)")).clone()
+}
+
+/// A context whose storage bindings are capped at `bytes`, to force tensor splitting.
+pub fn gpu_with_binding(bytes: u64) -> Arc<Gpu> {
+    Gpu::new(&GpuOptions { max_binding: Some(bytes), ..options() }).expect("Vulkan adapter")
+}
+
+/// Uniform values in [-1, 1) shifted away from zero, never exactly zero.
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let v: f32 = r.random_range(-1.0..1.0);
+            if v.abs() < 1e-3 { 0.5 } else { v }
+        })
+        .collect()
+}
