@@ -1,1 +1,94 @@
-fn main(){}
+//! Kernel benchmarks: GFLOP/s and GB/s of each WGSL kernel on the chosen adapter, and each
+//! kernel's rate as a fraction of the matmul rate measured in the same run (the ceiling).
+//! Criterion cannot report FLOP/s or ratios to an in-run ceiling, so this is a plain
+//! harness: warm-up, then the median of timed repetitions (submit + wait each).
+//!
+//! `cargo bench --bench kernels [-- --quick]`; LORAP_ADAPTER / WGPU_BACKEND pick the device.
+
+use std::time::Instant;
+
+use lorap_gpu::gpu::{attention, elementwise, matmul, norms, Gpu, GpuOptions};
+
+fn time_median(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut wgpu::CommandEncoder)) -> f64 {
+    let run = |record: &mut dyn FnMut(&mut wgpu::CommandEncoder)| {
+        let mut enc = gpu.encoder();
+        record(&mut enc);
+        let t = Instant::now();
+        gpu.submit(enc);
+        gpu.wait().unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    run(&mut record);
+    let mut ts: Vec<f64> = (0..reps).map(|_| run(&mut record)).collect();
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts[ts.len() / 2]
+}
+
+fn filled(gpu: &Gpu, n: usize) -> lorap_gpu::gpu::GpuBuf {
+    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 499.5) / 1000.0).collect();
+    gpu.upload(&v).unwrap()
+}
+
+struct Row {
+    name: String,
+    secs: f64,
+    flops: f64,
+    bytes: f64,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let gpu = Gpu::new(&GpuOptions::default()).expect("GPU adapter");
+    let is_cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    let reps = if quick || is_cpu { 3 } else { 10 };
+    // lavapipe runs ~2 GFLOP/s: keep its shapes at 1024; real GPUs get 4096 too.
+    let mm_sizes: Vec<usize> = if is_cpu || quick { vec![512, 1024] } else { vec![1024, 2048, 4096] };
+    println!("adapter: {} ({:?}, {:?})", gpu.info.name, gpu.info.backend, gpu.info.device_type);
+    let mut rows = Vec::new();
+
+    for &s in &mm_sizes {
+        let (a, b) = (filled(&gpu, s * s), filled(&gpu, s * s));
+        let c = gpu.alloc(s * s).unwrap();
+        let secs = time_median(&gpu, reps, |enc| {
+            matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0).unwrap()
+        });
+        rows.push(Row { name: format!("matmul {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
+        let secs = time_median(&gpu, reps, |enc| {
+            matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s).t(), &c, 0, s, 1.0, 0.0).unwrap()
+        });
+        rows.push(Row { name: format!("matmul_nt {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
+    }
+    let ceiling = rows.iter().map(|r| r.flops / r.secs).fold(0.0, f64::max);
+
+    let (tok, d) = if is_cpu || quick { (2048, 576) } else { (16384, 4096) };
+    let x = filled(&gpu, tok * d);
+    let g = gpu.zeros(d * d).unwrap();
+    let secs = time_median(&gpu, reps, |enc| matmul::gram_accumulate(&gpu, enc, &x, tok, d, &g).unwrap());
+    rows.push(Row { name: format!("gram {tok}x{d}"), secs, flops: 2.0 * tok as f64 * (d * d) as f64, bytes: 4.0 * (tok * d + 2 * d * d) as f64 });
+    let out = gpu.zeros(d).unwrap();
+    let secs = time_median(&gpu, reps, |enc| norms::col_sumsq_accumulate(&gpu, enc, &x, tok, d, &out).unwrap());
+    rows.push(Row { name: format!("col_sumsq {tok}x{d}"), secs, flops: 2.0 * (tok * d) as f64, bytes: 4.0 * (tok * d) as f64 });
+    let w = filled(&gpu, d);
+    let y = gpu.alloc(tok * d).unwrap();
+    let secs = time_median(&gpu, reps, |enc| norms::rms_norm(&gpu, enc, &x, &w, &y, tok, d, 1e-5).unwrap());
+    rows.push(Row { name: format!("rms_norm {tok}x{d}"), secs, flops: 4.0 * (tok * d) as f64, bytes: 8.0 * (tok * d) as f64 });
+    let z = gpu.alloc(tok * d).unwrap();
+    let secs = time_median(&gpu, reps, |enc| elementwise::silu_mul(&gpu, enc, &x, &y, &z, tok * d).unwrap());
+    rows.push(Row { name: format!("silu_mul {}", tok * d), secs, flops: 6.0 * (tok * d) as f64, bytes: 12.0 * (tok * d) as f64 });
+
+    let (window, nh, nkv, hd) = if is_cpu || quick { (256, 9, 3, 64) } else { (2048, 32, 8, 128) };
+    let t = window * 2;
+    let (q, k, v) = (filled(&gpu, t * nh * hd), filled(&gpu, t * nkv * hd), filled(&gpu, t * nkv * hd));
+    let o = gpu.alloc(t * nh * hd).unwrap();
+    let s = attention::AttnShape { tokens: t, window, n_heads: nh, n_kv: nkv, head_dim: hd };
+    let secs = time_median(&gpu, reps, |enc| attention::causal_attention(&gpu, enc, s, &q, &k, &v, &o).unwrap());
+    let pairs = (t / window) as f64 * (window * (window + 1) / 2) as f64 * nh as f64;
+    rows.push(Row { name: format!("attention {t} tok, window {window}, {nh}/{nkv} heads x {hd}"), secs, flops: 4.0 * pairs * hd as f64, bytes: 4.0 * (2 * t * nh * hd + 2 * t * nkv * hd) as f64 });
+
+    println!("{:<48} {:>10} {:>10} {:>10} {:>12}", "kernel", "ms", "GFLOP/s", "GB/s", "of ceiling");
+    for r in &rows {
+        let rate = r.flops / r.secs;
+        println!("{:<48} {:>10.3} {:>10.2} {:>10.2} {:>11.1}%", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling);
+    }
+    println!("ceiling = best matmul rate in this run: {:.2} GFLOP/s", ceiling / 1e9);
+}
