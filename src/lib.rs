@@ -1,4 +1,6 @@
 //! lorap-gpu: LoRAP compression and evaluation of LLaMA-family models through wgpu compute shaders.
 
 pub mod cli;
+pub mod eval;
 pub mod gpu;
+pub mod model;

@@ -217,3 +217,29 @@ fn f16_and_bf16_uploads_convert_to_f32() {
     assert!(gh.iter().zip(&h).all(|(a, b)| *a == b.to_f32()));
     assert!(gb.iter().zip(&b).all(|(a, b)| *a == b.to_f32()));
 }
+
+#[test]
+fn token_nll_matches_reference() {
+    for (g, rows, cols) in [(gpu(), 1, 1), (gpu(), 5, 1000), (gpu(), 33, 49152), (gpu_with_binding(8192), 7, 1500)] {
+        let logits: Vec<f32> = random(rows * cols, 40).iter().map(|x| 8.0 * x).collect();
+        let targets: Vec<f32> = (0..rows).map(|r| ((r * 7919) % cols) as f32).collect();
+        let (gl, gt, gn) = (g.upload(&logits).unwrap(), g.upload(&targets).unwrap(), g.alloc(rows).unwrap());
+        let mut enc = g.encoder();
+        lorap_gpu::gpu::loss::nll_rows(&g, &mut enc, &gl, &gt, &gn, rows, cols).unwrap();
+        g.submit(enc);
+        check(&format!("nll {rows}x{cols}"), &g.read(&gn).unwrap(), &lorap_gpu::gpu::loss::nll_rows_ref(&logits, &targets, rows, cols));
+    }
+}
+
+#[test]
+fn row_bias_matches_reference() {
+    for (g, rows, cols) in [(gpu(), 1, 1), (gpu(), 13, 77), (gpu_with_binding(4096), 40, 100)] {
+        let x = random(rows * cols, 41);
+        let b = random(cols, 42);
+        let (gx, gb) = (g.upload(&x).unwrap(), g.upload(&b).unwrap());
+        let mut enc = g.encoder();
+        elementwise::add_bias(&g, &mut enc, &gx, &gb, rows, cols).unwrap();
+        g.submit(enc);
+        check(&format!("add_bias {rows}x{cols}"), &g.read(&gx).unwrap(), &elementwise::add_bias_ref(&x, &b, cols));
+    }
+}

@@ -1,9 +1,14 @@
 //! Command-line interface: argument parsing and the subcommands, thin over the library.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::eval::{perplexity, zeroshot};
 use crate::gpu::{self, GpuOptions};
+use crate::model::{forward::Runner, Model};
 
 #[derive(Parser, Debug)]
 #[command(name = "lorap-gpu", version, about = "Compress LLaMA-family models with LoRAP on any GPU (wgpu)")]
@@ -22,6 +27,58 @@ pub struct Cli {
 pub enum Command {
     /// List GPU adapters with backend, limits and features.
     GpuInfo,
+    /// Perplexity of a text (and optionally zero-shot accuracy on a JSONL task).
+    Eval(EvalArgs),
+    /// Greedy continuation of a prompt (sanity check).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json), dense or compressed.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// UTF-8 text for perplexity.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Window length L of the perplexity protocol.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Use only the first N tokens of the text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Multiple-choice task (JSONL) for zero-shot accuracy.
+    #[arg(long)]
+    pub task: Option<PathBuf>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mem: MemArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MemArgs {
+    /// GPU memory budget in GiB: layers stay resident when the whole model fits in half of
+    /// it, otherwise they are streamed one at a time.
+    #[arg(long, default_value_t = 8.0)]
+    pub max_vram: f64,
+    /// Tokens per GPU batch.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 24)]
+    pub max_new: usize,
+    #[command(flatten)]
+    pub mem: MemArgs,
 }
 
 impl Cli {
@@ -33,7 +90,89 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::GpuInfo => gpu_info(&cli),
+        Command::Eval(a) => eval(&cli, a),
+        Command::Generate(a) => generate(&cli, a),
     }
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+pub fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap().progress_chars("=> "));
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn runner(cli: &Cli, model: &Model, mem: &MemArgs) -> Result<Runner> {
+    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
+    let weight_bytes = model.cfg.total_params() as f64 * 4.0;
+    let resident = weight_bytes <= mem.max_vram * (1u64 << 30) as f64 / 2.0;
+    let mut r = Runner::new(gpu, model.cfg.clone(), model.store.clone(), resident);
+    r.batch_tokens = mem.batch_tokens.max(1);
+    Ok(r)
+}
+
+fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read text", path.display()))
+}
+
+fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
+    anyhow::ensure!(a.text.is_some() || a.task.is_some(), "nothing to evaluate: give --text and/or --task");
+    anyhow::ensure!(a.seq_len >= 2, "--seq-len must be at least 2");
+    let model = Model::open(&a.model)?;
+    let tok = model.tokenizer()?;
+    let mut r = runner(cli, &model, &a.mem)?;
+    let mut out = serde_json::Map::new();
+    out.insert("model".into(), a.model.display().to_string().into());
+    out.insert("adapter".into(), r.gpu.info.name.clone().into());
+    if let Some(text_path) = &a.text {
+        let text = read_text(text_path)?;
+        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        let toks = perplexity::windows_of(&ids, a.seq_len, a.max_tokens);
+        anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), a.seq_len);
+        let pb = bar(model.cfg.num_hidden_layers, "layers");
+        let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        if !a.json {
+            println!(
+                "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens, {} scored; {:.0} tokens/s on {}",
+                rep.perplexity, rep.mean_nll, rep.windows, rep.window_len, rep.scored_tokens, rep.tokens_per_second, r.gpu.info.name
+            );
+        }
+        out.insert("perplexity".into(), serde_json::to_value(&rep)?);
+    }
+    if let Some(task) = &a.task {
+        let examples = zeroshot::load_task(task)?;
+        let pb = bar(examples.len(), "examples");
+        let rep = zeroshot::evaluate(&mut r, &tok, &examples, &mut |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        if !a.json {
+            println!("zero-shot {}: accuracy {:.4}, length-normalized {:.4} over {} examples", task.display(), rep.accuracy, rep.accuracy_norm, rep.examples);
+        }
+        out.insert("zero_shot".into(), serde_json::to_value(&rep)?);
+    }
+    let (_, peak) = r.gpu.memory_stats();
+    out.insert("peak_gpu_bytes".into(), peak.into());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("peak GPU memory {:.1} MiB", peak as f64 / (1u64 << 20) as f64);
+    }
+    Ok(())
+}
+
+fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let tok = model.tokenizer()?;
+    let mut r = runner(cli, &model, &a.mem)?;
+    let ids = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    anyhow::ensure!(!ids.is_empty(), "the prompt tokenizes to nothing");
+    let eos = model.cfg.eos_token_id.as_ref().and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())).map(|x| x as u32);
+    let new = r.generate(&ids, a.max_new, eos)?;
+    let text = tok.decode(&new, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    println!("{}{}", a.prompt, text);
+    let _ = Arc::strong_count(&r.gpu);
+    Ok(())
 }
 
 fn gpu_info(cli: &Cli) -> Result<()> {

@@ -129,6 +129,10 @@ type PoolKey = u64;
 #[derive(Default)]
 struct PoolInner {
     free: HashMap<PoolKey, Vec<wgpu::Buffer>>,
+    /// Released since the last submit: commands recorded but not yet submitted may still
+    /// use them, and a `write_buffer` would run before those commands, so they become
+    /// reusable only once that submit is queued.
+    pending: Vec<wgpu::Buffer>,
     idle_bytes: u64,
     live_bytes: u64,
     peak_bytes: u64,
@@ -159,23 +163,32 @@ impl BufferPool {
         let size = buf.size();
         let mut p = self.inner.lock().unwrap();
         p.live_bytes -= size;
-        if p.idle_bytes + size > self.max_idle_bytes {
-            drop(p);
-            buf.destroy();
-            return;
-        }
         p.idle_bytes += size;
-        p.free.entry(size).or_default().push(buf);
+        p.pending.push(buf);
+    }
+    /// Called after a submit: buffers released before it may be reused from now on.
+    fn submitted(&self) {
+        let mut p = self.inner.lock().unwrap();
+        let pending = std::mem::take(&mut p.pending);
+        for b in pending {
+            if p.idle_bytes > self.max_idle_bytes {
+                // dropping (not destroying) lets in-flight commands finish with it
+                p.idle_bytes -= b.size();
+                continue;
+            }
+            p.free.entry(b.size()).or_default().push(b);
+        }
     }
     /// Releases every idle buffer.
     pub fn trim(&self) {
         let mut p = self.inner.lock().unwrap();
-        for (_, v) in p.free.drain() {
-            for b in v {
-                b.destroy();
-            }
-        }
-        p.idle_bytes = 0;
+        let freed: u64 = p.free.values().flatten().map(|b| b.size()).sum();
+        p.free.clear();
+        p.idle_bytes -= freed;
+    }
+    fn reset_peak(&self) {
+        let mut p = self.inner.lock().unwrap();
+        p.peak_bytes = p.live_bytes + p.idle_bytes;
     }
 }
 
@@ -290,8 +303,14 @@ impl Gpu {
         (p.live_bytes, p.peak_bytes)
     }
 
+    /// Drops idle pooled buffers (between phases that use different shapes).
     pub fn trim_pool(&self) {
         self.pool.trim()
+    }
+
+    /// Starts a new peak-memory measurement from the current footprint.
+    pub fn reset_peak(&self) {
+        self.pool.reset_peak()
     }
 
     /// A storage buffer of `len` f32, contents undefined (pooled).
@@ -406,6 +425,7 @@ impl Gpu {
 
     pub fn submit(&self, enc: wgpu::CommandEncoder) {
         self.queue.submit([enc.finish()]);
+        self.pool.submitted();
     }
 
     /// Blocks until all submitted work finished.

@@ -43,3 +43,30 @@ pub fn silu_mul_ref(gate: &[f32], up: &[f32]) -> Vec<f64> {
 pub fn add_ref(a: &[f32], b: &[f32]) -> Vec<f64> {
     a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect()
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BiasParams {
+    n: u32,
+    cols: u32,
+    x_off: u32,
+    b_off: u32,
+}
+
+/// x[r, c] += bias[c] in place, x [rows, cols].
+pub fn add_bias(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, bias: &GpuBuf, rows: usize, cols: usize) -> Result<()> {
+    let pipe = gpu.pipeline("elementwise", SHADER, "add_bias", &[]);
+    let wb = gpu.window(bias, 0, cols);
+    for (r0, r1) in gpu.row_chunks(rows, &[cols])? {
+        let wx = gpu.window(x, r0 * cols, (r1 - r0) * cols);
+        let n = (r1 - r0) * cols;
+        let p = BiasParams { n: n as u32, cols: cols as u32, x_off: wx.inner_offset, b_off: wb.inner_offset };
+        gpu.dispatch(enc, &pipe, bytemuck::bytes_of(&p), &[wb.binding.clone(), wx.binding], gpu.grid_1d(n.div_ceil(256) as u32));
+    }
+    Ok(())
+}
+
+/// CPU reference of `add_bias`.
+pub fn add_bias_ref(x: &[f32], bias: &[f32], cols: usize) -> Vec<f64> {
+    x.iter().enumerate().map(|(i, &v)| v as f64 + bias[i % cols] as f64).collect()
+}

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod context;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
 pub mod norms;
 pub mod rope;

@@ -25,18 +25,22 @@ pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
 
 /// cos table then sin table, [n_pos, head_dim/2] each.
 pub fn rope_table(n_pos: usize, head_dim: usize, theta: f64) -> Vec<f32> {
-    let f = inv_freq(head_dim, theta);
-    let half = head_dim / 2;
-    let mut t = vec![0f32; 2 * n_pos * half];
+    let mut t = vec![0f32; n_pos * head_dim];
+    fill_table(&mut t, n_pos, &inv_freq(head_dim, theta));
+    t
+}
+
+/// Fills a cos-then-sin table from inverse frequencies (which may carry rope scaling).
+pub fn fill_table(t: &mut [f32], n_pos: usize, inv_freq: &[f32]) {
+    let half = inv_freq.len();
     for pos in 0..n_pos {
-        for i in 0..half {
+        for (i, &f) in inv_freq.iter().enumerate() {
             // transformers forms the angle as an f32 product, then takes cos/sin
-            let ang = (pos as f32 * f[i]) as f64;
+            let ang = (pos as f32 * f) as f64;
             t[pos * half + i] = ang.cos() as f32;
             t[n_pos * half + pos * half + i] = ang.sin() as f32;
         }
     }
-    t
 }
 
 /// A cos/sin table on the GPU for positions 0..n_pos.

@@ -1,0 +1,218 @@
+//! config.json of a Hugging Face LLaMA-family model (llama, mistral, qwen2) plus the
+//! optional `lorap` section describing a compressed model's per-layer shapes.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: invalid JSON or missing field: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("{path}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2)")]
+    Unsupported { path: String, model_type: String },
+    #[error("{path}: inconsistent config: {what}")]
+    Invalid { path: String, what: String },
+}
+
+/// Llama-3 style rope frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+/// Shapes of one compressed decoder layer. A rank of `None` means the matrix is dense.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LayerPlan {
+    pub q_rank: Option<usize>,
+    pub k_rank: Option<usize>,
+    pub v_rank: Option<usize>,
+    pub o_rank: Option<usize>,
+    /// Kept FFN intermediate channels.
+    pub ffn_width: usize,
+}
+
+/// The `lorap` section of a compressed model's config.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompressionSection {
+    pub format_version: u32,
+    pub method: String,
+    pub ratio: f64,
+    pub layers: Vec<LayerPlan>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub lorap: Option<CompressionSection>,
+    /// Every field, kept so a compressed model's config keeps the original ones.
+    #[serde(skip)]
+    pub raw: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+impl ModelConfig {
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join("config.json");
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let mut c: ModelConfig = serde_json::from_value(raw.clone()).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        c.raw = raw.as_object().cloned().unwrap_or_default();
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(ConfigError::Unsupported { path: path.into(), model_type: c.model_type });
+        }
+        if let Some(act) = &c.hidden_act {
+            if act != "silu" {
+                return Err(ConfigError::Invalid { path: path.into(), what: format!("hidden_act {act:?} (only silu)") });
+            }
+        }
+        let bad = |what: String| Err(ConfigError::Invalid { path: path.into(), what });
+        if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
+            return bad("a size is zero".into());
+        }
+        if c.n_heads() % c.n_kv_heads() != 0 {
+            return bad(format!("{} attention heads not a multiple of {} KV heads", c.n_heads(), c.n_kv_heads()));
+        }
+        if c.head_dim() % 2 != 0 || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
+            return bad(format!("head_dim {} must be even and at most {}", c.head_dim(), crate::gpu::attention::MAX_HEAD_DIM));
+        }
+        if let Some(s) = &c.rope_scaling {
+            if !matches!(s.rope_type.as_str(), "llama3" | "default") {
+                return bad(format!("rope_scaling type {:?} not supported (llama3, default)", s.rope_type));
+            }
+        }
+        if let Some(l) = &c.lorap {
+            if l.layers.len() != c.num_hidden_layers {
+                return bad(format!("lorap section lists {} layers, model has {}", l.layers.len(), c.num_hidden_layers));
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn n_heads(&self) -> usize {
+        self.num_attention_heads
+    }
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_heads() * self.head_dim()
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads() * self.head_dim()
+    }
+    /// q/k/v carry biases (qwen2 always; llama/mistral when attention_bias is set).
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+    }
+    /// Shapes of layer `i` (dense unless the lorap section says otherwise).
+    pub fn layer_plan(&self, i: usize) -> LayerPlan {
+        match &self.lorap {
+            Some(l) => l.layers[i].clone(),
+            None => LayerPlan { ffn_width: self.intermediate_size, ..Default::default() },
+        }
+    }
+
+    /// Rope inverse frequencies, with llama3 scaling where configured.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let base = crate::gpu::rope::inv_freq(self.head_dim(), self.rope_theta);
+        let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else { return base };
+        let factor = s.factor.unwrap_or(8.0);
+        let lo = s.low_freq_factor.unwrap_or(1.0);
+        let hi = s.high_freq_factor.unwrap_or(4.0);
+        let old = s.original_max_position_embeddings.unwrap_or(8192.0);
+        let (lo_wl, hi_wl) = (old / lo, old / hi);
+        base.iter()
+            .map(|&f| {
+                let wl = 2.0 * std::f64::consts::PI / f as f64;
+                let f = f as f64;
+                let v = if wl < hi_wl {
+                    f
+                } else if wl > lo_wl {
+                    f / factor
+                } else {
+                    let smooth = (old / wl - lo) / (hi - lo);
+                    (1.0 - smooth) * f / factor + smooth * f
+                };
+                v as f32
+            })
+            .collect()
+    }
+
+    /// Parameters of decoder layer `i` (linears and norms) as planned.
+    pub fn layer_params(&self, i: usize) -> usize {
+        let p = self.layer_plan(i);
+        let d = self.hidden_size;
+        let lin = |out: usize, inp: usize, r: Option<usize>| r.map_or(out * inp, |r| r * (out + inp));
+        let bias = if self.qkv_bias() { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        lin(self.q_dim(), d, p.q_rank)
+            + lin(self.kv_dim(), d, p.k_rank)
+            + lin(self.kv_dim(), d, p.v_rank)
+            + lin(d, self.q_dim(), p.o_rank)
+            + 3 * d * p.ffn_width
+            + 2 * d
+            + bias
+    }
+
+    /// Parameters of all decoder layers.
+    pub fn decoder_params(&self) -> usize {
+        (0..self.num_hidden_layers).map(|i| self.layer_params(i)).sum()
+    }
+
+    /// Parameters of the whole model (embeddings, untied lm_head, final norm included).
+    pub fn total_params(&self) -> usize {
+        let emb = self.vocab_size * self.hidden_size;
+        self.decoder_params() + emb + if self.tie_word_embeddings { 0 } else { emb } + self.hidden_size
+    }
+}

@@ -1,0 +1,391 @@
+//! Decoder forward pass on the GPU: per-layer weights (dense, low-rank factor pairs or
+//! pruned FFNs) uploaded one layer at a time, all windows run through a layer before the
+//! next is loaded, and the final norm + lm_head + token NLL computed in row chunks.
+
+use std::sync::Arc;
+
+use crate::gpu::{attention, context::Result as GpuResult, elementwise, loss, matmul, norms, rope, Gpu, GpuBuf};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{WeightError, WeightStore};
+
+/// Weights of one linear layer y = x W^T (+ bias), W [out, inp] or W ~ A B.
+pub enum LinearKind {
+    Dense { w: GpuBuf },
+    /// A [out, rank], B [rank, inp].
+    LowRank { a: GpuBuf, b: GpuBuf, rank: usize },
+}
+
+pub struct GpuLinear {
+    pub out: usize,
+    pub inp: usize,
+    pub kind: LinearKind,
+    pub bias: Option<GpuBuf>,
+}
+
+impl GpuLinear {
+    /// y [rows, out] = x [rows, inp] W^T (+ bias).
+    pub fn forward(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize) -> GpuResult<GpuBuf> {
+        let y = gpu.alloc(rows * self.out)?;
+        match &self.kind {
+            LinearKind::Dense { w } => matmul::linear_into(gpu, enc, x, w, &y, rows, self.inp, self.out, 0.0)?,
+            LinearKind::LowRank { a, b, rank } => {
+                let t = gpu.alloc(rows * rank)?;
+                matmul::linear_into(gpu, enc, x, b, &t, rows, self.inp, *rank, 0.0)?;
+                matmul::linear_into(gpu, enc, &t, a, &y, rows, *rank, self.out, 0.0)?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            elementwise::add_bias(gpu, enc, &y, b, rows, self.out)?;
+        }
+        Ok(y)
+    }
+
+    pub fn params(&self) -> usize {
+        match &self.kind {
+            LinearKind::Dense { .. } => self.out * self.inp,
+            LinearKind::LowRank { rank, .. } => rank * (self.out + self.inp),
+        }
+    }
+}
+
+/// Names of the seven linears of a decoder layer, in the order `LayerWeights` keeps them.
+pub const LINEARS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+/// Where a linear's input comes from, for observers collecting activation statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// Normed input of q/k/v.
+    AttnInput,
+    /// Attention output, input of o_proj.
+    OInput,
+    /// Normed input of gate/up.
+    FfnInput,
+    /// silu(gate) * up, input of down_proj.
+    DownInput,
+}
+
+/// Sees the inputs of a layer's linears as the forward pass produces them.
+pub trait Observer {
+    fn see(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, site: Site, x: &GpuBuf, rows: usize, cols: usize) -> GpuResult<()>;
+}
+
+pub struct LayerWeights {
+    pub q: GpuLinear,
+    pub k: GpuLinear,
+    pub v: GpuLinear,
+    pub o: GpuLinear,
+    pub gate: GpuLinear,
+    pub up: GpuLinear,
+    pub down: GpuLinear,
+    pub in_norm: GpuBuf,
+    pub post_norm: GpuBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("window of {window} tokens: {what}")]
+    BadWindow { window: usize, what: String },
+}
+
+pub type Result<T> = std::result::Result<T, ForwardError>;
+
+fn load_linear(gpu: &Gpu, store: &WeightStore, name: &str, out: usize, inp: usize, rank: Option<usize>, bias: bool) -> Result<GpuLinear> {
+    let kind = match rank {
+        None => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
+        Some(r) => LinearKind::LowRank {
+            a: gpu.upload(&store.f32(&format!("{name}.factor_a"), &[out, r])?)?,
+            b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
+            rank: r,
+        },
+    };
+    let bias = if bias { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
+    Ok(GpuLinear { out, inp, kind, bias })
+}
+
+impl LayerWeights {
+    /// Uploads decoder layer `i` as config.json (and its lorap section) describes it.
+    pub fn load(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let p = cfg.layer_plan(i);
+        let (d, qd, kvd, f) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), p.ffn_width);
+        let n = |s: &str| format!("model.layers.{i}.{s}");
+        let bias = cfg.qkv_bias();
+        Ok(LayerWeights {
+            q: load_linear(gpu, store, &n(LINEARS[0]), qd, d, p.q_rank, bias)?,
+            k: load_linear(gpu, store, &n(LINEARS[1]), kvd, d, p.k_rank, bias)?,
+            v: load_linear(gpu, store, &n(LINEARS[2]), kvd, d, p.v_rank, bias)?,
+            o: load_linear(gpu, store, &n(LINEARS[3]), d, qd, p.o_rank, false)?,
+            gate: load_linear(gpu, store, &n(LINEARS[4]), f, d, None, false)?,
+            up: load_linear(gpu, store, &n(LINEARS[5]), f, d, None, false)?,
+            down: load_linear(gpu, store, &n(LINEARS[6]), d, f, None, false)?,
+            in_norm: gpu.upload(&store.f32(&n("input_layernorm.weight"), &[d])?)?,
+            post_norm: gpu.upload(&store.f32(&n("post_attention_layernorm.weight"), &[d])?)?,
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        let lin = |l: &GpuLinear| {
+            let w = match &l.kind {
+                LinearKind::Dense { w } => w.bytes(),
+                LinearKind::LowRank { a, b, .. } => a.bytes() + b.bytes(),
+            };
+            w + l.bias.as_ref().map_or(0, |b| b.bytes())
+        };
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down].iter().map(|l| lin(l)).sum::<u64>() + self.in_norm.bytes() + self.post_norm.bytes()
+    }
+}
+
+/// Runs decoder layer `lw` on hidden states h [tokens, d] (windows of `window` tokens) and
+/// returns the new hidden states.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_forward(
+    gpu: &Gpu,
+    enc: &mut wgpu::CommandEncoder,
+    cfg: &ModelConfig,
+    lw: &LayerWeights,
+    table: &rope::RopeTable,
+    h: &GpuBuf,
+    tokens: usize,
+    window: usize,
+    mut obs: Option<&mut dyn Observer>,
+) -> GpuResult<GpuBuf> {
+    let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+    let xn = gpu.alloc(tokens * d)?;
+    norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, eps)?;
+    if let Some(o) = obs.as_deref_mut() {
+        o.see(gpu, enc, Site::AttnInput, &xn, tokens, d)?;
+    }
+    let q = lw.q.forward(gpu, enc, &xn, tokens)?;
+    let k = lw.k.forward(gpu, enc, &xn, tokens)?;
+    let v = lw.v.forward(gpu, enc, &xn, tokens)?;
+    drop(xn);
+    rope::apply(gpu, enc, &q, tokens, cfg.n_heads(), window, table)?;
+    rope::apply(gpu, enc, &k, tokens, cfg.n_kv_heads(), window, table)?;
+    let att = gpu.alloc(tokens * cfg.q_dim())?;
+    let shape = attention::AttnShape { tokens, window, n_heads: cfg.n_heads(), n_kv: cfg.n_kv_heads(), head_dim: cfg.head_dim() };
+    attention::causal_attention(gpu, enc, shape, &q, &k, &v, &att)?;
+    drop((q, k, v));
+    if let Some(o) = obs.as_deref_mut() {
+        o.see(gpu, enc, Site::OInput, &att, tokens, cfg.q_dim())?;
+    }
+    let o = lw.o.forward(gpu, enc, &att, tokens)?;
+    drop(att);
+    let h2 = gpu.alloc(tokens * d)?;
+    elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
+    drop(o);
+    let xn2 = gpu.alloc(tokens * d)?;
+    norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, eps)?;
+    if let Some(o) = obs.as_deref_mut() {
+        o.see(gpu, enc, Site::FfnInput, &xn2, tokens, d)?;
+    }
+    let g = lw.gate.forward(gpu, enc, &xn2, tokens)?;
+    let u = lw.up.forward(gpu, enc, &xn2, tokens)?;
+    drop(xn2);
+    let f = lw.gate.out;
+    let a = gpu.alloc(tokens * f)?;
+    elementwise::silu_mul(gpu, enc, &g, &u, &a, tokens * f)?;
+    drop((g, u));
+    if let Some(o) = obs.as_deref_mut() {
+        o.see(gpu, enc, Site::DownInput, &a, tokens, f)?;
+    }
+    let dn = lw.down.forward(gpu, enc, &a, tokens)?;
+    drop(a);
+    let h3 = gpu.alloc(tokens * d)?;
+    elementwise::add(gpu, enc, &h2, &dn, &h3, tokens * d)?;
+    Ok(h3)
+}
+
+/// Final norm and lm_head on the GPU.
+pub struct Head {
+    pub norm: GpuBuf,
+    /// lm_head weight [vocab, d] (the embedding when tied).
+    pub lm_head: GpuBuf,
+}
+
+impl Head {
+    pub fn load(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let name = if cfg.tie_word_embeddings || !store.contains("lm_head.weight") { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        Ok(Head { norm: gpu.upload(&store.f32("model.norm.weight", &[d])?)?, lm_head: gpu.upload(&store.f32(name, &[cfg.vocab_size, d])?)? })
+    }
+}
+
+/// What a runner reports while it works: (layers done, layers total).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// Runs a model on windows of tokens, streaming or keeping layer weights on the GPU.
+pub struct Runner {
+    pub gpu: Arc<Gpu>,
+    pub cfg: ModelConfig,
+    store: Arc<WeightStore>,
+    table: Option<rope::RopeTable>,
+    resident: Option<Vec<Option<LayerWeights>>>,
+    head: Option<Head>,
+    /// Tokens per GPU batch (whole windows).
+    pub batch_tokens: usize,
+}
+
+impl Runner {
+    /// `keep_resident`: keep every layer's weights on the GPU after first use (fast when
+    /// the model fits); otherwise each layer is uploaded, used for all windows, and dropped.
+    pub fn new(gpu: Arc<Gpu>, cfg: ModelConfig, store: Arc<WeightStore>, keep_resident: bool) -> Self {
+        let resident = keep_resident.then(|| (0..cfg.num_hidden_layers).map(|_| None).collect());
+        Runner { gpu, cfg, store, table: None, resident, head: None, batch_tokens: 4096 }
+    }
+
+    fn table(&mut self, window: usize) -> Result<&rope::RopeTable> {
+        if self.table.as_ref().is_none_or(|t| t.n_pos < window) {
+            let n_pos = window.next_power_of_two();
+            let hd = self.cfg.head_dim();
+            let inv = self.cfg.inv_freq();
+            let mut t = vec![0f32; 2 * n_pos * (hd / 2)];
+            rope::fill_table(&mut t, n_pos, &inv);
+            self.table = Some(rope::RopeTable { buf: self.gpu.upload(&t)?, n_pos, head_dim: hd });
+        }
+        Ok(self.table.as_ref().unwrap())
+    }
+
+    /// Embeds tokens [n] into hidden states [n, d] on the GPU.
+    pub fn embed(&self, tokens: &[u32]) -> Result<GpuBuf> {
+        let d = self.cfg.hidden_size;
+        let mut h = Vec::with_capacity(tokens.len() * d);
+        for &t in tokens {
+            if t as usize >= self.cfg.vocab_size {
+                return Err(ForwardError::TokenOutOfRange { id: t, vocab: self.cfg.vocab_size });
+            }
+            h.extend(self.store.rows_f32("model.embed_tokens.weight", t as usize, t as usize + 1)?);
+        }
+        Ok(self.gpu.upload(&h)?)
+    }
+
+    /// Runs all decoder layers over `batches` (hidden states of whole windows), in place.
+    pub fn run_layers(&mut self, batches: &mut [(GpuBuf, usize)], window: usize, progress: Progress) -> Result<()> {
+        let n_layers = self.cfg.num_hidden_layers;
+        self.table(window)?;
+        for i in 0..n_layers {
+            let streamed;
+            let lw: &LayerWeights = match &mut self.resident {
+                Some(r) => {
+                    if r[i].is_none() {
+                        r[i] = Some(LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?);
+                    }
+                    r[i].as_ref().unwrap()
+                }
+                None => {
+                    streamed = LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?;
+                    &streamed
+                }
+            };
+            let table = self.table.as_ref().unwrap();
+            for (h, tokens) in batches.iter_mut() {
+                let mut enc = self.gpu.encoder();
+                let next = layer_forward(&self.gpu, &mut enc, &self.cfg, lw, table, h, *tokens, window, None)?;
+                self.gpu.submit(enc);
+                *h = next;
+            }
+            self.gpu.wait()?;
+            progress(i + 1, n_layers);
+        }
+        Ok(())
+    }
+
+    fn head(&mut self) -> Result<&Head> {
+        if self.head.is_none() {
+            self.head = Some(Head::load(&self.gpu, &self.store, &self.cfg)?);
+        }
+        Ok(self.head.as_ref().unwrap())
+    }
+
+    /// Logits of selected rows of final hidden states h [tokens, d].
+    pub fn logits_rows(&mut self, h: &GpuBuf, tokens: usize, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let (d, v, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps as f32);
+        let gpu = self.gpu.clone();
+        let head = self.head()?;
+        let xn = gpu.alloc(tokens * d)?;
+        let mut enc = gpu.encoder();
+        norms::rms_norm(&gpu, &mut enc, h, &head.norm, &xn, tokens, d, eps)?;
+        gpu.submit(enc);
+        let logits = gpu.alloc(v)?;
+        let mut out = Vec::new();
+        for &r in rows {
+            let mut enc = gpu.encoder();
+            let shape = matmul::GemmShape { m: 1, n: v, k: d };
+            let x = matmul::Operand { buf: &xn, offset: r * d, ld: d, trans: false };
+            matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+            gpu.submit(enc);
+            out.push(gpu.read(&logits)?);
+        }
+        Ok(out)
+    }
+
+    /// NLL of every next token inside each window: tokens is n_windows * window long; the
+    /// result holds window - 1 values per window (positions 1..window scored).
+    pub fn window_nll(&mut self, tokens: &[u32], window: usize, progress: Progress) -> Result<Vec<f32>> {
+        if window < 2 || tokens.len() % window != 0 {
+            return Err(ForwardError::BadWindow { window, what: format!("{} tokens are not whole windows of at least 2", tokens.len()) });
+        }
+        let per_batch = (self.batch_tokens / window).max(1) * window;
+        let mut batches = Vec::new();
+        for chunk in tokens.chunks(per_batch) {
+            batches.push((self.embed(chunk)?, chunk.len()));
+        }
+        self.run_layers(&mut batches, window, progress)?;
+        let (d, v, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps as f32);
+        let gpu = self.gpu.clone();
+        let rows_per_chunk = (gpu.max_binding_elems() / v).clamp(1, 512);
+        let mut out = Vec::with_capacity(tokens.len());
+        for ((h, n), chunk) in batches.into_iter().zip(tokens.chunks(per_batch)) {
+            let targets: Vec<f32> = (0..n).map(|p| if (p + 1) % window == 0 { 0.0 } else { chunk[p + 1] as f32 }).collect();
+            let head = self.head()?;
+            let xn = gpu.alloc(n * d)?;
+            let tg = gpu.upload(&targets)?;
+            let nll = gpu.alloc(n)?;
+            let logits = gpu.alloc(rows_per_chunk.min(n) * v)?;
+            let mut enc = gpu.encoder();
+            norms::rms_norm(&gpu, &mut enc, &h, &head.norm, &xn, n, d, eps)?;
+            drop(h);
+            for r0 in (0..n).step_by(rows_per_chunk) {
+                let r1 = (r0 + rows_per_chunk).min(n);
+                let shape = matmul::GemmShape { m: r1 - r0, n: v, k: d };
+                let x = matmul::Operand { buf: &xn, offset: r0 * d, ld: d, trans: false };
+                matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+                let tw = gpu.alloc(r1 - r0)?;
+                let nw = gpu.alloc(r1 - r0)?;
+                enc.copy_buffer_to_buffer(tg.raw(), (r0 * 4) as u64, tw.raw(), 0, ((r1 - r0) * 4) as u64);
+                loss::nll_rows(&gpu, &mut enc, &logits, &tw, &nw, r1 - r0, v)?;
+                enc.copy_buffer_to_buffer(nw.raw(), 0, nll.raw(), (r0 * 4) as u64, ((r1 - r0) * 4) as u64);
+                // submit per chunk so the logits buffer is not needed twice in one command buffer
+                gpu.submit(std::mem::replace(&mut enc, gpu.encoder()));
+            }
+            gpu.submit(enc);
+            let vals = gpu.read(&nll)?;
+            out.extend(vals.iter().enumerate().filter(|(p, _)| (p + 1) % window != 0).map(|(_, &x)| x));
+        }
+        Ok(out)
+    }
+
+    /// Greedy continuation: up to `max_new` tokens, stopping at `stop`.
+    pub fn generate(&mut self, prompt: &[u32], max_new: usize, stop: Option<u32>) -> Result<Vec<u32>> {
+        let mut toks = prompt.to_vec();
+        let mut new = Vec::new();
+        for _ in 0..max_new {
+            let n = toks.len();
+            let mut batches = vec![(self.embed(&toks)?, n)];
+            self.run_layers(&mut batches, n, &mut |_, _| {})?;
+            let (h, _) = batches.pop().unwrap();
+            let logits = self.logits_rows(&h, n, &[n - 1])?.pop().unwrap();
+            let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+            if Some(next) == stop {
+                break;
+            }
+            toks.push(next);
+            new.push(next);
+        }
+        Ok(new)
+    }
+}

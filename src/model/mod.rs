@@ -1,0 +1,100 @@
+//! Models: config.json, memory-mapped safetensors weights, tokenizer, and the GPU forward pass.
+
+pub mod config;
+pub mod forward;
+pub mod reference;
+pub mod synthetic;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use config::ModelConfig;
+pub use weights::WeightStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}: model folder does not exist")]
+    NoDir(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Weights(#[from] weights::WeightError),
+    #[error("{path}: cannot load tokenizer: {what}")]
+    Tokenizer { path: String, what: String },
+}
+
+/// A model folder: config, weights (memory-mapped), tokenizer if present.
+pub struct Model {
+    pub dir: PathBuf,
+    pub cfg: ModelConfig,
+    pub store: Arc<WeightStore>,
+}
+
+impl Model {
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NoDir(dir.display().to_string()));
+        }
+        let cfg = ModelConfig::load(dir)?;
+        let store = Arc::new(WeightStore::open(dir)?);
+        check_shapes(&cfg, &store)?;
+        Ok(Model { dir: dir.to_path_buf(), cfg, store })
+    }
+
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, ModelError> {
+        load_tokenizer(&self.dir)
+    }
+}
+
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string() })
+}
+
+/// Every tensor config.json implies exists with the implied shape (checked up front, so a
+/// mismatch fails before any GPU work).
+fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::WeightError> {
+    let expect = |name: &str, want: &[usize]| -> Result<(), weights::WeightError> {
+        let got = store.shape(name)?;
+        if got != want {
+            return Err(weights::WeightError::Shape { name: name.into(), got: got.to_vec(), want: want.to_vec() });
+        }
+        Ok(())
+    };
+    let d = cfg.hidden_size;
+    expect("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+    expect("model.norm.weight", &[d])?;
+    if !cfg.tie_word_embeddings {
+        expect("lm_head.weight", &[cfg.vocab_size, d])?;
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = cfg.layer_plan(i);
+        let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), p.ffn_width);
+        let lin = |n: &str, out: usize, inp: usize, r: Option<usize>| -> Result<(), weights::WeightError> {
+            let base = format!("model.layers.{i}.{n}");
+            match r {
+                None => expect(&format!("{base}.weight"), &[out, inp]),
+                Some(r) => {
+                    expect(&format!("{base}.factor_a"), &[out, r])?;
+                    expect(&format!("{base}.factor_b"), &[r, inp])
+                }
+            }
+        };
+        lin("self_attn.q_proj", qd, d, p.q_rank)?;
+        lin("self_attn.k_proj", kvd, d, p.k_rank)?;
+        lin("self_attn.v_proj", kvd, d, p.v_rank)?;
+        lin("self_attn.o_proj", d, qd, p.o_rank)?;
+        lin("mlp.gate_proj", f, d, None)?;
+        lin("mlp.up_proj", f, d, None)?;
+        lin("mlp.down_proj", d, f, None)?;
+        expect(&format!("model.layers.{i}.input_layernorm.weight"), &[d])?;
+        expect(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[d])?;
+        if cfg.qkv_bias() {
+            for (n, out) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
+                expect(&format!("model.layers.{i}.self_attn.{n}.bias"), &[out])?;
+            }
+        }
+    }
+    Ok(())
+}
