@@ -57,3 +57,31 @@ fn rms_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
         ny[np.y_off + base + c] = nx[np.x_off + base + c] * inv * nw[np.w_off + c];
     }
 }
+
+// Row norms of W scaled by column factors: out[r] = || W[r, :] * s ||_2 (Wanda-style
+// channel scores; s = 1 gives plain row norms). One workgroup per row.
+struct RowParams { rows: u32, cols: u32, w_off: u32, s_off: u32, o_off: u32, _p0: u32, _p1: u32, _p2: u32 }
+
+@group(0) @binding(0) var<uniform> rp: RowParams;
+@group(0) @binding(1) var<storage, read> rw: array<f32>;
+@group(0) @binding(2) var<storage, read> rs: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rout: array<f32>;
+
+@compute @workgroup_size(256)
+fn row_scaled_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= rp.rows) { return; }
+    var s = 0.0;
+    for (var c = lid.x; c < rp.cols; c += 256u) {
+        let v = rw[rp.w_off + row * rp.cols + c] * rs[rp.s_off + c];
+        s = fma(v, v, s);
+    }
+    part[lid.x] = s;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride >>= 1u) {
+        if (lid.x < stride) { part[lid.x] += part[lid.x + stride]; }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) { rout[rp.o_off + row] = sqrt(part[0]); }
+}

@@ -1,6 +1,7 @@
 //! lorap-gpu: LoRAP compression and evaluation of LLaMA-family models through wgpu compute shaders.
 
 pub mod cli;
+pub mod compress;
 pub mod eval;
 pub mod gpu;
 pub mod model;

@@ -243,3 +243,16 @@ fn row_bias_matches_reference() {
         check(&format!("add_bias {rows}x{cols}"), &g.read(&gx).unwrap(), &elementwise::add_bias_ref(&x, &b, cols));
     }
 }
+
+#[test]
+fn row_scaled_norms_match_reference() {
+    for (g, rows, cols) in [(gpu(), 1, 1), (gpu(), 300, 97), (gpu(), 7, 1536), (gpu_with_binding(4096), 50, 130)] {
+        let w = random(rows * cols, 50);
+        let s: Vec<f32> = random(cols, 51).iter().map(|x| x.abs()).collect();
+        let (gw, gs, go) = (g.upload(&w).unwrap(), g.upload(&s).unwrap(), g.alloc(rows).unwrap());
+        let mut enc = g.encoder();
+        norms::row_scaled_norms(&g, &mut enc, &gw, &gs, &go, rows, cols).unwrap();
+        g.submit(enc);
+        check(&format!("row_scaled_norms {rows}x{cols}"), &g.read(&go).unwrap(), &norms::row_scaled_norms_ref(&w, &s, rows, cols));
+    }
+}

@@ -31,6 +31,54 @@ pub enum Command {
     Eval(EvalArgs),
     /// Greedy continuation of a prompt (sanity check).
     Generate(GenerateArgs),
+    /// Compress a model with LoRAP (low-rank attention, pruned FFN), calibrated on text.
+    Compress(CompressArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompressArgs {
+    /// Dense Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Fraction of decoder-layer parameters to remove, in (0, 1).
+    #[arg(long)]
+    pub ratio: f64,
+    /// Calibration text (UTF-8).
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Output folder (must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Attention rank allocation.
+    #[arg(long, value_enum, default_value_t = crate::compress::allocate::Allocation::Spectrum)]
+    pub allocation: crate::compress::allocate::Allocation,
+    /// Ablation: plain SVD of W instead of the activation-weighted W S.
+    #[arg(long)]
+    pub plain_svd: bool,
+    /// Ablation: do not reserve the lowest-scored 1% of FFN channels.
+    #[arg(long)]
+    pub no_reserve: bool,
+    /// Ablation: score FFN channels by weight magnitudes only.
+    #[arg(long)]
+    pub magnitude_ffn: bool,
+    /// Power iterations of the randomized SVD.
+    #[arg(long, default_value_t = 4)]
+    pub power_iters: usize,
+    /// Oversampling columns of the randomized SVD.
+    #[arg(long, default_value_t = 16)]
+    pub oversample: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,7 +140,44 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::GpuInfo => gpu_info(&cli),
         Command::Eval(a) => eval(&cli, a),
         Command::Generate(a) => generate(&cli, a),
+        Command::Compress(a) => compress(&cli, a),
     }
+}
+
+fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
+    use crate::compress::{lorap, svd::SvdOptions};
+    anyhow::ensure!(a.ratio > 0.0 && a.ratio < 1.0, "--ratio must be in (0, 1), got {}", a.ratio);
+    let model = Model::open(&a.model)?;
+    let tok = model.tokenizer()?;
+    let text = read_text(&a.calib)?;
+    let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
+    let opts = lorap::LorapOptions {
+        ratio: a.ratio,
+        allocation: a.allocation,
+        weighted_svd: !a.plain_svd,
+        reserve: if a.no_reserve { 0.0 } else { 0.01 },
+        ffn_activation_scores: !a.magnitude_ffn,
+        svd: SvdOptions { power_iters: a.power_iters, oversample: a.oversample, ..Default::default() },
+    };
+    let pb = bar(model.cfg.num_hidden_layers, "layers");
+    let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, a.force, &mut |done, _, what| {
+        pb.set_position(done as u64);
+        pb.set_message(format!("layer {done}: {what}"));
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "wrote {}: decoder parameters {} -> {} (removed {:.2}%), whole model {} -> {} (removed {:.2}%), {:.1} s, peak GPU memory {:.1} MiB on {}",
+            path.display(), rep.decoder_params_before, rep.decoder_params_after, 100.0 * rep.achieved_decoder_ratio,
+            rep.total_params_before, rep.total_params_after, 100.0 * rep.achieved_total_ratio, rep.seconds,
+            rep.peak_gpu_bytes as f64 / (1u64 << 20) as f64, rep.adapter
+        );
+    }
+    Ok(())
 }
 
 /// A progress bar on a terminal; nothing otherwise.

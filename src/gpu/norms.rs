@@ -93,3 +93,32 @@ pub fn rms_norm_ref(x: &[f32], w: &[f32], rows: usize, cols: usize, eps: f64) ->
     }
     y
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowParams {
+    rows: u32,
+    cols: u32,
+    w_off: u32,
+    s_off: u32,
+    o_off: u32,
+    _p: [u32; 3],
+}
+
+/// out[r] = ||W[r,:] * s||_2 for W [rows, cols] (channel scoring).
+pub fn row_scaled_norms(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, w: &GpuBuf, s: &GpuBuf, out: &GpuBuf, rows: usize, cols: usize) -> Result<()> {
+    let pipe = gpu.pipeline("norms", SHADER, "row_scaled_norm", &[]);
+    let ws = gpu.window(s, 0, cols);
+    for (r0, r1) in gpu.row_chunks(rows, &[cols])? {
+        let ww = gpu.window(w, r0 * cols, (r1 - r0) * cols);
+        let wo = gpu.window(out, r0, r1 - r0);
+        let p = RowParams { rows: (r1 - r0) as u32, cols: cols as u32, w_off: ww.inner_offset, s_off: ws.inner_offset, o_off: wo.inner_offset, _p: [0; 3] };
+        gpu.dispatch(enc, &pipe, bytemuck::bytes_of(&p), &[ww.binding, ws.binding.clone(), wo.binding], gpu.grid_1d((r1 - r0) as u32));
+    }
+    Ok(())
+}
+
+/// CPU reference of `row_scaled_norms`.
+pub fn row_scaled_norms_ref(w: &[f32], s: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    (0..rows).map(|r| (0..cols).map(|c| (w[r * cols + c] as f64 * s[c] as f64).powi(2)).sum::<f64>().sqrt()).collect()
+}

@@ -120,6 +120,16 @@ impl WeightStore {
         })
     }
 
+    pub fn dtype(&self, name: &str) -> Result<Dtype, WeightError> {
+        self.entry(name).map(|e| e.dtype)
+    }
+
+    /// The stored bytes of a tensor, with dtype and shape (for exact copies).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8]), WeightError> {
+        let e = self.entry(name)?;
+        Ok((e.dtype, &e.shape, &self.files[e.file].1[e.start..e.end]))
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(|s| s.as_str())
     }

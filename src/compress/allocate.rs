@@ -1,0 +1,139 @@
+//! Rank allocation inside attention: the reference fixed 3:1 split, uniform ranks, and the
+//! spectrum-driven greedy allocation (weighted sigma^2 removed per parameter spent).
+
+/// One attention matrix for allocation purposes.
+#[derive(Debug, Clone)]
+pub struct MatrixSpec {
+    pub out: usize,
+    pub inp: usize,
+    /// Weighted singular values, descending (at least up to the break-even rank).
+    pub sigma: Vec<f64>,
+}
+
+impl MatrixSpec {
+    /// Rank at which a factor pair costs as much as the dense matrix.
+    pub fn break_even(&self) -> usize {
+        self.out * self.inp / (self.out + self.inp)
+    }
+    fn per_rank(&self) -> usize {
+        self.out + self.inp
+    }
+    fn dense(&self) -> usize {
+        self.out * self.inp
+    }
+}
+
+/// Chosen shape per matrix: `None` = stays dense.
+pub type Ranks = Vec<Option<usize>>;
+
+/// Parameters a choice costs.
+pub fn cost(specs: &[MatrixSpec], ranks: &Ranks) -> usize {
+    specs.iter().zip(ranks).map(|(s, r)| r.map_or(s.dense(), |r| r * s.per_rank())).sum()
+}
+
+fn rank_or_dense(s: &MatrixSpec, r: usize) -> Option<usize> {
+    (r < s.break_even()).then_some(r.max(1))
+}
+
+/// How attention ranks are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Allocation {
+    /// Greedy on weighted sigma^2 per parameter across q/k/v/o (default).
+    Spectrum,
+    /// LoRAP reference: params(v+o) : params(q+k) = 3 : 1.
+    Fixed31,
+    /// The same rank for q, k, v and o.
+    Uniform,
+}
+
+/// Ranks for q, k, v, o (in that order) keeping `budget` parameters.
+pub fn allocate(specs: &[MatrixSpec], budget: usize, how: Allocation) -> Ranks {
+    assert_eq!(specs.len(), 4, "q, k, v, o");
+    match how {
+        Allocation::Uniform => {
+            let per: usize = specs.iter().map(|s| s.per_rank()).sum();
+            let r = budget / per;
+            specs.iter().map(|s| rank_or_dense(s, r)).collect()
+        }
+        Allocation::Fixed31 => fixed_split(specs, budget),
+        Allocation::Spectrum => greedy(specs, budget),
+    }
+}
+
+/// v,o get 3/4 of the budget at one shared rank, q,k the rest at another; a matrix reaching
+/// its break-even rank stays dense and the pair q,k absorbs what is left.
+fn fixed_split(specs: &[MatrixSpec], budget: usize) -> Ranks {
+    let (q, k, v, o) = (&specs[0], &specs[1], &specs[2], &specs[3]);
+    let r_vo = (3 * budget / 4) / (v.per_rank() + o.per_rank());
+    let rv = rank_or_dense(v, r_vo);
+    let ro = rank_or_dense(o, r_vo);
+    let used = cost(&[v.clone(), o.clone()], &vec![rv, ro]);
+    let left = budget.saturating_sub(used);
+    let r_qk = left / (q.per_rank() + k.per_rank());
+    vec![rank_or_dense(q, r_qk), rank_or_dense(k, r_qk), rv, ro]
+}
+
+/// Repeatedly gives one more rank to the matrix whose next singular value removes the most
+/// weighted squared error per parameter, until the budget is spent; a matrix that reaches
+/// break-even turns dense (same cost) and stops growing.
+fn greedy(specs: &[MatrixSpec], budget: usize) -> Ranks {
+    let mut r: Vec<usize> = vec![1; specs.len()];
+    let mut spent: usize = specs.iter().map(|s| s.per_rank()).sum();
+    loop {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, s) in specs.iter().enumerate() {
+            if r[i] >= s.break_even() || spent + s.per_rank() > budget {
+                continue;
+            }
+            let gain = s.sigma.get(r[i]).map_or(0.0, |x| x * x) / s.per_rank() as f64;
+            if best.is_none_or(|(_, g)| gain > g) {
+                best = Some((i, gain));
+            }
+        }
+        let Some((i, _)) = best else { break };
+        r[i] += 1;
+        spent += specs[i].per_rank();
+    }
+    specs.iter().zip(&r).map(|(s, &x)| rank_or_dense(s, x)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(out: usize, inp: usize, decay: f64) -> MatrixSpec {
+        MatrixSpec { out, inp, sigma: (0..out.min(inp)).map(|i| (-(i as f64) * decay).exp()).collect() }
+    }
+
+    #[test]
+    fn every_allocation_respects_the_budget() {
+        let specs = vec![spec(64, 64, 0.2), spec(16, 64, 0.2), spec(16, 64, 0.01), spec(64, 64, 0.01)];
+        let full = cost(&specs, &vec![None; 4]);
+        for how in [Allocation::Spectrum, Allocation::Fixed31, Allocation::Uniform] {
+            for keep in [0.2, 0.5, 0.8] {
+                let b = (full as f64 * keep) as usize;
+                let r = allocate(&specs, b, how);
+                assert!(cost(&specs, &r) <= b, "{how:?} at {keep}: {} > {b}", cost(&specs, &r));
+                assert!(cost(&specs, &r) as f64 > 0.8 * b as f64 || r.iter().all(|x| x.is_none()), "{how:?} leaves budget unused: {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_prefers_the_slowly_decaying_spectra() {
+        let specs = vec![spec(64, 64, 0.5), spec(64, 64, 0.5), spec(64, 64, 0.01), spec(64, 64, 0.01)];
+        let r = allocate(&specs, 64 * 64 * 2, Allocation::Spectrum);
+        let rank = |x: Option<usize>| x.unwrap_or(32);
+        assert!(rank(r[2]) > rank(r[0]) && rank(r[3]) > rank(r[1]), "{r:?}");
+    }
+
+    #[test]
+    fn fixed_split_is_three_to_one() {
+        let specs = vec![spec(128, 128, 0.1); 4];
+        let r = allocate(&specs, 4 * 128 * 128 / 4, Allocation::Fixed31);
+        let (rq, rv) = (r[0].unwrap(), r[2].unwrap());
+        assert_eq!(r[0], r[1]);
+        assert_eq!(r[2], r[3]);
+        assert!((rv as f64 / rq as f64 - 3.0).abs() < 0.1, "{r:?}");
+    }
+}

@@ -1,0 +1,102 @@
+//! LoRAP end to end on a small random model: achieved ratio, output folder layout, the
+//! compressed model loads and runs on the GPU and matches the CPU reference forward, and
+//! the randomized SVD against an exact SVD.
+
+mod common;
+
+use lorap_gpu::compress::{lorap, svd};
+use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..n).map(|i| ((i as u64 * 2654435761 + seed * 97) % vocab as u64) as u32).collect()
+}
+
+#[test]
+fn lorap_compresses_a_random_model_to_the_requested_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    let cfg = synthetic::config_json("llama", 3, 64, 160, 4, 2, 101, true);
+    synthetic::write_random_model(&src, &cfg, 7).unwrap();
+    let model = Model::open(&src).unwrap();
+    let gpu = common::gpu();
+    let calib = tokens(8 * 16, 101, 1);
+    for ratio in [0.2, 0.5] {
+        let out = dir.path().join(format!("out{ratio}"));
+        let opts = lorap::LorapOptions { ratio, ..Default::default() };
+        let (path, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {}).unwrap();
+        assert_eq!(path, out);
+        assert!((rep.achieved_decoder_ratio - ratio).abs() < 0.02, "asked {ratio}, got {}", rep.achieved_decoder_ratio);
+        for f in ["config.json", "model.safetensors.index.json", "compression_report.json"] {
+            assert!(out.join(f).exists(), "{f} missing");
+        }
+        assert!(!dir.path().join(format!(".out{ratio}.partial")).exists(), "partial folder left behind");
+        let small = Model::open(&out).unwrap();
+        assert_eq!(small.cfg.decoder_params(), rep.decoder_params_after);
+        let plan = small.cfg.lorap.as_ref().unwrap();
+        assert!(plan.layers.iter().all(|l| l.ffn_width < 160));
+        // GPU forward of the compressed model equals the f64 CPU reference
+        let toks = tokens(2 * 12, 101, 5);
+        let mut r = Runner::new(gpu.clone(), small.cfg.clone(), small.store.clone(), true);
+        let got = r.window_nll(&toks, 12, &mut |_, _| {}).unwrap();
+        let mut want = Vec::new();
+        for w in toks.chunks(12) {
+            want.extend(reference::window_nll_ref(&small.cfg, &small.store, w).unwrap());
+        }
+        let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
+        assert!(e < 1e-4, "compressed forward GPU vs CPU: {e:e}");
+        // existing output is refused without --force
+        let again = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {});
+        assert!(again.unwrap_err().to_string().contains("exists"));
+    }
+    // input folder untouched: still opens as the dense model
+    assert!(Model::open(&src).unwrap().cfg.lorap.is_none());
+}
+
+#[test]
+fn bad_ratios_and_short_calibration_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    synthetic::write_random_model(&src, &synthetic::config_json("llama", 1, 32, 64, 2, 1, 50, true), 3).unwrap();
+    let model = Model::open(&src).unwrap();
+    let gpu = common::gpu();
+    let calib = tokens(32, 50, 1);
+    for ratio in [0.0, 1.0, -0.5, 1.5] {
+        let opts = lorap::LorapOptions { ratio, ..Default::default() };
+        let out = dir.path().join("never");
+        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {}).unwrap_err();
+        assert!(e.to_string().contains("ratio"), "{e}");
+        assert!(!out.exists());
+    }
+    let e = lorap::calibration_windows(&tokens(100, 50, 1), 10, 16).unwrap_err();
+    assert!(e.to_string().contains("fewer than 10 windows"), "{e}");
+}
+
+/// Randomized SVD vs exact: the truncation error at rank k is within 2% of the optimum
+/// (sqrt of the sum of the discarded exact sigma^2) on a matrix with an LLM-like decaying
+/// spectrum plus noise, at default settings.
+#[test]
+fn randomized_svd_is_near_optimal() {
+    let gpu = common::gpu();
+    for (m, n, k) in [(96, 80, 20), (150, 64, 40), (33, 200, 10)] {
+        // A = U diag(s) V^T + noise, with s_i = i^-0.7
+        let u = common::random(m * m.min(n), 1);
+        let v = common::random(m.min(n) * n, 2);
+        let noise = common::random(m * n, 3);
+        let r = m.min(n);
+        let a: Vec<f32> = (0..m * n)
+            .map(|idx| {
+                let (i, j) = (idx / n, idx % n);
+                (0..r).map(|c| u[i * r + c] * ((c + 1) as f32).powf(-0.7) * v[c * n + j]).sum::<f32>() + 0.01 * noise[idx]
+            })
+            .collect();
+        let exact = svd::exact_singular_values(&a, m, n);
+        let optimal: f64 = exact[k..].iter().map(|s| s * s).sum::<f64>().sqrt();
+        let g = gpu.upload(&a).unwrap();
+        let dec = svd::randomized_svd(&gpu, &g, m, n, k, svd::SvdOptions::default()).unwrap();
+        let err = svd::truncation_error(&a, &dec, k);
+        assert!(err <= 1.02 * optimal, "{m}x{n} rank {k}: error {err} vs optimal {optimal}");
+        for c in 0..k {
+            assert!((dec.sigma[c] - exact[c]).abs() <= 0.02 * exact[c], "sigma {c}: {} vs {}", dec.sigma[c], exact[c]);
+        }
+    }
+}
