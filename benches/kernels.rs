@@ -53,10 +53,12 @@ fn main() {
             matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0).unwrap()
         });
         rows.push(Row { name: format!("matmul {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
-        let secs = time_median(&gpu, reps, |enc| {
-            matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s).t(), &c, 0, s, 1.0, 0.0).unwrap()
-        });
-        rows.push(Row { name: format!("matmul_nt {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
+        for nt in [matmul::NtKernel::Tiled, matmul::NtKernel::Vec4] {
+            let secs = time_median(&gpu, reps, |enc| {
+                matmul::gemm_with(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s).t(), &c, 0, s, 1.0, 0.0, nt).unwrap()
+            });
+            rows.push(Row { name: format!("matmul_nt {nt:?} {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
+        }
     }
     let ceiling = rows.iter().map(|r| r.flops / r.secs).fold(0.0, f64::max);
 

@@ -1,7 +1,10 @@
 // Causal softmax attention with grouped KV heads over independent windows.
-// q, o: [tokens, n_heads * head_dim]; k, v: [tokens, n_kv * head_dim]. Token t attends to
-// tokens of its own window (t / window) up to itself. One workgroup per (token, head),
-// keys in blocks of KB with an online softmax, so any window length works.
+// q, o: [tokens, n_heads * head_dim]; k, v: [tokens, n_kv * head_dim], head_dim % 4 == 0,
+// element offsets % 4 == 0 (everything is read as vec4). Token t attends to the tokens of
+// its own window (t / window) up to itself. One workgroup per (token, head); keys go in
+// blocks of KB with an online softmax, so any window length works. For P V, the 64
+// invocations split into head_dim/4 lanes (one vec4 of the output each) times as many key
+// groups as fit; the groups' partial sums are added at the end.
 
 struct Params {
     tokens: u32, window: u32, n_heads: u32, n_kv: u32,
@@ -10,18 +13,18 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 
 const WG: u32 = 64u;
 const KB: u32 = 256u;
-const MAX_HD: u32 = 256u;
 
-var<workgroup> q_sh: array<f32, MAX_HD>;
+var<workgroup> q_sh: array<vec4<f32>, 64>;
 var<workgroup> s_sh: array<f32, KB>;
 var<workgroup> red: array<f32, WG>;
+var<workgroup> part: array<vec4<f32>, WG>;
 
 fn reduce_max(lid: u32, x: f32) -> f32 {
     red[lid] = x;
@@ -56,26 +59,31 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let t = g / p.n_heads;
     let h = g % p.n_heads;
     let kvh = h / (p.n_heads / p.n_kv);
-    let hd = p.head_dim;
+    let hd4 = p.head_dim / 4u;
     let w0 = (t / p.window) * p.window;
     let n_keys = t - w0 + 1u;
-    let q_base = p.q_off + t * p.n_heads * hd + h * hd;
-    for (var d = lid; d < hd; d += WG) { q_sh[d] = q[q_base + d] * p.scale; }
+    let q_base = (p.q_off + t * p.n_heads * p.head_dim + h * p.head_dim) / 4u;
+    for (var d = lid; d < hd4; d += WG) { q_sh[d] = q[q_base + d] * p.scale; }
     workgroupBarrier();
+
+    let lanes = hd4;
+    let groups = WG / lanes;
+    let lane = lid % lanes;
+    let grp = lid / lanes;
+    let kv_stride4 = p.n_kv * hd4;
+    let k_base = p.k_off / 4u + kvh * hd4;
+    let v_base = p.v_off / 4u + kvh * hd4 + lane;
 
     var m_run = -3.0e38;
     var l_run = 0.0;
-    var acc: array<f32, 4>;  // dims lid, lid+64, lid+128, lid+192
-    for (var j = 0u; j < 4u; j++) { acc[j] = 0.0; }
-    let kv_stride = p.n_kv * hd;
-
+    var acc = vec4<f32>(0.0);
     for (var b0 = 0u; b0 < n_keys; b0 += KB) {
         let nb = min(KB, n_keys - b0);
         var local_max = -3.0e38;
         for (var j = lid; j < nb; j += WG) {
-            let kb = p.k_off + (w0 + b0 + j) * kv_stride + kvh * hd;
+            let kb = k_base + (w0 + b0 + j) * kv_stride4;
             var s = 0.0;
-            for (var d = 0u; d < hd; d++) { s = fma(q_sh[d], k[kb + d], s); }
+            for (var d = 0u; d < hd4; d++) { s += dot(q_sh[d], k[kb + d]); }
             s_sh[j] = s;
             local_max = max(local_max, s);
         }
@@ -87,23 +95,21 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             local_sum += e;
         }
         let corr = exp(m_run - m_new);
-        l_run = l_run * corr + reduce_sum(lid, local_sum);  // the reduction's barriers publish s_sh
-        for (var jj = 0u; jj < 4u; jj++) {
-            let d = lid + jj * WG;
-            if (d < hd) {
-                var a = acc[jj] * corr;
-                for (var j = 0u; j < nb; j++) {
-                    a = fma(s_sh[j], v[p.v_off + (w0 + b0 + j) * kv_stride + kvh * hd + d], a);
-                }
-                acc[jj] = a;
+        l_run = l_run * corr + reduce_sum(lid, local_sum);  // its barriers publish s_sh
+        acc *= corr;
+        if (grp < groups) {
+            for (var j = grp; j < nb; j += groups) {
+                acc += s_sh[j] * v[v_base + (w0 + b0 + j) * kv_stride4];
             }
         }
         m_run = m_new;
         workgroupBarrier();
     }
-    let o_base = p.o_off + t * p.n_heads * hd + h * hd;
-    for (var jj = 0u; jj < 4u; jj++) {
-        let d = lid + jj * WG;
-        if (d < hd) { o[o_base + d] = acc[jj] / l_run; }
+    part[lid] = acc;
+    workgroupBarrier();
+    if (grp == 0u) {
+        var total = vec4<f32>(0.0);
+        for (var gi = 0u; gi < groups; gi++) { total += part[gi * lanes + lane]; }
+        o[(p.o_off + t * p.n_heads * p.head_dim + h * p.head_dim) / 4u + lane] = total / l_run;
     }
 }

@@ -176,7 +176,8 @@ fn rope_matches_reference() {
 fn attention_matches_reference() {
     let g = gpu();
     use attention::AttnShape;
-    attention_case(&g, AttnShape { tokens: 1, window: 1, n_heads: 1, n_kv: 1, head_dim: 1 });
+    attention_case(&g, AttnShape { tokens: 1, window: 1, n_heads: 1, n_kv: 1, head_dim: 4 });
+    attention_case(&g, AttnShape { tokens: 12, window: 4, n_heads: 6, n_kv: 2, head_dim: 80 });
     attention_case(&g, AttnShape { tokens: 30, window: 10, n_heads: 9, n_kv: 3, head_dim: 64 });
     // windows longer than a key block (256) exercise the online softmax
     attention_case(&g, AttnShape { tokens: 600, window: 300, n_heads: 4, n_kv: 2, head_dim: 24 });
@@ -254,5 +255,26 @@ fn row_scaled_norms_match_reference() {
         norms::row_scaled_norms(&g, &mut enc, &gw, &gs, &go, rows, cols).unwrap();
         g.submit(enc);
         check(&format!("row_scaled_norms {rows}x{cols}"), &g.read(&go).unwrap(), &norms::row_scaled_norms_ref(&w, &s, rows, cols));
+    }
+}
+
+/// Both A B^T kernels (tiled for GPUs, vec4 for CPU drivers), including shapes where the
+/// vec4 kernel must fall back (K not a multiple of 4) and offsets inside a buffer.
+#[test]
+fn both_nt_kernels_match_reference() {
+    for g in [gpu(), gpu_with_binding(8192)] {
+        for nt in [matmul::NtKernel::Tiled, matmul::NtKernel::Vec4] {
+            for (m, k, n) in [(1, 4, 1), (5, 8, 3), (37, 64, 29), (70, 576, 33), (9, 13, 7), (130, 100, 65)] {
+                let x = random(m * k + 8, 60 + k as u64);
+                let w = random(n * k, 61 + n as u64);
+                let (gx, gw, gy) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.alloc(m * n).unwrap());
+                let mut enc = g.encoder();
+                // A starts 8 elements into its buffer
+                let a = matmul::Operand { buf: &gx, offset: 8, ld: k, trans: false };
+                matmul::gemm_with(&g, &mut enc, matmul::GemmShape { m, n, k }, a, matmul::Operand::new(&gw, k).t(), &gy, 0, n, 1.0, 0.0, nt).unwrap();
+                g.submit(enc);
+                check(&format!("{nt:?} {m}x{k}x{n}"), &g.read(&gy).unwrap(), &matmul::matmul_nt_ref(&x[8..], &w, m, k, n));
+            }
+        }
     }
 }

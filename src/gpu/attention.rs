@@ -1,5 +1,5 @@
 //! Causal softmax attention with grouped KV heads over independent windows (calibration
-//! and evaluation windows never attend across each other).
+//! and evaluation windows never attend across each other). head_dim must be a multiple of 4.
 
 use super::context::{GpuBuf, Gpu, Result};
 
@@ -35,7 +35,7 @@ pub struct AttnShape {
 
 /// o = softmax(q k^T / sqrt(head_dim), causal within each window) v.
 pub fn causal_attention(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, s: AttnShape, q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, o: &GpuBuf) -> Result<()> {
-    assert!(s.head_dim <= MAX_HEAD_DIM && s.n_heads % s.n_kv == 0 && s.tokens % s.window == 0);
+    assert!(s.head_dim <= MAX_HEAD_DIM && s.head_dim % 4 == 0 && s.n_heads % s.n_kv == 0 && s.tokens % s.window == 0);
     let pipe = gpu.pipeline("attention", SHADER, "main", &[]);
     let qd = s.n_heads * s.head_dim;
     let kd = s.n_kv * s.head_dim;

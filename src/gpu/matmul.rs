@@ -5,6 +5,26 @@
 use super::context::{GpuBuf, Gpu, Result};
 
 const SHADER: &str = include_str!("../../shaders/matmul.wgsl");
+const SHADER_NT_VEC4: &str = include_str!("../../shaders/matmul_nt_vec4.wgsl");
+
+/// Which kernel runs A B^T products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NtKernel {
+    /// 64x64 workgroup tiles through workgroup memory (GPUs).
+    Tiled,
+    /// Register-blocked vec4 kernel without workgroup memory (CPU drivers).
+    Vec4,
+}
+
+/// The kernel `gemm` uses for A B^T on this adapter (`LORAP_NT_KERNEL=tiled|vec4` overrides).
+pub fn nt_kernel(gpu: &Gpu) -> NtKernel {
+    match std::env::var("LORAP_NT_KERNEL").as_deref() {
+        Ok("tiled") => NtKernel::Tiled,
+        Ok("vec4") => NtKernel::Vec4,
+        _ if gpu.info.device_type == wgpu::DeviceType::Cpu => NtKernel::Vec4,
+        _ => NtKernel::Tiled,
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -80,15 +100,42 @@ pub fn gemm(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    gemm_with(gpu, enc, shape, a, b, c, c_off, ldc, alpha, beta, nt_kernel(gpu))
+}
+
+/// `gemm` with the A B^T kernel chosen by the caller (tests and benchmarks compare both).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    gpu: &Gpu,
+    enc: &mut wgpu::CommandEncoder,
+    shape: GemmShape,
+    a: Operand,
+    b: Operand,
+    c: &GpuBuf,
+    c_off: usize,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+    nt: NtKernel,
+) -> Result<()> {
     if shape.m == 0 || shape.n == 0 {
         return Ok(());
     }
-    let pipe = gpu.pipeline(
-        "matmul",
-        SHADER,
-        "main",
-        &[("TRANS_A", a.trans as u32 as f64), ("TRANS_B", b.trans as u32 as f64)],
-    );
+    // vec4 loads need K, leading dimensions and offsets in whole vec4s
+    let vec4 = nt == NtKernel::Vec4
+        && !a.trans
+        && b.trans
+        && shape.k % 4 == 0
+        && a.ld % 4 == 0
+        && b.ld % 4 == 0
+        && a.offset % 4 == 0
+        && b.offset % 4 == 0
+        && gpu.limits.min_storage_buffer_offset_alignment % 16 == 0;
+    let pipe = if vec4 {
+        gpu.pipeline("matmul_nt_vec4", SHADER_NT_VEC4, "main", &[])
+    } else {
+        gpu.pipeline("matmul", SHADER, "main", &[("TRANS_A", a.trans as u32 as f64), ("TRANS_B", b.trans as u32 as f64)])
+    };
     let cap = gpu.max_binding_elems();
     let mut stack = vec![(Block { m0: 0, m1: shape.m, n0: 0, n1: shape.n, k0: 0, k1: shape.k.max(1) }, beta)];
     while let Some((blk, beta)) = stack.pop() {
@@ -157,7 +204,8 @@ pub fn gemm(
             beta,
             _pad: 0,
         };
-        let groups = ((blk.n1 - blk.n0).div_ceil(64) as u32, (blk.m1 - blk.m0).div_ceil(64) as u32, 1);
+        let tile = if vec4 { 32 } else { 64 };
+        let groups = ((blk.n1 - blk.n0).div_ceil(tile) as u32, (blk.m1 - blk.m0).div_ceil(tile) as u32, 1);
         gpu.dispatch(enc, &pipe, bytemuck::bytes_of(&params), &[wa.binding, wb.binding, wc.binding], groups);
     }
     Ok(())

@@ -121,8 +121,8 @@ impl ModelConfig {
         if c.n_heads() % c.n_kv_heads() != 0 {
             return bad(format!("{} attention heads not a multiple of {} KV heads", c.n_heads(), c.n_kv_heads()));
         }
-        if c.head_dim() % 2 != 0 || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
-            return bad(format!("head_dim {} must be even and at most {}", c.head_dim(), crate::gpu::attention::MAX_HEAD_DIM));
+        if c.head_dim() % 4 != 0 || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
+            return bad(format!("head_dim {} must be a multiple of 4 and at most {}", c.head_dim(), crate::gpu::attention::MAX_HEAD_DIM));
         }
         if let Some(s) = &c.rope_scaling {
             if !matches!(s.rope_type.as_str(), "llama3" | "default") {

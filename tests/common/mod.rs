@@ -31,3 +31,23 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The real test assets (SmolLM2-135M folder, texts), fetched and built by the project's
+/// own script on first use and cached (LORAP_ASSETS overrides the folder).
+pub fn assets() -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new("bash").arg(root.join("scripts/fetch-assets.sh")).output().expect("run scripts/fetch-assets.sh");
+        assert!(out.status.success(), "fetch-assets.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        let dir = String::from_utf8_lossy(&out.stdout).lines().last().expect("asset folder").trim().to_string();
+        std::path::PathBuf::from(dir)
+    })
+    .clone()
+}
+
+pub fn tokenize(model_dir: &std::path::Path, text_file: &str) -> Vec<u32> {
+    let tok = lorap_gpu::model::load_tokenizer(model_dir).unwrap();
+    let text = std::fs::read_to_string(assets().join("text").join(text_file)).unwrap();
+    tok.encode(text.as_str(), false).unwrap().get_ids().to_vec()
+}
