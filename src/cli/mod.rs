@@ -1,7 +1,6 @@
 //! Command-line interface: argument parsing and the subcommands, thin over the library.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -190,9 +189,8 @@ pub fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
 
 fn runner(cli: &Cli, model: &Model, mem: &MemArgs) -> Result<Runner> {
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
-    let weight_bytes = model.cfg.total_params() as f64 * 4.0;
-    let resident = weight_bytes <= mem.max_vram * (1u64 << 30) as f64 / 2.0;
-    let mut r = Runner::new(gpu, model.cfg.clone(), model.store.clone(), resident);
+    anyhow::ensure!(mem.max_vram > 0.0, "--max-vram must be positive");
+    let mut r = Runner::with_budget(gpu, model.cfg.clone(), model.store.clone(), (mem.max_vram * (1u64 << 30) as f64) as u64);
     r.batch_tokens = mem.batch_tokens.max(1);
     Ok(r)
 }
@@ -256,7 +254,6 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
     let new = r.generate(&ids, a.max_new, eos)?;
     let text = tok.decode(&new, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     println!("{}{}", a.prompt, text);
-    let _ = Arc::strong_count(&r.gpu);
     Ok(())
 }
 

@@ -31,8 +31,10 @@ pub fn cost(specs: &[MatrixSpec], ranks: &Ranks) -> usize {
     specs.iter().zip(ranks).map(|(s, r)| r.map_or(s.dense(), |r| r * s.per_rank())).sum()
 }
 
+/// A rank whose pair would cost at least the dense matrix means "stay dense" (never more
+/// expensive than the rank asked for).
 fn rank_or_dense(s: &MatrixSpec, r: usize) -> Option<usize> {
-    (r < s.break_even()).then_some(r.max(1))
+    (r * s.per_rank() < s.dense()).then_some(r.max(1))
 }
 
 /// How attention ranks are chosen.
@@ -78,23 +80,32 @@ fn fixed_split(specs: &[MatrixSpec], budget: usize) -> Ranks {
 /// break-even turns dense (same cost) and stops growing.
 fn greedy(specs: &[MatrixSpec], budget: usize) -> Ranks {
     let mut r: Vec<usize> = vec![1; specs.len()];
+    let mut dense = vec![false; specs.len()];
     let mut spent: usize = specs.iter().map(|s| s.per_rank()).sum();
     loop {
-        let mut best: Option<(usize, f64)> = None;
+        let mut best: Option<(usize, f64, usize)> = None;
         for (i, s) in specs.iter().enumerate() {
-            if r[i] >= s.break_even() || spent + s.per_rank() > budget {
+            if dense[i] {
+                continue;
+            }
+            // one more rank, or the switch to dense when the pair would cost as much
+            let step = if (r[i] + 1) * s.per_rank() >= s.dense() { s.dense() - r[i] * s.per_rank() } else { s.per_rank() };
+            if spent + step > budget {
                 continue;
             }
             let gain = s.sigma.get(r[i]).map_or(0.0, |x| x * x) / s.per_rank() as f64;
-            if best.is_none_or(|(_, g)| gain > g) {
-                best = Some((i, gain));
+            if best.is_none_or(|(_, g, _)| gain > g) {
+                best = Some((i, gain, step));
             }
         }
-        let Some((i, _)) = best else { break };
+        let Some((i, _, step)) = best else { break };
         r[i] += 1;
-        spent += specs[i].per_rank();
+        spent += step;
+        if r[i] * specs[i].per_rank() >= specs[i].dense() {
+            dense[i] = true;
+        }
     }
-    specs.iter().zip(&r).map(|(s, &x)| rank_or_dense(s, x)).collect()
+    specs.iter().zip(&r).zip(&dense).map(|((s, &x), &d)| if d { None } else { rank_or_dense(s, x) }).collect()
 }
 
 #[cfg(test)]

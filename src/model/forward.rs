@@ -238,6 +238,18 @@ impl Runner {
         Runner { gpu, cfg, store, table: None, resident, head: None, batch_tokens: 4096 }
     }
 
+    /// Keeps layers resident when all weights (as f32) fit in half of `max_vram_bytes`,
+    /// streams them one layer at a time otherwise.
+    pub fn with_budget(gpu: Arc<Gpu>, cfg: ModelConfig, store: Arc<WeightStore>, max_vram_bytes: u64) -> Self {
+        let resident = cfg.total_params() as u64 * 4 <= max_vram_bytes / 2;
+        Self::new(gpu, cfg, store, resident)
+    }
+
+    /// Whether layer weights stay on the GPU between uses.
+    pub fn is_resident(&self) -> bool {
+        self.resident.is_some()
+    }
+
     fn table(&mut self, window: usize) -> Result<&rope::RopeTable> {
         if self.table.as_ref().is_none_or(|t| t.n_pos < window) {
             let n_pos = window.next_power_of_two();
