@@ -8,6 +8,17 @@ struct ColParams { rows: u32, cols: u32, ld: u32, x_off: u32, out_off: u32, _p0:
 
 var<workgroup> part: array<f32, 256>;
 
+// Sum of `x` over a 256-invocation workgroup (tree reduction in `part`).
+fn workgroup_sum(lid: u32, x: f32) -> f32 {
+    part[lid] = x;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) { part[lid] += part[lid + stride]; }
+        workgroupBarrier();
+    }
+    return part[0];
+}
+
 // out[j] += sum_i x[i, j]^2. Workgroup: 64 columns x 4 row lanes.
 @compute @workgroup_size(64, 4)
 fn col_sumsq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -46,13 +57,7 @@ fn rms_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
         let v = nx[np.x_off + base + c];
         s = fma(v, v, s);
     }
-    part[lid.x] = s;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if (lid.x < stride) { part[lid.x] += part[lid.x + stride]; }
-        workgroupBarrier();
-    }
-    let inv = inverseSqrt(part[0] / f32(np.cols) + np.eps);
+    let inv = inverseSqrt(workgroup_sum(lid.x, s) / f32(np.cols) + np.eps);
     for (var c = lid.x; c < np.cols; c += 256u) {
         ny[np.y_off + base + c] = nx[np.x_off + base + c] * inv * nw[np.w_off + c];
     }
@@ -77,11 +82,6 @@ fn row_scaled_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
         let v = rw[rp.w_off + row * rp.cols + c] * rs[rp.s_off + c];
         s = fma(v, v, s);
     }
-    part[lid.x] = s;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if (lid.x < stride) { part[lid.x] += part[lid.x + stride]; }
-        workgroupBarrier();
-    }
-    if (lid.x == 0u) { rout[rp.o_off + row] = sqrt(part[0]); }
+    let total = workgroup_sum(lid.x, s);
+    if (lid.x == 0u) { rout[rp.o_off + row] = sqrt(total); }
 }
