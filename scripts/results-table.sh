@@ -28,9 +28,9 @@ for r in "${ratios[@]}"; do
     echo "| $r | $name | \`$flags\` | $(ppl "$out") | $removed |"
     rm -rf "$out"
   done <<'VARIANTS'
-lorap|
+lorap (fixed 3:1 ranks)|
 plain-svd|--plain-svd
-fixed-3to1|--allocation fixed31
+spectrum-allocation|--allocation spectrum
 uniform-ranks|--allocation uniform
 no-reserve|--no-reserve
 magnitude-ffn|--magnitude-ffn

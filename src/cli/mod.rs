@@ -57,8 +57,9 @@ pub struct CompressArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
-    /// Attention rank allocation.
-    #[arg(long, value_enum, default_value_t = crate::compress::allocate::Allocation::Spectrum)]
+    /// Attention rank allocation. fixed31 is the default because it beat the greedy
+    /// spectrum allocation on held-out perplexity (docs/results.md).
+    #[arg(long, value_enum, default_value_t = crate::compress::allocate::Allocation::Fixed31)]
     pub allocation: crate::compress::allocate::Allocation,
     /// Ablation: plain SVD of W instead of the activation-weighted W S.
     #[arg(long)]

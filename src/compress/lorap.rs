@@ -35,7 +35,7 @@ pub struct LorapOptions {
 
 impl Default for LorapOptions {
     fn default() -> Self {
-        LorapOptions { ratio: 0.2, allocation: Allocation::Spectrum, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, svd: SvdOptions::default() }
+        LorapOptions { ratio: 0.2, allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, svd: SvdOptions::default() }
     }
 }
 
