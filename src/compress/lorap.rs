@@ -166,10 +166,7 @@ pub fn compress(
     for chunk in calib.chunks(per_batch) {
         batches.push((runner.embed(chunk)?, chunk.len()));
     }
-    let n_pos = seq_len.next_power_of_two();
-    let mut table_data = vec![0f32; n_pos * cfg.head_dim()];
-    crate::gpu::rope::fill_table(&mut table_data, n_pos, &cfg.inv_freq());
-    let table = crate::gpu::rope::RopeTable { buf: gpu.upload(&table_data)?, n_pos, head_dim: cfg.head_dim() };
+    let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
 
     let (d, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
     let mut plans = Vec::new();

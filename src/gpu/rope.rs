@@ -54,6 +54,13 @@ impl RopeTable {
     pub fn new(gpu: &Gpu, n_pos: usize, head_dim: usize, theta: f64) -> Result<Self> {
         Ok(RopeTable { buf: gpu.upload(&rope_table(n_pos, head_dim, theta))?, n_pos, head_dim })
     }
+
+    /// A table from given inverse frequencies (which may carry rope scaling).
+    pub fn from_inv_freq(gpu: &Gpu, n_pos: usize, inv_freq: &[f32]) -> Result<Self> {
+        let mut t = vec![0f32; 2 * n_pos * inv_freq.len()];
+        fill_table(&mut t, n_pos, inv_freq);
+        Ok(RopeTable { buf: gpu.upload(&t)?, n_pos, head_dim: 2 * inv_freq.len() })
+    }
 }
 
 /// Rotates x [tokens, n_heads*head_dim] in place; token t is at position t % window.

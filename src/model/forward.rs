@@ -252,12 +252,7 @@ impl Runner {
 
     fn table(&mut self, window: usize) -> Result<&rope::RopeTable> {
         if self.table.as_ref().is_none_or(|t| t.n_pos < window) {
-            let n_pos = window.next_power_of_two();
-            let hd = self.cfg.head_dim();
-            let inv = self.cfg.inv_freq();
-            let mut t = vec![0f32; 2 * n_pos * (hd / 2)];
-            rope::fill_table(&mut t, n_pos, &inv);
-            self.table = Some(rope::RopeTable { buf: self.gpu.upload(&t)?, n_pos, head_dim: hd });
+            self.table = Some(rope::RopeTable::from_inv_freq(&self.gpu, window.next_power_of_two(), &self.cfg.inv_freq())?);
         }
         Ok(self.table.as_ref().unwrap())
     }
