@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod compress;
+pub mod error;
 pub mod eval;
 pub mod gpu;
 pub mod model;

@@ -1,4 +1,5 @@
-//! The `lorap-gpu` binary: logging set-up and error reporting around `lorap_gpu::cli`.
+//! The `lorap-gpu` binary: logging set-up and error reporting (one line, exit code by
+//! error class) around `lorap_gpu::cli`.
 
 use clap::Parser;
 
@@ -11,8 +12,9 @@ fn main() -> std::process::ExitCode {
     match lorap_gpu::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // one line: the context chain, outermost first
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(lorap_gpu::error::classify(&e).exit_code())
         }
     }
 }

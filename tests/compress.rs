@@ -23,7 +23,7 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
     for ratio in [0.2, 0.5] {
         let out = dir.path().join(format!("out{ratio}"));
         let opts = lorap::LorapOptions { ratio, ..Default::default() };
-        let (path, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {}).unwrap();
+        let (path, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
         assert_eq!(path, out);
         assert!((rep.achieved_decoder_ratio - ratio).abs() < 0.02, "asked {ratio}, got {}", rep.achieved_decoder_ratio);
         for f in ["config.json", "model.safetensors.index.json", "compression_report.json"] {
@@ -45,7 +45,7 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
         let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
         assert!(e < 1e-4, "compressed forward GPU vs CPU: {e:e}");
         // existing output is refused without --force
-        let again = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {});
+        let again = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {});
         assert!(again.unwrap_err().to_string().contains("exists"));
     }
     // input folder untouched: still opens as the dense model
@@ -63,7 +63,7 @@ fn bad_ratios_and_short_calibration_are_refused() {
     for ratio in [0.0, 1.0, -0.5, 1.5] {
         let opts = lorap::LorapOptions { ratio, ..Default::default() };
         let out = dir.path().join("never");
-        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, false, &mut |_, _, _| {}).unwrap_err();
+        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap_err();
         assert!(e.to_string().contains("ratio"), "{e}");
         assert!(!out.exists());
     }
@@ -99,4 +99,38 @@ fn randomized_svd_is_near_optimal() {
             assert!((dec.sigma[c] - exact[c]).abs() <= 0.02 * exact[c], "sigma {c}: {} vs {}", dec.sigma[c], exact[c]);
         }
     }
+}
+
+/// `export --format hf-dense` gives a plain dense checkpoint (original shapes, no `lorap`
+/// section) that computes what the compressed model computes.
+#[test]
+fn hf_dense_export_round_trips_through_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    let cfg = synthetic::config_json("qwen2", 2, 64, 160, 4, 2, 101, false);
+    synthetic::write_random_model(&src, &cfg, 9).unwrap();
+    let model = Model::open(&src).unwrap();
+    let gpu = common::gpu();
+    let out = dir.path().join("small");
+    let opts = lorap::LorapOptions { ratio: 0.4, ..Default::default() };
+    lorap::compress(&gpu, &model, &tokens(6 * 16, 101, 2), 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let small = Model::open(&out).unwrap();
+    let exported = dir.path().join("hf");
+    lorap_gpu::model::export::export_hf_dense(&gpu, &small, &exported, false, &mut |_, _| {}).unwrap();
+    let hf = Model::open(&exported).unwrap();
+    assert!(hf.cfg.lorap.is_none());
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap()).unwrap();
+    assert!(raw.get("lorap").is_none());
+    assert_eq!(hf.cfg.total_params(), model.cfg.total_params(), "dense shapes restored");
+    assert!(exported.join("tokenizer.json").exists() == src.join("tokenizer.json").exists());
+    let toks = tokens(3 * 12, 101, 8);
+    let nll = |m: &Model| Runner::new(gpu.clone(), m.cfg.clone(), m.store.clone(), true).window_nll(&toks, 12, &mut |_, _| {}).unwrap();
+    let (a, b) = (nll(&small), nll(&hf));
+    // f16 storage rounds the multiplied-out matrices: bound 1e-3 relative
+    let e = lorap_gpu::gpu::rel_frobenius(&b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(e < 1e-3, "exported vs compressed NLL relative error {e:e}: {a:?} {b:?}");
+    // a dense model has nothing to export
+    let err = lorap_gpu::model::export::export_hf_dense(&gpu, &model, &dir.path().join("x"), false, &mut |_, _| {}).unwrap_err();
+    assert_eq!(lorap_gpu::error::classify(&err), lorap_gpu::error::ErrorClass::BadArgument);
+    assert!(!dir.path().join("x").exists());
 }

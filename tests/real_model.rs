@@ -49,7 +49,7 @@ fn lorap_on_the_real_model_keeps_perplexity_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm-lorap-0.2");
     let opts = lorap::LorapOptions { ratio: 0.2, ..Default::default() };
-    let (_, rep) = lorap::compress(&common::gpu(), &m, &calib, 128, &opts, &out, false, &mut |_, _, _| {}).unwrap();
+    let (_, rep) = lorap::compress(&common::gpu(), &m, &calib, 128, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
     assert!((rep.achieved_decoder_ratio - 0.2).abs() < 0.01, "achieved {}", rep.achieved_decoder_ratio);
     let wiki = common::tokenize(&m.dir, "wiki.txt");
     let held_out = perplexity::windows_of(&wiki, 512, Some(1024));

@@ -18,6 +18,9 @@ pub struct Cli {
     /// Cap the storage binding size in bytes (debugging); env LORAP_MAX_BINDING.
     #[arg(long, global = true)]
     pub max_binding: Option<u64>,
+    /// No progress output (results and errors are still printed).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,6 +35,23 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Compress a model with LoRAP (low-rank attention, pruned FFN), calibrated on text.
     Compress(CompressArgs),
+    /// Write a compressed model in a format other tools load (hf-dense: plain transformers).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A model folder written by `compress`.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value_t = crate::model::export::ExportFormat::HfDense)]
+    pub format: crate::model::export::ExportFormat,
+    /// Output folder (must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,6 +77,10 @@ pub struct CompressArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
+    /// Continue an interrupted run (same model, text and options) from its last finished
+    /// layer; starts from the beginning when there is nothing to continue.
+    #[arg(long)]
+    pub resume: bool,
     /// Attention rank allocation. fixed31 is the default because it beat the greedy
     /// spectrum allocation on held-out perplexity (docs/results.md).
     #[arg(long, value_enum, default_value_t = crate::compress::allocate::Allocation::Fixed31)]
@@ -79,6 +103,9 @@ pub struct CompressArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// GPU memory budget in GiB: the run fails cleanly instead of allocating past it.
+    #[arg(long)]
+    pub max_vram: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -141,18 +168,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(&cli, a),
         Command::Generate(a) => generate(&cli, a),
         Command::Compress(a) => compress(&cli, a),
+        Command::Export(a) => export(&cli, a),
     }
 }
 
 fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
-    use crate::compress::{lorap, svd::SvdOptions};
-    anyhow::ensure!(a.ratio > 0.0 && a.ratio < 1.0, "--ratio must be in (0, 1), got {}", a.ratio);
+    use crate::compress::{lorap, svd::SvdOptions, CompressError};
+    if !(a.ratio > 0.0 && a.ratio < 1.0) {
+        return Err(CompressError::BadRatio(a.ratio).into());
+    }
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let text = read_text(&a.calib)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
-    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let opts = lorap::LorapOptions {
         ratio: a.ratio,
         allocation: a.allocation,
@@ -161,12 +190,16 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         ffn_activation_scores: !a.magnitude_ffn,
         svd: SvdOptions { power_iters: a.power_iters, oversample: a.oversample, ..Default::default() },
     };
-    let pb = bar(model.cfg.num_hidden_layers, "layers");
-    let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, a.force, &mut |done, _, what| {
-        pb.set_position(done as u64);
-        pb.set_message(format!("layer {done}: {what}"));
-    })?;
-    pb.finish_and_clear();
+    lorap::validate(&model, &calib, a.seq_len, &opts)?;
+    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
+    if let Some(v) = a.max_vram {
+        anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
+        gpu.set_budget((v * (1u64 << 30) as f64) as u64);
+    }
+    let control = lorap::RunControl { force: a.force, resume: a.resume, ..Default::default() };
+    let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
+    let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, &control, &mut |done, _, what| pb.update(done, what))?;
+    pb.finish();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -180,12 +213,64 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar on a terminal; nothing otherwise.
-pub fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap().progress_chars("=> "));
-    pb.set_message(what.to_string());
-    pb
+fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
+    let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
+    let path = match a.format {
+        crate::model::export::ExportFormat::HfDense => crate::model::export::export_hf_dense(&gpu, &model, &a.out, a.force, &mut |d, _| pb.update(d, "multiplying factors"))?,
+    };
+    pb.finish();
+    println!("wrote {} (hf-dense: {} parameters, loads in Hugging Face transformers)", path.display(), Model::open(&path)?.cfg.total_params());
+    Ok(())
+}
+
+/// Progress of a long job: a bar on a terminal, a plain line per step (at most one every
+/// few seconds) otherwise, nothing with `--quiet`.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    what: String,
+    total: usize,
+    start: std::time::Instant,
+    last_line: Option<std::time::Instant>,
+    last_done: usize,
+}
+
+impl Progress {
+    pub fn new(total: usize, what: &str, quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (!quiet && terminal).then(|| {
+            let pb = indicatif::ProgressBar::new(total as u64);
+            pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap().progress_chars("=> "));
+            pb.set_message(what.to_string());
+            pb
+        });
+        Progress { bar, plain: !quiet && !terminal, what: what.into(), total, start: std::time::Instant::now(), last_line: None, last_done: usize::MAX }
+    }
+
+    pub fn update(&mut self, done: usize, msg: &str) {
+        if let Some(pb) = &self.bar {
+            pb.set_position(done as u64);
+            pb.set_message(format!("{}: {msg}", self.what));
+        } else if self.plain {
+            let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= 5.0);
+            if done != self.last_done || due {
+                let el = self.start.elapsed().as_secs_f64();
+                let eta = if done > 0 { format!(", eta {:.0} s", el / done as f64 * (self.total - done.min(self.total)) as f64) } else { String::new() };
+                eprintln!("{} {done}/{}: {msg} ({el:.0} s{eta})", self.what, self.total);
+                self.last_line = Some(std::time::Instant::now());
+                self.last_done = done;
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(pb) = &self.bar {
+            pb.finish_and_clear();
+        }
+    }
 }
 
 fn runner(cli: &Cli, model: &Model, mem: &MemArgs) -> Result<Runner> {
@@ -214,9 +299,9 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
         let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
         let toks = perplexity::windows_of(&ids, a.seq_len, a.max_tokens);
         anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), a.seq_len);
-        let pb = bar(model.cfg.num_hidden_layers, "layers");
-        let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.set_position(d as u64))?;
-        pb.finish_and_clear();
+        let mut pb = Progress::new(model.cfg.num_hidden_layers, "perplexity: layers", cli.quiet);
+        let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.update(d, "running"))?;
+        pb.finish();
         if !a.json {
             println!(
                 "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens, {} scored; {:.0} tokens/s on {}",
@@ -227,9 +312,9 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
     }
     if let Some(task) = &a.task {
         let examples = zeroshot::load_task(task)?;
-        let pb = bar(examples.len(), "examples");
-        let rep = zeroshot::evaluate(&mut r, &tok, &examples, &mut |d, _| pb.set_position(d as u64))?;
-        pb.finish_and_clear();
+        let mut pb = Progress::new(examples.len(), "zero-shot: examples", cli.quiet);
+        let rep = zeroshot::evaluate(&mut r, &tok, &examples, &mut |d, _| pb.update(d, "scoring"))?;
+        pb.finish();
         if !a.json {
             println!("zero-shot {}: accuracy {:.4}, length-normalized {:.4} over {} examples", task.display(), rep.accuracy, rep.accuracy_norm, rep.examples);
         }

@@ -45,7 +45,7 @@ pub enum Allocation {
     Spectrum,
     /// LoRAP reference: params(v+o) : params(q+k) = 3 : 1 (default).
     Fixed31,
-    /// The same rank for q, k, v and o.
+    /// The same rank for every factored matrix (a matrix reaching break-even stays dense).
     Uniform,
 }
 
@@ -53,13 +53,29 @@ pub enum Allocation {
 pub fn allocate(specs: &[MatrixSpec], budget: usize, how: Allocation) -> Ranks {
     assert_eq!(specs.len(), 4, "q, k, v, o");
     match how {
-        Allocation::Uniform => {
-            let per: usize = specs.iter().map(|s| s.per_rank()).sum();
-            let r = budget / per;
-            specs.iter().map(|s| rank_or_dense(s, r)).collect()
-        }
+        Allocation::Uniform => uniform(specs, budget),
         Allocation::Fixed31 => fixed_split(specs, budget),
         Allocation::Spectrum => greedy(specs, budget),
+    }
+}
+
+/// One shared rank for every factored matrix; a matrix that would reach break-even stays
+/// dense and the others share what is left, so the budget is spent like the other schemes.
+fn uniform(specs: &[MatrixSpec], budget: usize) -> Ranks {
+    let mut dense = vec![false; specs.len()];
+    loop {
+        let fixed: usize = specs.iter().zip(&dense).filter(|(_, &d)| d).map(|(s, _)| s.dense()).sum();
+        let per: usize = specs.iter().zip(&dense).filter(|(_, &d)| !d).map(|(s, _)| s.per_rank()).sum();
+        let r = if per == 0 { 0 } else { budget.saturating_sub(fixed) / per };
+        let ranks: Ranks = specs.iter().zip(&dense).map(|(s, &d)| if d { None } else { rank_or_dense(s, r) }).collect();
+        let newly: Vec<usize> = (0..specs.len()).filter(|&i| !dense[i] && ranks[i].is_none()).collect();
+        if newly.is_empty() || fixed >= budget {
+            return ranks;
+        }
+        // each newly dense matrix costs no more than its rank-r pair would: the budget holds
+        for i in newly {
+            dense[i] = true;
+        }
     }
 }
 

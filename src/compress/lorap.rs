@@ -7,15 +7,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
 
 use super::allocate::{self, Allocation, MatrixSpec};
 use super::ffn;
 use super::output::{encode, OutTensor, OutputFolder};
+use super::CompressError;
 use super::svd::{self, SvdOptions};
 use crate::gpu::{context::Result as GpuResult, norms, Gpu, GpuBuf};
 use crate::model::config::{CompressionSection, LayerPlan};
 use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Observer, Site};
-use crate::model::Model;
+use crate::model::{Model, WeightStore};
 
 /// What `compress` does; the ablation switches default to LoRAP itself.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -40,7 +42,7 @@ impl Default for LorapOptions {
 }
 
 /// Per-layer outcome, as written to compression_report.json.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerReport {
     pub layer: usize,
     /// q, k, v, o ranks (null = dense).
@@ -121,11 +123,11 @@ fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// over the text's tokens.
 pub fn calibration_windows(tokens: &[u32], samples: usize, seq_len: usize) -> Result<Vec<u32>> {
     if samples == 0 || seq_len < 2 {
-        bail!("need at least one calibration window of at least 2 tokens");
+        return Err(CompressError::BadArgument("need at least one calibration window (--samples) of at least 2 tokens (--seq-len)".into()).into());
     }
     let avail = tokens.len() / seq_len;
     if avail < samples {
-        bail!("calibration text has {} tokens: fewer than {samples} windows of {seq_len} (lower --samples or --seq-len, or give more text)", tokens.len());
+        return Err(CompressError::CalibrationTooShort { tokens: tokens.len(), samples, seq_len }.into());
     }
     let mut out = Vec::with_capacity(samples * seq_len);
     for i in 0..samples {
@@ -133,6 +135,62 @@ pub fn calibration_windows(tokens: &[u32], samples: usize, seq_len: usize) -> Re
         out.extend_from_slice(&tokens[w * seq_len..(w + 1) * seq_len]);
     }
     Ok(out)
+}
+
+/// How a compression run treats its output folder, beyond what it computes.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Replace an existing output folder.
+    pub force: bool,
+    /// Continue an interrupted run from its last finished layer (same inputs and options).
+    pub resume: bool,
+    /// Stop with `CompressError::Interrupted` after this many layers, as an interruption
+    /// would (tests of `resume`).
+    pub stop_after_layers: Option<usize>,
+    /// Fail writes with "disk full" after this many bytes (tests of the disk-full path).
+    pub output_byte_limit: Option<u64>,
+}
+
+/// What a checkpoint records: enough to check a resumed run is the same run, and the
+/// finished layers' results.
+#[derive(Serialize, Deserialize)]
+struct ResumeState {
+    fingerprint: String,
+    layers_done: usize,
+    plans: Vec<LayerPlan>,
+    reports: Vec<LayerReport>,
+    seconds_before: f64,
+}
+
+/// Identifies a run: model config, options, calibration tokens and window length.
+fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    calib.hash(&mut h);
+    let v = serde_json::json!({
+        "config": serde_json::Value::Object(model.cfg.raw.clone()),
+        "options": opts,
+        "svd": [opts.svd.power_iters, opts.svd.oversample, opts.svd.seed as usize],
+        "calibration": [calib.len(), seq_len, h.finish() as usize],
+    });
+    Ok(serde_json::to_string(&v)?)
+}
+
+/// Checks everything about a run that can be checked before any GPU work or output.
+pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<()> {
+    if !(opts.ratio > 0.0 && opts.ratio < 1.0) {
+        return Err(CompressError::BadRatio(opts.ratio).into());
+    }
+    if !(0.0..1.0).contains(&opts.reserve) {
+        return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", opts.reserve)).into());
+    }
+    if model.cfg.lorap.is_some() {
+        return Err(CompressError::AlreadyCompressed(model.dir.display().to_string()).into());
+    }
+    if seq_len < 2 || calib.is_empty() || calib.len() % seq_len != 0 {
+        return Err(CompressError::BadArgument(format!("calibration must be whole windows of at least 2 tokens ({} tokens, windows of {seq_len})", calib.len())).into());
+    }
+    Ok(())
 }
 
 /// Compresses `model` with LoRAP using `calib` (whole windows of `seq_len`), writing to `out`.
@@ -144,22 +202,41 @@ pub fn compress(
     seq_len: usize,
     opts: &LorapOptions,
     out: &Path,
-    force: bool,
+    control: &RunControl,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(PathBuf, CompressionReport)> {
-    if !(opts.ratio > 0.0 && opts.ratio < 1.0) {
-        bail!("--ratio must be in (0, 1), got {}", opts.ratio);
-    }
-    if model.cfg.lorap.is_some() {
-        bail!("{}: this model is already compressed; compress the dense original", model.dir.display());
-    }
+    validate(model, calib, seq_len, opts)?;
     let cfg = &model.cfg;
     let store = &model.store;
     let n_layers = cfg.num_hidden_layers;
     let windows = calib.len() / seq_len;
     let t_start = Instant::now();
     gpu.reset_peak();
-    let mut folder = OutputFolder::create(out, &model.dir, force, n_layers + 1)?;
+    let print = fingerprint(model, calib, seq_len, opts)?;
+    let (mut folder, saved) = if control.resume {
+        OutputFolder::resume(out, &model.dir, control.force, n_layers + 1)?
+    } else {
+        (OutputFolder::create(out, &model.dir, control.force, n_layers + 1)?, None)
+    };
+    if let Some(limit) = control.output_byte_limit {
+        folder.set_byte_limit(limit);
+    }
+    let mut plans = Vec::new();
+    let mut layer_reports = Vec::new();
+    let mut seconds_before = 0.0;
+    if let Some(state) = saved {
+        let ck = folder.partial_dir().display().to_string();
+        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: format!("unreadable state: {e}") })?;
+        if st.fingerprint != print {
+            return Err(CompressError::ResumeMismatch { path: ck, what: "it was made from another model, calibration text or options".into() }.into());
+        }
+        plans = st.plans;
+        layer_reports = st.reports;
+        seconds_before = st.seconds_before;
+        tracing::info!(layers_done = st.layers_done, "resuming");
+    }
+    let first_layer = plans.len();
+
     let runner = forward::Runner::new(gpu.clone(), cfg.clone(), store.clone(), false);
     let mut batches = Vec::new();
     let per_batch = (runner.batch_tokens / seq_len).max(1) * seq_len;
@@ -167,11 +244,20 @@ pub fn compress(
         batches.push((runner.embed(chunk)?, chunk.len()));
     }
     let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
+    if first_layer > 0 {
+        // rebuild the calibration states: the finished layers, as stored, run again
+        let done = WeightStore::open(folder.partial_dir()).context("reading the finished layers of the interrupted run")?;
+        let mut c2 = cfg.clone();
+        c2.lorap = Some(plan_section(cfg, opts.ratio, &plans));
+        for i in 0..first_layer {
+            progress(i, n_layers, "replaying finished layer");
+            let layer = LayerWeights::load(gpu, &done, &c2, i)?;
+            propagate(gpu, cfg, &layer, &table, &mut batches, seq_len)?;
+        }
+    }
 
     let (d, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-    let mut plans = Vec::new();
-    let mut layer_reports = Vec::new();
-    for i in 0..n_layers {
+    for i in first_layer..n_layers {
         let t_layer = Instant::now();
         progress(i, n_layers, "statistics");
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
@@ -242,7 +328,7 @@ pub fn compress(
             for (j, lin) in forward::LINEARS[..3].iter().enumerate() {
                 let bias = store.f32(&name(&format!("{lin}.bias")), &[linears[j].out])?;
                 push(name(&format!("{lin}.bias")), vec![bias.len()], &bias);
-                linears[j].bias = Some(gpu.upload(&bias)?);
+                linears[j].bias = Some(gpu.upload(&round_trip(&bias, out_dtype))?);
             }
         }
 
@@ -285,17 +371,11 @@ pub fn compress(
         drop(tensors);
 
         progress(i, n_layers, "propagating");
-        for (h, tokens) in batches.iter_mut() {
-            let mut enc = gpu.encoder();
-            let next = forward::layer_forward(gpu, &mut enc, cfg, &compressed, &table, h, *tokens, seq_len, None)?;
-            gpu.submit(enc);
-            *h = next;
-        }
-        gpu.wait()?;
+        propagate(gpu, cfg, &compressed, &table, &mut batches, seq_len)?;
         let plan = LayerPlan { q_rank: ranks[0], k_rank: ranks[1], v_rank: ranks[2], o_rank: ranks[3], ffn_width: fk };
         plans.push(plan);
         let mut c2 = cfg.clone();
-        c2.lorap = Some(CompressionSection { format_version: 1, method: "lorap".into(), ratio: opts.ratio, layers: plans.iter().cloned().chain((plans.len()..n_layers).map(|_| LayerPlan::default())).collect() });
+        c2.lorap = Some(plan_section(cfg, opts.ratio, &plans));
         layer_reports.push(LayerReport {
             layer: i,
             ranks: [ranks[0], ranks[1], ranks[2], ranks[3]],
@@ -307,7 +387,12 @@ pub fn compress(
             params_after: c2.layer_params(i),
             seconds: t_layer.elapsed().as_secs_f64(),
         });
+        let state = ResumeState { fingerprint: print.clone(), layers_done: i + 1, plans: plans.clone(), reports: layer_reports.clone(), seconds_before: seconds_before + t_start.elapsed().as_secs_f64() };
+        folder.checkpoint(serde_json::to_value(&state)?)?;
         progress(i + 1, n_layers, "done");
+        if control.stop_after_layers == Some(i + 1) && i + 1 < n_layers {
+            return Err(CompressError::Interrupted(i + 1).into());
+        }
     }
     drop(batches);
 
@@ -324,7 +409,7 @@ pub fn compress(
     drop(rest);
 
     let mut new_cfg = cfg.clone();
-    new_cfg.lorap = Some(CompressionSection { format_version: 1, method: "lorap".into(), ratio: opts.ratio, layers: plans.clone() });
+    new_cfg.lorap = Some(plan_section(cfg, opts.ratio, &plans));
     let mut raw = cfg.raw.clone();
     raw.insert("lorap".into(), serde_json::to_value(new_cfg.lorap.as_ref().unwrap())?);
     folder.write_json("config.json", &serde_json::Value::Object(raw))?;
@@ -343,13 +428,32 @@ pub fn compress(
         total_params_after: ta,
         achieved_total_ratio: 1.0 - ta as f64 / tb as f64,
         peak_gpu_bytes: gpu.memory_stats().1,
-        seconds: t_start.elapsed().as_secs_f64(),
+        seconds: seconds_before + t_start.elapsed().as_secs_f64(),
         adapter: gpu.info.name.clone(),
         layers: layer_reports,
     };
     folder.write_json("compression_report.json", &serde_json::to_value(&report)?)?;
     let path = folder.finish().context("finishing the output folder")?;
     Ok((path, report))
+}
+
+/// The `lorap` config section for the finished `plans`; later layers are listed dense.
+fn plan_section(cfg: &crate::model::ModelConfig, ratio: f64, plans: &[LayerPlan]) -> CompressionSection {
+    let dense = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    let layers = plans.iter().cloned().chain((plans.len()..cfg.num_hidden_layers).map(|_| dense.clone())).collect();
+    CompressionSection { format_version: 1, method: "lorap".into(), ratio, layers }
+}
+
+/// Runs the calibration states through one (compressed) layer, in place.
+fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut [(GpuBuf, usize)], seq_len: usize) -> Result<()> {
+    for (h, tokens) in batches.iter_mut() {
+        let mut enc = gpu.encoder();
+        let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, h, *tokens, seq_len, None)?;
+        gpu.submit(enc);
+        *h = next;
+    }
+    gpu.wait()?;
+    Ok(())
 }
 
 /// Values as they will be read back from the stored dtype.

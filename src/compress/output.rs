@@ -2,12 +2,17 @@
 //! folder beside the target (one safetensors shard per decoder layer plus one for the
 //! embeddings and head, an index, config.json with the `lorap` section, the tokenizer, the
 //! report), renamed to the target only when complete. The input folder is never touched.
+//! After each finished layer a checkpoint (`resume.json` plus a shard index) lets an
+//! interrupted run continue; a run that fails before its first checkpoint removes the
+//! partial folder, so bad input never leaves anything behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use safetensors::{tensor::TensorView, Dtype};
+
+use super::CompressError;
 
 /// Stored element type of written tensors.
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
@@ -33,37 +38,114 @@ pub struct OutputFolder {
     n_shards: usize,
     weight_map: BTreeMap<String, String>,
     total_bytes: u64,
+    /// Bytes this run may still write (simulates a small disk in tests); None = no limit.
+    byte_limit: Option<u64>,
+    /// A checkpoint exists: keep the partial folder if the run fails from here on.
+    keep_on_failure: bool,
+    finished: bool,
 }
 
+/// What `resume.json` holds besides the caller's state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    n_shards: usize,
+    weight_map: BTreeMap<String, String>,
+    total_bytes: u64,
+    state: serde_json::Value,
+}
+
+const CHECKPOINT: &str = "resume.json";
+
 impl OutputFolder {
-    /// Refuses an existing target unless `force`; refuses the input folder itself.
+    /// A fresh partial folder. Refuses an existing target unless `force`; refuses the input
+    /// folder itself.
     pub fn create(target: &Path, input: &Path, force: bool, n_shards: usize) -> Result<Self> {
-        let canon_in = input.canonicalize().with_context(|| format!("{}: cannot resolve", input.display()))?;
-        if target.exists() {
-            if target.canonicalize().ok().as_deref() == Some(canon_in.as_path()) {
-                bail!("{}: the output folder is the input model folder; choose another --out", target.display());
-            }
-            if !force {
-                bail!("{}: output folder exists (use --force to replace it)", target.display());
-            }
-        }
-        let name = target.file_name().with_context(|| format!("{}: not a folder name", target.display()))?.to_string_lossy().to_string();
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-        let partial = parent.join(format!(".{name}.partial"));
+        let partial = Self::check_target(target, input, force)?;
         if partial.exists() {
             std::fs::remove_dir_all(&partial).with_context(|| format!("{}: cannot clear an earlier partial output", partial.display()))?;
         }
         std::fs::create_dir_all(&partial).with_context(|| format!("{}: cannot create", partial.display()))?;
-        Ok(OutputFolder { target: target.to_path_buf(), partial, n_shards, weight_map: BTreeMap::new(), total_bytes: 0 })
+        Ok(Self::new(target, partial, n_shards))
+    }
+
+    /// Reopens the partial folder of an interrupted run with its saved state; starts a
+    /// fresh one (state None) when there is no checkpoint to continue from.
+    pub fn resume(target: &Path, input: &Path, force: bool, n_shards: usize) -> Result<(Self, Option<serde_json::Value>)> {
+        let partial = Self::check_target(target, input, force)?;
+        let ck_path = partial.join(CHECKPOINT);
+        if !ck_path.exists() {
+            return Ok((Self::create(target, input, force, n_shards)?, None));
+        }
+        let text = std::fs::read_to_string(&ck_path).with_context(|| format!("{}: cannot read", ck_path.display()))?;
+        let ck: Checkpoint = serde_json::from_str(&text)
+            .map_err(|e| CompressError::ResumeMismatch { path: ck_path.display().to_string(), what: format!("unreadable checkpoint: {e}") })?;
+        if ck.n_shards != n_shards {
+            return Err(CompressError::ResumeMismatch { path: ck_path.display().to_string(), what: format!("{} shards there, {n_shards} now", ck.n_shards) }.into());
+        }
+        let mut f = Self::new(target, partial, n_shards);
+        f.weight_map = ck.weight_map;
+        f.total_bytes = ck.total_bytes;
+        f.keep_on_failure = true;
+        Ok((f, Some(ck.state)))
+    }
+
+    fn new(target: &Path, partial: PathBuf, n_shards: usize) -> Self {
+        OutputFolder { target: target.to_path_buf(), partial, n_shards, weight_map: BTreeMap::new(), total_bytes: 0, byte_limit: None, keep_on_failure: false, finished: false }
+    }
+
+    /// The partial folder's path, after checking the target may be written.
+    fn check_target(target: &Path, input: &Path, force: bool) -> Result<PathBuf> {
+        let canon_in = input.canonicalize().with_context(|| format!("{}: cannot resolve", input.display()))?;
+        if target.exists() {
+            if target.canonicalize().ok().as_deref() == Some(canon_in.as_path()) {
+                return Err(CompressError::OutputIsInput(target.display().to_string()).into());
+            }
+            if !force {
+                return Err(CompressError::OutputExists(target.display().to_string()).into());
+            }
+        }
+        let name = target.file_name().with_context(|| format!("{}: not a folder name", target.display()))?.to_string_lossy().to_string();
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // writing inside the input folder would modify it
+        if parent.canonicalize().map(|p| p.starts_with(&canon_in)).unwrap_or(false) {
+            return Err(CompressError::OutputIsInput(target.display().to_string()).into());
+        }
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        Ok(parent.join(format!(".{name}.partial")))
     }
 
     pub fn partial_dir(&self) -> &Path {
         &self.partial
     }
 
+    /// Makes writes fail with "storage full" once `bytes` more have been written (tests
+    /// exercise the disk-full path with it).
+    pub fn set_byte_limit(&mut self, bytes: u64) {
+        self.byte_limit = Some(bytes);
+    }
+
     fn shard_name(&self, index: usize) -> String {
         format!("model-{:05}-of-{:05}.safetensors", index + 1, self.n_shards)
+    }
+
+    /// Writes `bytes` to `file` in the partial folder, all or nothing.
+    fn put(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.partial.join(file);
+        if let Some(left) = self.byte_limit {
+            if bytes.len() as u64 > left {
+                let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
+                return Err(anyhow::Error::new(e).context(format!("{}: cannot write (disk full)", path.display())));
+            }
+            self.byte_limit = Some(left - bytes.len() as u64);
+        }
+        let tmp = self.partial.join(format!(".{file}.tmp"));
+        let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            let what = if e.kind() == std::io::ErrorKind::StorageFull { " (disk full)" } else { "" };
+            return Err(anyhow::Error::new(e).context(format!("{}: cannot write{what}", path.display())));
+        }
+        Ok(())
     }
 
     /// Writes shard `index` (0-based) holding `tensors`.
@@ -73,9 +155,8 @@ impl OutputFolder {
             .iter()
             .map(|t| Ok((t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
             .collect::<Result<_, safetensors::SafeTensorError>>()?;
-        let path = self.partial.join(&name);
-        safetensors::serialize_to_file(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])), &path)
-            .with_context(|| format!("{}: cannot write (disk full?)", path.display()))?;
+        let bytes = safetensors::serialize(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])))?;
+        self.put(&name, &bytes)?;
         for t in tensors {
             self.weight_map.insert(t.name.clone(), name.clone());
             self.total_bytes += t.bytes.len() as u64;
@@ -84,30 +165,59 @@ impl OutputFolder {
     }
 
     /// Writes a JSON file into the folder.
-    pub fn write_json(&self, file: &str, value: &serde_json::Value) -> Result<()> {
-        let path = self.partial.join(file);
-        std::fs::write(&path, serde_json::to_string_pretty(value)?).with_context(|| format!("{}: cannot write", path.display()))
+    pub fn write_json(&mut self, file: &str, value: &serde_json::Value) -> Result<()> {
+        self.put(file, serde_json::to_string_pretty(value)?.as_bytes())
+    }
+
+    /// Records that everything written so far is final, with the caller's `state`: a failed
+    /// or interrupted run keeps the folder from now on and `resume` returns the state. The
+    /// shard index is written too, so the finished shards load as a model store.
+    pub fn checkpoint(&mut self, state: serde_json::Value) -> Result<()> {
+        self.write_index()?;
+        let ck = Checkpoint { n_shards: self.n_shards, weight_map: self.weight_map.clone(), total_bytes: self.total_bytes, state };
+        self.put(CHECKPOINT, serde_json::to_string(&ck)?.as_bytes())?;
+        self.keep_on_failure = true;
+        Ok(())
+    }
+
+    fn write_index(&mut self) -> Result<()> {
+        let index = serde_json::json!({ "metadata": { "total_size": self.total_bytes }, "weight_map": self.weight_map });
+        self.write_json("model.safetensors.index.json", &index)
     }
 
     /// Copies tokenizer and generation files from the input folder.
-    pub fn copy_side_files(&self, input: &Path) -> Result<()> {
+    pub fn copy_side_files(&mut self, input: &Path) -> Result<()> {
         for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model"] {
             let src = input.join(f);
             if src.exists() {
-                std::fs::copy(&src, self.partial.join(f)).with_context(|| format!("{}: cannot copy", src.display()))?;
+                let bytes = std::fs::read(&src).with_context(|| format!("{}: cannot read", src.display()))?;
+                self.put(f, &bytes)?;
             }
         }
         Ok(())
     }
 
-    /// Writes the shard index, then moves the folder into place.
-    pub fn finish(self) -> Result<PathBuf> {
-        let index = serde_json::json!({ "metadata": { "total_size": self.total_bytes }, "weight_map": self.weight_map });
-        self.write_json("model.safetensors.index.json", &index)?;
+    /// Writes the shard index, drops the checkpoint, then moves the folder into place.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.write_index()?;
+        let ck = self.partial.join(CHECKPOINT);
+        if ck.exists() {
+            std::fs::remove_file(&ck).with_context(|| format!("{}: cannot remove", ck.display()))?;
+        }
         if self.target.exists() {
             std::fs::remove_dir_all(&self.target).with_context(|| format!("{}: cannot replace", self.target.display()))?;
         }
         std::fs::rename(&self.partial, &self.target).with_context(|| format!("{}: cannot move into place", self.target.display()))?;
-        Ok(self.target)
+        self.finished = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for OutputFolder {
+    /// A run that fails before its first checkpoint leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.finished && !self.keep_on_failure {
+            let _ = std::fs::remove_dir_all(&self.partial);
+        }
     }
 }

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
 
 /// Environment variable naming the adapter (substring of its name, or its index).
 pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
@@ -24,8 +23,14 @@ pub enum GpuError {
     AdapterNotFound { wanted: String, available: String },
     #[error("could not open the GPU device on {adapter}: {source}")]
     RequestDevice { adapter: String, source: wgpu::RequestDeviceError },
-    #[error("GPU out of memory or validation error: {0}")]
+    #[error("GPU error: {0}")]
     Device(String),
+    #[error("GPU out of memory: {0}. Lower --batch-tokens or --samples, or use a GPU with more memory")]
+    OutOfMemory(String),
+    #[error("GPU memory budget exceeded: {need} bytes needed with {live} bytes in use, over the --max-vram budget of {budget} bytes. Raise --max-vram or lower --batch-tokens")]
+    OverBudget { need: u64, live: u64, budget: u64 },
+    #[error("GPU device lost ({0}); the driver may have reset. Nothing was written; run again")]
+    DeviceLost(String),
     #[error("{MAX_BINDING_ENV} must be a byte count, got {0:?}")]
     BadBindingEnv(String),
     #[error("a single row of {row_bytes} bytes exceeds the storage binding limit of {limit} bytes")]
@@ -129,10 +134,11 @@ type PoolKey = u64;
 #[derive(Default)]
 struct PoolInner {
     free: HashMap<PoolKey, Vec<wgpu::Buffer>>,
-    /// Released since the last submit: commands recorded but not yet submitted may still
-    /// use them, and a `write_buffer` would run before those commands, so they become
-    /// reusable only once that submit is queued.
-    pending: Vec<wgpu::Buffer>,
+    /// Released since the releasing thread's last submit: commands it recorded but has not
+    /// submitted may still use them, and a `write_buffer` would run before those commands,
+    /// so they become reusable only once that thread submits (per thread: a submit by
+    /// another thread does not cover this thread's open encoders).
+    pending: HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>,
     idle_bytes: u64,
     live_bytes: u64,
     peak_bytes: u64,
@@ -164,12 +170,12 @@ impl BufferPool {
         let mut p = self.inner.lock().unwrap();
         p.live_bytes -= size;
         p.idle_bytes += size;
-        p.pending.push(buf);
+        p.pending.entry(std::thread::current().id()).or_default().push(buf);
     }
     /// Called after a submit: buffers released before it may be reused from now on.
     fn submitted(&self) {
         let mut p = self.inner.lock().unwrap();
-        let pending = std::mem::take(&mut p.pending);
+        let pending = p.pending.remove(&std::thread::current().id()).unwrap_or_default();
         for b in pending {
             if p.idle_bytes > self.max_idle_bytes {
                 // dropping (not destroying) lets in-flight commands finish with it
@@ -178,6 +184,10 @@ impl BufferPool {
             }
             p.free.entry(b.size()).or_default().push(b);
         }
+    }
+    fn footprint(&self) -> (u64, u64) {
+        let p = self.inner.lock().unwrap();
+        (p.live_bytes, p.idle_bytes)
     }
     /// Releases every idle buffer.
     pub fn trim(&self) {
@@ -242,6 +252,11 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pool: Arc<BufferPool>,
+    /// First error the device reported outside our control flow (OOM, validation, loss):
+    /// wgpu's default handler would panic, so it is parked here and returned by `wait`.
+    device_error: Arc<Mutex<Option<GpuError>>>,
+    /// Bytes of storage buffers allowed at once (0 = no budget).
+    budget: std::sync::atomic::AtomicU64,
 }
 
 impl Gpu {
@@ -265,6 +280,24 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|source| GpuError::RequestDevice { adapter: info.name.clone(), source })?;
+        let device_error: Arc<Mutex<Option<GpuError>>> = Arc::new(Mutex::new(None));
+        let sink = device_error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let err = match e {
+                wgpu::Error::OutOfMemory { .. } => GpuError::OutOfMemory(e.to_string()),
+                other => GpuError::Device(other.to_string()),
+            };
+            tracing::debug!("{err}");
+            let mut slot = sink.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(err);
+            }
+        }));
+        let sink = device_error.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            // a loss replaces any error it caused: it is the one the user needs to see
+            *sink.lock().unwrap() = Some(GpuError::DeviceLost(format!("{reason:?} {msg}").trim().to_string()));
+        });
         let env_cap = match std::env::var(MAX_BINDING_ENV) {
             Ok(s) => Some(s.trim().parse::<u64>().map_err(|_| GpuError::BadBindingEnv(s))?),
             Err(_) => None,
@@ -283,6 +316,8 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
+            device_error,
+            budget: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -308,6 +343,25 @@ impl Gpu {
         self.pool.trim()
     }
 
+    /// Caps the bytes of storage buffers alive at once (0 = no cap); an allocation over it
+    /// fails with `GpuError::OverBudget` instead of letting the driver run out.
+    pub fn set_budget(&self, bytes: u64) {
+        self.budget.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The device error parked since the last check, if any.
+    pub fn take_device_error(&self) -> Option<GpuError> {
+        self.device_error.lock().unwrap().take()
+    }
+
+    /// Fails if the device reported an error since the last check.
+    pub fn check(&self) -> Result<()> {
+        match self.take_device_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Starts a new peak-memory measurement from the current footprint.
     pub fn reset_peak(&self) {
         self.pool.reset_peak()
@@ -322,6 +376,16 @@ impl Gpu {
         let buf = match self.pool.take(size) {
             Some(b) => b,
             None => {
+                let budget = self.budget.load(std::sync::atomic::Ordering::Relaxed);
+                if budget > 0 {
+                    let (live, idle) = self.pool.footprint();
+                    if live + idle + size > budget {
+                        self.pool.trim();
+                    }
+                    if live + size > budget {
+                        return Err(GpuError::OverBudget { need: size, live, budget });
+                    }
+                }
                 self.pool.note_new(size);
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: None,
@@ -430,10 +494,9 @@ impl Gpu {
 
     /// Blocks until all submitted work finished.
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| GpuError::Device(e.to_string()))
+        let polled = self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
+        self.check()?;
+        polled.map_err(|e| GpuError::Device(e.to_string()))
     }
 
     /// Compute pipeline for (shader, entry point, override constants), compiled once.
@@ -499,11 +562,15 @@ impl Gpu {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
         }
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        // not create_buffer_init: it panics when the device is lost; write_buffer reports
+        // through the error handler instead, and `wait` turns that into an error
+        let uniform = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
-            contents: params,
-            usage: wgpu::BufferUsages::UNIFORM,
+            size: (params.len() as u64).next_multiple_of(16).max(16),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
         });
+        self.queue.write_buffer(&uniform, 0, params);
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
         for (i, b) in storage.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: wgpu::BindingResource::Buffer(b.clone()) });

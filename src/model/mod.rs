@@ -1,6 +1,7 @@
 //! Models: config.json, memory-mapped safetensors weights, tokenizer, and the GPU forward pass.
 
 pub mod config;
+pub mod export;
 pub mod forward;
 pub mod reference;
 pub mod synthetic;
@@ -56,6 +57,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
 /// mismatch fails before any GPU work).
 fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::WeightError> {
     let expect = |name: &str, want: &[usize]| -> Result<(), weights::WeightError> {
+        store.check_dtype(name)?;
         let got = store.shape(name)?;
         if got != want {
             return Err(weights::WeightError::Shape { name: name.into(), got: got.to_vec(), want: want.to_vec() });

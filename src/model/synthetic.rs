@@ -76,3 +76,23 @@ pub fn write_random_model(dir: &Path, config: &serde_json::Value, seed: u64) -> 
     std::fs::write(dir.join("config.json"), text)?;
     Ok(())
 }
+
+/// Writes a word-level tokenizer.json (whitespace pre-tokenizer) whose ids are below
+/// `vocab`: `<unk>` = 0, then common English words, then `w3`, `w4`... (tests run the CLI on
+/// synthetic models with it).
+pub fn write_word_tokenizer(dir: &Path, vocab: usize) -> anyhow::Result<()> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    const WORDS: &[&str] = &["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", ".", ",", "a", "of", "and", "to", "in", "is"];
+    let mut map = std::collections::HashMap::new();
+    map.insert("<unk>".to_string(), 0u32);
+    for (i, w) in WORDS.iter().chain(std::iter::repeat(&"")).take(vocab.saturating_sub(1)).enumerate() {
+        let id = i as u32 + 1;
+        map.insert(if w.is_empty() { format!("w{id}") } else { w.to_string() }, id);
+    }
+    let model = WordLevel::builder().vocab(map.into_iter().collect()).unk_token("<unk>".into()).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

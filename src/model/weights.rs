@@ -12,6 +12,8 @@ pub enum WeightError {
     Open { path: String, source: std::io::Error },
     #[error("{path}: not a valid safetensors file (truncated or corrupt): {source}")]
     Corrupt { path: String, source: safetensors::SafeTensorError },
+    #[error("{path}: truncated: tensor {name} needs {need} bytes, the file has {have}")]
+    Truncated { path: String, name: String, need: usize, have: usize },
     #[error("{path}: invalid shard index: {what}")]
     Index { path: String, what: String },
     #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
@@ -72,6 +74,10 @@ impl WeightStore {
             let (header, meta) = SafeTensors::read_metadata(&map).map_err(|source| WeightError::Corrupt { path: ps.clone(), source })?;
             let base = 8 + header;
             for (tname, info) in meta.tensors() {
+                // a data range past the end of the file means it was cut short
+                if base + info.data_offsets.1 > map.len() {
+                    return Err(WeightError::Truncated { path: ps.clone(), name: tname, need: base + info.data_offsets.1, have: map.len() });
+                }
                 entries.insert(
                     tname,
                     Entry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start: base + info.data_offsets.0, end: base + info.data_offsets.1 },
@@ -118,6 +124,15 @@ impl WeightStore {
             Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         })
+    }
+
+    /// Fails unless the tensor is stored as F32, F16 or BF16.
+    pub fn check_dtype(&self, name: &str) -> Result<(), WeightError> {
+        let e = self.entry(name)?;
+        match e.dtype {
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(()),
+            dtype => Err(WeightError::Dtype { path: self.files[e.file].0.display().to_string(), name: name.into(), dtype }),
+        }
     }
 
     pub fn dtype(&self, name: &str) -> Result<Dtype, WeightError> {

@@ -51,3 +51,30 @@ pub fn tokenize(model_dir: &std::path::Path, text_file: &str) -> Vec<u32> {
     let text = std::fs::read_to_string(assets().join("text").join(text_file)).unwrap();
     tok.encode(text.as_str(), false).unwrap().get_ids().to_vec()
 }
+
+/// Names of the tensors in a folder's model.safetensors.
+pub fn tensor_names(dir: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    names
+}
+
+/// Rewrites one tensor of model.safetensors with another 2-byte dtype, same bytes.
+pub fn rewrite_dtype(dir: &std::path::Path, name: &str, dtype: safetensors::Dtype) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let dt = if n == name { dtype } else { v.dtype() };
+            (n, dt, v.shape().to_vec(), v.data().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        owned.iter().map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}

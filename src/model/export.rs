@@ -1,0 +1,106 @@
+//! Export of a compressed model to formats other tools load. `hf-dense`: every factor pair
+//! multiplied back into its dense matrix (on the GPU) and every pruned FFN zero-padded to
+//! the original width, so a stock Hugging Face `LlamaForCausalLM` (or `Qwen2`, `Mistral`)
+//! loads it and computes the same function. It is as large as the original: the export is
+//! for compatibility, not for size.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use crate::compress::output::{encode, OutTensor, OutputFolder};
+use crate::compress::CompressError;
+use crate::gpu::{matmul, Gpu};
+use crate::model::forward::LINEARS;
+use crate::model::Model;
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Plain dense Hugging Face checkpoint with the original shapes.
+    HfDense,
+}
+
+/// Dense [out, in] = A [out, r] B [r, in], computed on the GPU in f32.
+fn multiply(gpu: &Gpu, a: &[f32], b: &[f32], out: usize, r: usize, inp: usize) -> Result<Vec<f32>> {
+    let (ga, gb) = (gpu.upload(a)?, gpu.upload(b)?);
+    let mut enc = gpu.encoder();
+    let w = matmul::matmul(gpu, &mut enc, &ga, &gb, out, r, inp)?;
+    gpu.submit(enc);
+    Ok(gpu.read(&w)?)
+}
+
+/// Writes `model` (compressed by this tool) as a dense checkpoint in `out`.
+pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progress: &mut dyn FnMut(usize, usize)) -> Result<PathBuf> {
+    let cfg = &model.cfg;
+    if cfg.lorap.is_none() {
+        return Err(CompressError::BadArgument(format!("{}: not a compressed model (no `lorap` section in config.json); nothing to export", model.dir.display())).into());
+    }
+    let store = &model.store;
+    let n = cfg.num_hidden_layers;
+    let mut folder = OutputFolder::create(out, &model.dir, force, n + 1)?;
+    let (d, qd, kvd, f_full) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    for i in 0..n {
+        progress(i, n);
+        let plan = cfg.layer_plan(i);
+        let name = |s: &str| format!("model.layers.{i}.{s}");
+        let mut tensors = Vec::new();
+        let ranks = [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank];
+        let shapes = [(qd, d), (kvd, d), (kvd, d), (d, qd)];
+        for ((lin, r), (o, inp)) in LINEARS[..4].iter().zip(ranks).zip(shapes) {
+            let wname = name(&format!("{lin}.weight"));
+            match r {
+                None => tensors.push(raw(model, &wname)?),
+                Some(r) => {
+                    let an = name(&format!("{lin}.factor_a"));
+                    let dtype = store.dtype(&an)?;
+                    let a = store.f32(&an, &[o, r])?;
+                    let b = store.f32(&name(&format!("{lin}.factor_b")), &[r, inp])?;
+                    let w = multiply(gpu, &a, &b, o, r, inp)?;
+                    tensors.push(OutTensor { name: wname, dtype, bytes: encode(&w, dtype), shape: vec![o, inp] });
+                }
+            }
+        }
+        if cfg.qkv_bias() {
+            for lin in &LINEARS[..3] {
+                tensors.push(raw(model, &name(&format!("{lin}.bias")))?);
+            }
+        }
+        // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
+        let fk = plan.ffn_width;
+        let dtype = store.dtype(&name("mlp.gate_proj.weight"))?;
+        for m in ["mlp.gate_proj.weight", "mlp.up_proj.weight"] {
+            let mut w = store.f32(&name(m), &[fk, d])?;
+            w.resize(f_full * d, 0.0);
+            tensors.push(OutTensor { name: name(m), dtype, bytes: encode(&w, dtype), shape: vec![f_full, d] });
+        }
+        let down = store.f32(&name("mlp.down_proj.weight"), &[d, fk])?;
+        let mut padded = vec![0f32; d * f_full];
+        for (row, src) in padded.chunks_mut(f_full).zip(down.chunks(fk.max(1))) {
+            row[..fk].copy_from_slice(&src[..fk]);
+        }
+        tensors.push(OutTensor { name: name("mlp.down_proj.weight"), dtype, bytes: encode(&padded, dtype), shape: vec![d, f_full] });
+        for m in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            tensors.push(raw(model, &name(m))?);
+        }
+        folder.write_shard(i, &tensors)?;
+    }
+    let mut rest = Vec::new();
+    for t in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+        if store.contains(t) {
+            rest.push(raw(model, t)?);
+        }
+    }
+    folder.write_shard(n, &rest)?;
+    let mut cfg_json = cfg.raw.clone();
+    cfg_json.remove("lorap");
+    folder.write_json("config.json", &serde_json::Value::Object(cfg_json))?;
+    folder.copy_side_files(&model.dir)?;
+    progress(n, n);
+    folder.finish().context("finishing the export folder")
+}
+
+/// A tensor copied byte for byte.
+fn raw(model: &Model, name: &str) -> Result<OutTensor> {
+    let (dtype, shape, bytes) = model.store.raw(name)?;
+    Ok(OutTensor { name: name.into(), dtype, shape: shape.to_vec(), bytes: bytes.to_vec() })
+}
