@@ -6,3 +6,4 @@ pub mod error;
 pub mod eval;
 pub mod gpu;
 pub mod model;
+pub mod report;

@@ -26,10 +26,13 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
         let (path, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
         assert_eq!(path, out);
         assert!((rep.achieved_decoder_ratio - ratio).abs() < 0.02, "asked {ratio}, got {}", rep.achieved_decoder_ratio);
-        for f in ["config.json", "model.safetensors.index.json", "compression_report.json"] {
+        for f in ["config.json", "model.safetensors.index.json", "compression_report.json", "report.html", "report-ranks.svg", "report-spectrum-q_proj.svg"] {
             assert!(out.join(f).exists(), "{f} missing");
         }
         assert!(!dir.path().join(format!(".out{ratio}.partial")).exists(), "partial folder left behind");
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        assert_eq!(html.matches("<svg").count(), 7, "ranks, FFN, errors and four spectra charts");
+        assert!(html.contains(&format!("{}", rep.decoder_params_after)));
         let small = Model::open(&out).unwrap();
         assert_eq!(small.cfg.decoder_params(), rep.decoder_params_after);
         let plan = small.cfg.lorap.as_ref().unwrap();

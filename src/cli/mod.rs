@@ -37,6 +37,31 @@ pub enum Command {
     Compress(CompressArgs),
     /// Write a compressed model in a format other tools load (hf-dense: plain transformers).
     Export(ExportArgs),
+    /// (Re)write the HTML/SVG report of a compressed model, with perplexity before/after.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// A model folder written by `compress`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The dense model it came from (default: the one recorded in compression_report.json).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Held-out text: measure perplexity of both models on it.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Use only the first N tokens of the text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Folder for report.html and the charts (default: the model folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub mem: MemArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -169,6 +194,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(&cli, a),
         Command::Compress(a) => compress(&cli, a),
         Command::Export(a) => export(&cli, a),
+        Command::Report(a) => report(&cli, a),
     }
 }
 
@@ -210,6 +236,48 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             rep.peak_gpu_bytes as f64 / (1u64 << 20) as f64, rep.adapter
         );
     }
+    Ok(())
+}
+
+fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
+    use crate::compress::lorap::CompressionReport;
+    let path = a.model.join("compression_report.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this a folder written by `compress`?)", path.display()))?;
+    let rep: CompressionReport = serde_json::from_str(&text).with_context(|| format!("{}: not a compression report", path.display()))?;
+    let base = a.base.clone().unwrap_or_else(|| PathBuf::from(&rep.source_model));
+    let ppl = match &a.text {
+        None => None,
+        Some(text_path) => {
+            anyhow::ensure!(a.seq_len >= 2, crate::compress::CompressError::BadArgument("--seq-len must be at least 2".into()));
+            let measure = |dir: &std::path::Path, what: &str| -> Result<(f64, usize)> {
+                let model = Model::open(dir)?;
+                let tok = model.tokenizer()?;
+                let ids = tok.encode(read_text(text_path)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+                let toks = perplexity::windows_of(&ids, a.seq_len, a.max_tokens);
+                anyhow::ensure!(!toks.is_empty(), "{}: fewer than one window of {} tokens", text_path.display(), a.seq_len);
+                let n = toks.len();
+                let mut r = runner(cli, &model, &a.mem)?;
+                let mut pb = Progress::new(model.cfg.num_hidden_layers, what, cli.quiet);
+                let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.update(d, "running"))?;
+                pb.finish();
+                Ok((rep.perplexity, n))
+            };
+            let (dense, tokens) = measure(&base, "perplexity (dense): layers")?;
+            let (compressed, _) = measure(&a.model, "perplexity (compressed): layers")?;
+            Some(crate::report::Perplexities { text: text_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), tokens, seq_len: a.seq_len, dense, compressed })
+        }
+    };
+    let out = a.out.clone().unwrap_or_else(|| a.model.clone());
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let name = base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    for (file, body) in crate::report::render(&rep, &name, ppl.as_ref()) {
+        let p = out.join(&file);
+        std::fs::write(&p, body).with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    if let Some(p) = &ppl {
+        println!("perplexity dense {:.4} -> compressed {:.4}", p.dense, p.compressed);
+    }
+    println!("wrote {}", out.join("report.html").display());
     Ok(())
 }
 

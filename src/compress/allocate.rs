@@ -38,7 +38,7 @@ fn rank_or_dense(s: &MatrixSpec, r: usize) -> Option<usize> {
 }
 
 /// How attention ranks are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Allocation {
     /// Greedy on weighted sigma^2 per parameter across q/k/v/o (loses to fixed31 on
     /// SmolLM2-135M held-out perplexity, so not the default).

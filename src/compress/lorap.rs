@@ -20,7 +20,7 @@ use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Observer,
 use crate::model::{Model, WeightStore};
 
 /// What `compress` does; the ablation switches default to LoRAP itself.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LorapOptions {
     /// Fraction of decoder-layer parameters to remove, in (0, 1).
     pub ratio: f64,
@@ -58,9 +58,12 @@ pub struct LayerReport {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompressionReport {
     pub method: String,
+    /// The dense model folder it was made from.
+    #[serde(default)]
+    pub source_model: String,
     pub options: LorapOptions,
     pub calibration_windows: usize,
     pub calibration_seq_len: usize,
@@ -418,6 +421,7 @@ pub fn compress(
     let (tb, ta) = (cfg.total_params(), new_cfg.total_params());
     let report = CompressionReport {
         method: "lorap".into(),
+        source_model: model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone()).display().to_string(),
         options: opts.clone(),
         calibration_windows: windows,
         calibration_seq_len: seq_len,
@@ -433,6 +437,10 @@ pub fn compress(
         layers: layer_reports,
     };
     folder.write_json("compression_report.json", &serde_json::to_value(&report)?)?;
+    let name = model.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    for (file, text) in crate::report::render(&report, &name, None) {
+        folder.write_file(&file, text.as_bytes())?;
+    }
     let path = folder.finish().context("finishing the output folder")?;
     Ok((path, report))
 }

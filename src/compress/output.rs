@@ -129,7 +129,7 @@ impl OutputFolder {
     }
 
     /// Writes `bytes` to `file` in the partial folder, all or nothing.
-    fn put(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
+    pub fn write_file(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
         let path = self.partial.join(file);
         if let Some(left) = self.byte_limit {
             if bytes.len() as u64 > left {
@@ -156,7 +156,7 @@ impl OutputFolder {
             .map(|t| Ok((t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
             .collect::<Result<_, safetensors::SafeTensorError>>()?;
         let bytes = safetensors::serialize(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])))?;
-        self.put(&name, &bytes)?;
+        self.write_file(&name, &bytes)?;
         for t in tensors {
             self.weight_map.insert(t.name.clone(), name.clone());
             self.total_bytes += t.bytes.len() as u64;
@@ -166,7 +166,7 @@ impl OutputFolder {
 
     /// Writes a JSON file into the folder.
     pub fn write_json(&mut self, file: &str, value: &serde_json::Value) -> Result<()> {
-        self.put(file, serde_json::to_string_pretty(value)?.as_bytes())
+        self.write_file(file, serde_json::to_string_pretty(value)?.as_bytes())
     }
 
     /// Records that everything written so far is final, with the caller's `state`: a failed
@@ -175,7 +175,7 @@ impl OutputFolder {
     pub fn checkpoint(&mut self, state: serde_json::Value) -> Result<()> {
         self.write_index()?;
         let ck = Checkpoint { n_shards: self.n_shards, weight_map: self.weight_map.clone(), total_bytes: self.total_bytes, state };
-        self.put(CHECKPOINT, serde_json::to_string(&ck)?.as_bytes())?;
+        self.write_file(CHECKPOINT, serde_json::to_string(&ck)?.as_bytes())?;
         self.keep_on_failure = true;
         Ok(())
     }
@@ -191,7 +191,7 @@ impl OutputFolder {
             let src = input.join(f);
             if src.exists() {
                 let bytes = std::fs::read(&src).with_context(|| format!("{}: cannot read", src.display()))?;
-                self.put(f, &bytes)?;
+                self.write_file(f, &bytes)?;
             }
         }
         Ok(())

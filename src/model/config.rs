@@ -118,6 +118,16 @@ impl ModelConfig {
         if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
             return bad("a size is zero".into());
         }
+        // bounds far above any real model keep every size product inside usize
+        if c.hidden_size > 1 << 20 || c.num_hidden_layers > 1 << 12 || c.num_attention_heads > 1 << 12 || c.vocab_size > 1 << 24 || c.intermediate_size > 1 << 22 {
+            return bad("a size is implausibly large".into());
+        }
+        if c.n_kv_heads() == 0 || c.head_dim() == 0 || c.head_dim.is_some_and(|h| h > 1 << 12) {
+            return bad("num_key_value_heads and head_dim must be positive".into());
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) || !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+            return bad("rms_norm_eps and rope_theta must be positive".into());
+        }
         if c.n_heads() % c.n_kv_heads() != 0 {
             return bad(format!("{} attention heads not a multiple of {} KV heads", c.n_heads(), c.n_kv_heads()));
         }
@@ -132,6 +142,13 @@ impl ModelConfig {
         if let Some(l) = &c.lorap {
             if l.layers.len() != c.num_hidden_layers {
                 return bad(format!("lorap section lists {} layers, model has {}", l.layers.len(), c.num_hidden_layers));
+            }
+            let max_rank = c.hidden_size.max(c.q_dim());
+            for (i, p) in l.layers.iter().enumerate() {
+                let ranks = [p.q_rank, p.k_rank, p.v_rank, p.o_rank];
+                if ranks.iter().flatten().any(|&r| r == 0 || r > max_rank) || p.ffn_width == 0 || p.ffn_width > c.intermediate_size {
+                    return bad(format!("lorap section, layer {i}: ranks must be in 1..={max_rank} and ffn_width in 1..={}", c.intermediate_size));
+                }
             }
         }
         Ok(c)
