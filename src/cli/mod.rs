@@ -39,6 +39,25 @@ pub enum Command {
     Export(ExportArgs),
     /// (Re)write the HTML/SVG report of a compressed model, with perplexity before/after.
     Report(ReportArgs),
+    /// Write a model with random weights and real shapes (LLaMA-2-7B, LLaMA-3-8B, Mistral-7B)
+    /// for benchmarking at scale without downloads.
+    Synth(SynthArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long, value_enum)]
+    pub preset: crate::model::synthetic::Preset,
+    /// Keep only this many decoder layers (quick runs).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder (must not exist unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,9 +147,13 @@ pub struct CompressArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// GPU memory budget in GiB: the run fails cleanly instead of allocating past it.
+    /// GPU memory budget in GiB: calibration states move to host memory when they would
+    /// take over half of it, and the run fails cleanly rather than allocate past it.
     #[arg(long)]
     pub max_vram: Option<f64>,
+    /// Calibration tokens per GPU batch (whole windows).
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -195,6 +218,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compress(a) => compress(&cli, a),
         Command::Export(a) => export(&cli, a),
         Command::Report(a) => report(&cli, a),
+        Command::Synth(a) => synth(&cli, a),
     }
 }
 
@@ -222,7 +246,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
         gpu.set_budget((v * (1u64 << 30) as f64) as u64);
     }
-    let control = lorap::RunControl { force: a.force, resume: a.resume, ..Default::default() };
+    let control = lorap::RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
     let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, &control, &mut |done, _, what| pb.update(done, what))?;
     pb.finish();
@@ -278,6 +302,39 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
         println!("perplexity dense {:.4} -> compressed {:.4}", p.dense, p.compressed);
     }
     println!("wrote {}", out.join("report.html").display());
+    Ok(())
+}
+
+fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
+    use crate::compress::CompressError;
+    use crate::model::synthetic;
+    if a.layers == Some(0) {
+        return Err(CompressError::BadArgument("--layers must be at least 1".into()).into());
+    }
+    if a.out.exists() && !a.force {
+        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
+    }
+    // built beside the target and renamed when complete, like compress
+    let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?.to_string_lossy().to_string();
+    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let partial = parent.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    let cfg = a.preset.config(a.layers);
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let mut pb = Progress::new(layers + 1, "synth: shards", cli.quiet);
+    let written = synthetic::write_random_model_sharded(&partial, &cfg, a.seed, &mut |d, _| pb.update(d, "writing"))
+        .and_then(|_| synthetic::write_word_tokenizer(&partial, cfg["vocab_size"].as_u64().unwrap_or(2) as usize));
+    pb.finish();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e.context(format!("{}: cannot write the synthetic model", a.out.display())));
+    }
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out).with_context(|| format!("{}: cannot replace", a.out.display()))?;
+    }
+    std::fs::rename(&partial, &a.out).with_context(|| format!("{}: cannot move into place", a.out.display()))?;
+    let m = Model::open(&a.out)?;
+    println!("wrote {}: {:?}, {} layers, {} parameters (random f16 weights)", a.out.display(), a.preset, m.cfg.num_hidden_layers, m.cfg.total_params());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::allocate::{self, Allocation, MatrixSpec};
 use super::ffn;
 use super::output::{encode, OutTensor, OutputFolder};
+use super::states::CalibStates;
 use super::CompressError;
 use super::svd::{self, SvdOptions};
 use crate::gpu::{context::Result as GpuResult, norms, Gpu, GpuBuf};
@@ -152,6 +153,8 @@ pub struct RunControl {
     pub stop_after_layers: Option<usize>,
     /// Fail writes with "disk full" after this many bytes (tests of the disk-full path).
     pub output_byte_limit: Option<u64>,
+    /// Calibration tokens per GPU batch (default: the runner's 4096).
+    pub batch_tokens: Option<usize>,
 }
 
 /// What a checkpoint records: enough to check a resumed run is the same run, and the
@@ -241,11 +244,13 @@ pub fn compress(
     let first_layer = plans.len();
 
     let runner = forward::Runner::new(gpu.clone(), cfg.clone(), store.clone(), false);
-    let mut batches = Vec::new();
-    let per_batch = (runner.batch_tokens / seq_len).max(1) * seq_len;
-    for chunk in calib.chunks(per_batch) {
-        batches.push((runner.embed(chunk)?, chunk.len()));
+    let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
+    let on_host = super::states::keep_on_host(gpu, state_bytes);
+    if on_host {
+        tracing::info!(state_bytes, "calibration states kept on the host (over half the GPU budget)");
     }
+    let batch_tokens = control.batch_tokens.unwrap_or(runner.batch_tokens).max(1);
+    let mut batches = CalibStates::embed(&runner, calib, seq_len, batch_tokens, on_host)?;
     let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
     if first_layer > 0 {
         // rebuild the calibration states: the finished layers, as stored, run again
@@ -266,12 +271,13 @@ pub fn compress(
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
         let f = dense.gate.out;
         let mut stats = InputStats { attn_in: gpu.zeros(d)?, o_in: gpu.zeros(qd)?, ffn_in: gpu.zeros(d)?, down_in: gpu.zeros(f)? };
-        for (h, tokens) in &batches {
+        batches.for_each(gpu, |h, tokens| {
             let mut enc = gpu.encoder();
             // the layer's output is discarded: the next inputs come from the compressed layer
-            forward::layer_forward(gpu, &mut enc, cfg, &dense, &table, h, *tokens, seq_len, Some(&mut stats))?;
+            forward::layer_forward(gpu, &mut enc, cfg, &dense, &table, h, tokens, seq_len, Some(&mut stats))?;
             gpu.submit(enc);
-        }
+            Ok(None)
+        })?;
         let s_attn = scales(&gpu.read(&stats.attn_in)?, windows);
         let s_o = scales(&gpu.read(&stats.o_in)?, windows);
         let s_ffn = scales(&gpu.read(&stats.ffn_in)?, windows);
@@ -453,13 +459,13 @@ fn plan_section(cfg: &crate::model::ModelConfig, ratio: f64, plans: &[LayerPlan]
 }
 
 /// Runs the calibration states through one (compressed) layer, in place.
-fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut [(GpuBuf, usize)], seq_len: usize) -> Result<()> {
-    for (h, tokens) in batches.iter_mut() {
+fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize) -> Result<()> {
+    batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
-        let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, h, *tokens, seq_len, None)?;
+        let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, h, tokens, seq_len, None)?;
         gpu.submit(enc);
-        *h = next;
-    }
+        Ok(Some(next))
+    })?;
     gpu.wait()?;
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod allocate;
 pub mod ffn;
 pub mod lorap;
 pub mod output;
+pub mod states;
 pub mod svd;
 
 use crate::error::ErrorClass;

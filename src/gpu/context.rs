@@ -349,6 +349,11 @@ impl Gpu {
         self.budget.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The budget set by `set_budget` (0 = none).
+    pub fn budget(&self) -> u64 {
+        self.budget.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The device error parked since the last check, if any.
     pub fn take_device_error(&self) -> Option<GpuError> {
         self.device_error.lock().unwrap().take()

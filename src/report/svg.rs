@@ -135,7 +135,9 @@ pub fn line_chart(chart: &Chart, series: &[Series]) -> String {
     for (i, ser) in series.iter().enumerate() {
         let pts: Vec<String> =
             ser.points.iter().filter(|p| p.1.is_finite() && (!chart.log_y || p.1 > 0.0)).map(|&(x, y)| format!("{:.1},{:.1}", f.px(x), f.py(y))).collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"#, COLORS[i % COLORS.len()], pts.join(" "));
+        // odd series dashed, so series that coincide (q and k share a rank) stay visible
+        let dash = if i % 2 == 1 { r#" stroke-dasharray="6 4""# } else { "" };
+        let _ = write!(s, r#"<polyline fill="none" stroke="{}" stroke-width="1.8"{dash} points="{}"/>"#, COLORS[i % COLORS.len()], pts.join(" "));
     }
     legend(&mut s, &series.iter().map(|x| x.name.as_str()).collect::<Vec<_>>());
     s.push_str("</svg>");
