@@ -87,6 +87,22 @@ fn main() {
     let pairs = (t / window) as f64 * (window * (window + 1) / 2) as f64 * nh as f64;
     rows.push(Row { name: format!("attention {t} tok, window {window}, {nh}/{nkv} heads x {hd}"), secs, flops: 4.0 * pairs * hd as f64, bytes: 4.0 * (2 * t * nh * hd + 2 * t * nkv * hd) as f64 });
 
+    // randomized SVD as compress runs it (default settings), timed end to end including
+    // its small CPU steps; FLOPs count the tall matrix products only
+    let (m, n) = if is_cpu || quick { (576, 576) } else { (4096, 4096) };
+    let k = m * n / (m + n) / 2;
+    let a = filled(&gpu, m * n);
+    let opts = lorap_gpu::compress::svd::SvdOptions::default();
+    let l = k + opts.oversample;
+    let t = Instant::now();
+    let reps_svd = if is_cpu { 1 } else { 3 };
+    for _ in 0..reps_svd {
+        lorap_gpu::compress::svd::randomized_svd(&gpu, &a, m, n, k, opts).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64() / reps_svd as f64;
+    let products = (2 + 2 * opts.power_iters) as f64 * 2.0 * (m * n * l) as f64 + (2 * opts.power_iters + 1) as f64 * 2.0 * 2.0 * ((m + n) / 2 * l * l) as f64 * 2.0;
+    rows.push(Row { name: format!("randomized SVD {m}x{n} rank {k} (q={})", opts.power_iters), secs, flops: products, bytes: 4.0 * (m * n) as f64 * (2 + 2 * opts.power_iters) as f64 });
+
     println!("{:<48} {:>10} {:>10} {:>10} {:>12}", "kernel", "ms", "GFLOP/s", "GB/s", "of ceiling");
     for r in &rows {
         let rate = r.flops / r.secs;
