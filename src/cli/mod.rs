@@ -68,14 +68,9 @@ pub struct ReportArgs {
     /// The dense model it came from (default: the one recorded in compression_report.json).
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// Held-out text: measure perplexity of both models on it.
-    #[arg(long)]
-    pub text: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
-    /// Use only the first N tokens of the text.
-    #[arg(long)]
-    pub max_tokens: Option<usize>,
+    /// Held-out text (--text) for the perplexity of both models.
+    #[command(flatten)]
+    pub ppl: PerplexityArgs,
     /// Folder for report.html and the charts (default: the model folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -161,6 +156,21 @@ pub struct EvalArgs {
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json), dense or compressed.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub ppl: PerplexityArgs,
+    /// Multiple-choice task (JSONL) for zero-shot accuracy.
+    #[arg(long)]
+    pub task: Option<PathBuf>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub mem: MemArgs,
+}
+
+/// The perplexity protocol's inputs.
+#[derive(clap::Args, Debug)]
+pub struct PerplexityArgs {
     /// UTF-8 text for perplexity.
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -170,14 +180,6 @@ pub struct EvalArgs {
     /// Use only the first N tokens of the text.
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// Multiple-choice task (JSONL) for zero-shot accuracy.
-    #[arg(long)]
-    pub task: Option<PathBuf>,
-    /// Print the results as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub mem: MemArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -269,26 +271,18 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this a folder written by `compress`?)", path.display()))?;
     let rep: CompressionReport = serde_json::from_str(&text).with_context(|| format!("{}: not a compression report", path.display()))?;
     let base = a.base.clone().unwrap_or_else(|| PathBuf::from(&rep.source_model));
-    let ppl = match &a.text {
+    let ppl = match &a.ppl.text {
         None => None,
         Some(text_path) => {
-            anyhow::ensure!(a.seq_len >= 2, crate::compress::CompressError::BadArgument("--seq-len must be at least 2".into()));
-            let measure = |dir: &std::path::Path, what: &str| -> Result<(f64, usize)> {
+            let measure = |dir: &std::path::Path, what: &str| -> Result<perplexity::PerplexityReport> {
                 let model = Model::open(dir)?;
-                let tok = model.tokenizer()?;
-                let ids = tok.encode(read_text(text_path)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-                let toks = perplexity::windows_of(&ids, a.seq_len, a.max_tokens);
-                anyhow::ensure!(!toks.is_empty(), "{}: fewer than one window of {} tokens", text_path.display(), a.seq_len);
-                let n = toks.len();
                 let mut r = runner(cli, &model, &a.mem)?;
-                let mut pb = Progress::new(model.cfg.num_hidden_layers, what, cli.quiet);
-                let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.update(d, "running"))?;
-                pb.finish();
-                Ok((rep.perplexity, n))
+                measure_perplexity(cli, &model, &mut r, &a.ppl, what)
             };
-            let (dense, tokens) = measure(&base, "perplexity (dense): layers")?;
-            let (compressed, _) = measure(&a.model, "perplexity (compressed): layers")?;
-            Some(crate::report::Perplexities { text: text_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), tokens, seq_len: a.seq_len, dense, compressed })
+            let dense = measure(&base, "perplexity (dense): layers")?;
+            let compressed = measure(&a.model, "perplexity (compressed): layers")?;
+            let name = text_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            Some(crate::report::Perplexities { text: name, tokens: dense.windows * dense.window_len, seq_len: a.ppl.seq_len, dense: dense.perplexity, compressed: compressed.perplexity })
         }
     };
     let out = a.out.clone().unwrap_or_else(|| a.model.clone());
@@ -410,23 +404,30 @@ fn read_text(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("{}: cannot read text", path.display()))
 }
 
+/// Perplexity of `model` on the text of `p` (which must name one), with progress.
+fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityArgs, label: &str) -> Result<perplexity::PerplexityReport> {
+    let text_path = p.text.as_ref().context("no --text given")?;
+    anyhow::ensure!(p.seq_len >= 2, crate::compress::CompressError::BadArgument("--seq-len must be at least 2".into()));
+    let tok = model.tokenizer()?;
+    let ids = tok.encode(read_text(text_path)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    let toks = perplexity::windows_of(&ids, p.seq_len, p.max_tokens);
+    anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), p.seq_len);
+    let mut pb = Progress::new(model.cfg.num_hidden_layers, label, cli.quiet);
+    let rep = perplexity::perplexity(r, toks, p.seq_len, &mut |d, _| pb.update(d, "running"))?;
+    pb.finish();
+    Ok(rep)
+}
+
 fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
-    anyhow::ensure!(a.text.is_some() || a.task.is_some(), "nothing to evaluate: give --text and/or --task");
-    anyhow::ensure!(a.seq_len >= 2, "--seq-len must be at least 2");
+    anyhow::ensure!(a.ppl.text.is_some() || a.task.is_some(), crate::compress::CompressError::BadArgument("nothing to evaluate: give --text and/or --task".into()));
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let mut r = runner(cli, &model, &a.mem)?;
     let mut out = serde_json::Map::new();
     out.insert("model".into(), a.model.display().to_string().into());
     out.insert("adapter".into(), r.gpu.info.name.clone().into());
-    if let Some(text_path) = &a.text {
-        let text = read_text(text_path)?;
-        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-        let toks = perplexity::windows_of(&ids, a.seq_len, a.max_tokens);
-        anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), a.seq_len);
-        let mut pb = Progress::new(model.cfg.num_hidden_layers, "perplexity: layers", cli.quiet);
-        let rep = perplexity::perplexity(&mut r, toks, a.seq_len, &mut |d, _| pb.update(d, "running"))?;
-        pb.finish();
+    if a.ppl.text.is_some() {
+        let rep = measure_perplexity(cli, &model, &mut r, &a.ppl, "perplexity: layers")?;
         if !a.json {
             println!(
                 "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens, {} scored; {:.0} tokens/s on {}",
