@@ -278,3 +278,38 @@ fn both_nt_kernels_match_reference() {
         }
     }
 }
+
+/// Transpose against its reference, and every operand layout through the vec4 path (which
+/// transposes NN / TN / NT-less operands first), at awkward shapes, with offsets, and with
+/// a small binding cap (where the copies do not fit and the tiled kernel takes over).
+#[test]
+fn transpose_and_vec4_layouts_match_reference() {
+    for g in [gpu(), gpu_with_binding(8192)] {
+        for (rows, cols, ld) in [(1, 1, 1), (3, 17, 20), (64, 48, 48), (100, 7, 9)] {
+            let src = random(5 + rows * ld, 90 + rows as u64);
+            let gs = g.upload(&src).unwrap();
+            let mut enc = g.encoder();
+            if matmul::transpose_fits(&g, ld, rows, cols) {
+                let t = matmul::transpose(&g, &mut enc, &gs, 5, ld, rows, cols).unwrap();
+                g.submit(enc);
+                check(&format!("transpose {rows}x{cols} ld {ld}"), &g.read(&t).unwrap(), &matmul::transpose_ref(&src, 5, ld, rows, cols));
+            }
+        }
+        for (m, k, n) in [(5, 8, 3), (37, 64, 29), (70, 96, 33), (9, 13, 7)] {
+            for (ta, tb) in [(false, false), (true, false), (true, true), (false, true)] {
+                let a = random(m * k, 70 + m as u64);
+                let b = random(k * n, 71 + n as u64);
+                // store each operand as the layout says: transposed means [cols, rows] in memory
+                let store = |v: &[f32], r: usize, c: usize, t: bool| if t { matmul::transpose_ref(v, 0, c, r, c).iter().map(|&x| x as f32).collect() } else { v.to_vec() };
+                let (ga, gb) = (g.upload(&store(&a, m, k, ta)).unwrap(), g.upload(&store(&b, k, n, tb)).unwrap());
+                let gc = g.alloc(m * n).unwrap();
+                let mut enc = g.encoder();
+                let oa = matmul::Operand { buf: &ga, offset: 0, ld: if ta { m } else { k }, trans: ta };
+                let ob = matmul::Operand { buf: &gb, offset: 0, ld: if tb { k } else { n }, trans: tb };
+                matmul::gemm_with(&g, &mut enc, matmul::GemmShape { m, n, k }, oa, ob, &gc, 0, n, 1.0, 0.0, matmul::NtKernel::Vec4).unwrap();
+                g.submit(enc);
+                check(&format!("vec4 path {m}x{k}x{n} trans ({ta},{tb})"), &g.read(&gc).unwrap(), &matmul::matmul_ref(&a, &b, m, k, n));
+            }
+        }
+    }
+}
