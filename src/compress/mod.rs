@@ -4,6 +4,7 @@
 pub mod allocate;
 pub mod ffn;
 pub mod lorap;
+pub mod mpo;
 pub mod output;
 pub mod states;
 pub mod svd;

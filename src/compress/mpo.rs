@@ -1,0 +1,274 @@
+//! MPO (matrix product operator) decomposition of one weight matrix by sequential truncated
+//! SVDs (method.md section 3): W [I, J] with I = i1..in and J = j1..jn is reshaped to
+//! (i1, j1, ..., in, jn) and split into n cores T_k [r_{k-1}, i_k, j_k, r_k]; bond dims
+//! are truncated to compress, and the singular-value weight is moved into the central
+//! core. CPU f64 (the matrices are attention-sized; the GPU path is future work). Not yet
+//! wired into `compress`, the model format or `eval`.
+
+use nalgebra::DMatrix;
+
+/// One core: [left bond, row factor, column factor, right bond], row-major.
+#[derive(Debug, Clone)]
+pub struct Core {
+    pub left: usize,
+    pub i: usize,
+    pub j: usize,
+    pub right: usize,
+    pub data: Vec<f64>,
+}
+
+/// A matrix as a chain of cores.
+#[derive(Debug, Clone)]
+pub struct Mpo {
+    pub rows: usize,
+    pub cols: usize,
+    pub cores: Vec<Core>,
+    /// Singular values discarded at each cut (their root-sum-square bounds the error).
+    pub discarded: Vec<f64>,
+}
+
+/// Splits `n` into `parts` factors (product exactly n), as balanced as its prime factors
+/// allow, largest first.
+pub fn factorize(n: usize, parts: usize) -> Vec<usize> {
+    let mut primes = Vec::new();
+    let mut m = n.max(1);
+    let mut p = 2;
+    while p * p <= m {
+        while m % p == 0 {
+            primes.push(p);
+            m /= p;
+        }
+        p += 1;
+    }
+    if m > 1 {
+        primes.push(m);
+    }
+    let mut out = vec![1usize; parts.max(1)];
+    // greedy: the largest prime goes to the currently smallest factor
+    primes.sort_unstable_by(|a, b| b.cmp(a));
+    for q in primes {
+        let k = (0..out.len()).min_by_key(|&k| out[k]).unwrap();
+        out[k] *= q;
+    }
+    out.sort_unstable_by(|a, b| b.cmp(a));
+    out
+}
+
+impl Mpo {
+    /// Decomposes the row-major [rows, cols] `w` with rows = prod(row_f), cols = prod(col_f)
+    /// (same number of factors), keeping at most `max_bond` singular values per cut.
+    pub fn decompose(w: &[f32], rows: usize, cols: usize, row_f: &[usize], col_f: &[usize], max_bond: Option<usize>) -> Mpo {
+        assert_eq!(row_f.len(), col_f.len(), "as many row as column factors");
+        assert_eq!(row_f.iter().product::<usize>(), rows);
+        assert_eq!(col_f.iter().product::<usize>(), cols);
+        let n = row_f.len();
+        // permute (i1..in, j1..jn) -> (i1, j1, ..., in, jn)
+        let mut t = vec![0f64; rows * cols];
+        let (mut ri, mut cj) = (vec![0usize; n], vec![0usize; n]);
+        for r in 0..rows {
+            let mut x = r;
+            for k in (0..n).rev() {
+                ri[k] = x % row_f[k];
+                x /= row_f[k];
+            }
+            for c in 0..cols {
+                let mut y = c;
+                for k in (0..n).rev() {
+                    cj[k] = y % col_f[k];
+                    y /= col_f[k];
+                }
+                let mut idx = 0;
+                for k in 0..n {
+                    idx = (idx * row_f[k] + ri[k]) * col_f[k] + cj[k];
+                }
+                t[idx] = w[r * cols + c] as f64;
+            }
+        }
+        let mut cores = Vec::with_capacity(n);
+        let mut discarded = Vec::new();
+        let mut left = 1usize;
+        let mut rest = t; // [left * i_k * j_k, remaining]
+        let mut remaining = rows * cols;
+        for k in 0..n - 1 {
+            let (i, j) = (row_f[k], col_f[k]);
+            remaining /= i * j;
+            let m = DMatrix::<f64>::from_row_slice(left * i * j, remaining, &rest);
+            let svd = m.svd(true, true);
+            let (u, s, vt) = (svd.u.unwrap(), svd.singular_values, svd.v_t.unwrap());
+            let mut order: Vec<usize> = (0..s.len()).collect();
+            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+            let keep = max_bond.unwrap_or(usize::MAX).min(s.len()).max(1);
+            discarded.extend(order[keep..].iter().map(|&x| s[x]));
+            let mut core = vec![0f64; left * i * j * keep];
+            for row in 0..left * i * j {
+                for (c, &o) in order[..keep].iter().enumerate() {
+                    core[row * keep + c] = u[(row, o)];
+                }
+            }
+            cores.push(Core { left, i, j, right: keep, data: core });
+            let mut next = vec![0f64; keep * remaining];
+            for (c, &o) in order[..keep].iter().enumerate() {
+                for col in 0..remaining {
+                    next[c * remaining + col] = s[o] * vt[(o, col)];
+                }
+            }
+            rest = next;
+            left = keep;
+        }
+        cores.push(Core { left, i: row_f[n - 1], j: col_f[n - 1], right: 1, data: rest });
+        let mut mpo = Mpo { rows, cols, cores, discarded };
+        mpo.move_weight_to(n / 2);
+        mpo
+    }
+
+    /// Right-to-left sweep that leaves cores after `center` right-orthonormal, so the
+    /// singular-value weight (now in the last core) sits in core `center`.
+    fn move_weight_to(&mut self, center: usize) {
+        for k in (center + 1..self.cores.len()).rev() {
+            let c = &self.cores[k];
+            let (l, cols) = (c.left, c.i * c.j * c.right);
+            let m = DMatrix::<f64>::from_row_slice(l, cols, &c.data);
+            // M = L Q with Q row-orthonormal: from the SVD, Q = V^T, L = U S
+            let svd = m.svd(true, true);
+            let (u, s, vt) = (svd.u.unwrap(), svd.singular_values, svd.v_t.unwrap());
+            let r = s.len();
+            let q: Vec<f64> = (0..r).flat_map(|a| (0..cols).map(move |b| (a, b))).map(|(a, b)| vt[(a, b)]).collect();
+            let lmat = &u * DMatrix::from_diagonal(&s); // [l, r]
+            self.cores[k].data = q;
+            self.cores[k].left = r;
+            // absorb L into the previous core's right bond
+            let p = &self.cores[k - 1];
+            let prow = p.left * p.i * p.j;
+            let pm = DMatrix::<f64>::from_row_slice(prow, p.right, &p.data) * lmat;
+            self.cores[k - 1].data = (0..prow).flat_map(|a| (0..r).map(move |b| (a, b))).map(|(a, b)| pm[(a, b)]).collect();
+            self.cores[k - 1].right = r;
+        }
+    }
+
+    /// Parameters stored in the cores.
+    pub fn params(&self) -> usize {
+        self.cores.iter().map(|c| c.data.len()).sum()
+    }
+
+    /// The dense [rows, cols] matrix the cores represent.
+    pub fn reconstruct(&self) -> Vec<f64> {
+        // contract left to right: acc [(i1 j1 .. ik jk), r_k]
+        let mut acc = vec![1f64];
+        let mut acc_rows = 1usize;
+        for c in &self.cores {
+            let next_rows = acc_rows * c.i * c.j;
+            let mut next = vec![0f64; next_rows * c.right];
+            for a in 0..acc_rows {
+                for l in 0..c.left {
+                    let av = acc[a * c.left + l];
+                    if av == 0.0 {
+                        continue;
+                    }
+                    for ij in 0..c.i * c.j {
+                        let src = &c.data[(l * c.i * c.j + ij) * c.right..(l * c.i * c.j + ij + 1) * c.right];
+                        let dst = &mut next[(a * c.i * c.j + ij) * c.right..(a * c.i * c.j + ij + 1) * c.right];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += av * s;
+                        }
+                    }
+                }
+            }
+            acc = next;
+            acc_rows = next_rows;
+        }
+        // un-permute (i1, j1, ..., in, jn) -> [rows, cols]
+        let n = self.cores.len();
+        let row_f: Vec<usize> = self.cores.iter().map(|c| c.i).collect();
+        let col_f: Vec<usize> = self.cores.iter().map(|c| c.j).collect();
+        let mut w = vec![0f64; self.rows * self.cols];
+        for (idx, &v) in acc.iter().enumerate() {
+            let mut x = idx;
+            let (mut r, mut c, mut rm, mut cm) = (0usize, 0usize, 1usize, 1usize);
+            for k in (0..n).rev() {
+                let j = x % col_f[k];
+                x /= col_f[k];
+                let i = x % row_f[k];
+                x /= row_f[k];
+                r += i * rm;
+                c += j * cm;
+                rm *= row_f[k];
+                cm *= col_f[k];
+            }
+            w[r * self.cols + c] = v;
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).map(|v| if v.abs() < 1e-3 { 0.5 } else { v }).collect()
+    }
+
+    fn rel(a: &[f64], w: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(w).map(|(x, &y)| (x - y as f64).powi(2)).sum();
+        let den: f64 = w.iter().map(|&y| (y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn factorize_multiplies_back_and_balances() {
+        for (n, k) in [(576, 4), (4096, 5), (1536, 3), (97, 2), (1, 3)] {
+            let f = factorize(n, k);
+            assert_eq!(f.len(), k);
+            assert_eq!(f.iter().product::<usize>(), n, "{n}: {f:?}");
+        }
+        assert_eq!(factorize(4096, 4), vec![8, 8, 8, 8]);
+    }
+
+    #[test]
+    fn full_bonds_reconstruct_exactly_at_awkward_shapes() {
+        for (rows, cols, rf, cf) in [(24, 30, vec![2, 3, 4], vec![5, 3, 2]), (12, 20, vec![3, 4], vec![4, 5]), (7, 9, vec![7, 1], vec![3, 3])] {
+            let w = random(rows * cols, rows as u64);
+            let m = Mpo::decompose(&w, rows, cols, &rf, &cf, None);
+            let e = rel(&m.reconstruct(), &w);
+            assert!(e < 1e-12, "{rows}x{cols}: {e:e}");
+            assert!(m.discarded.iter().all(|&s| s < 1e-9));
+        }
+    }
+
+    #[test]
+    fn truncation_error_is_bounded_by_discarded_values_and_shrinks_with_the_bond() {
+        let (rows, cols) = (36, 48);
+        let w = random(rows * cols, 7);
+        let norm = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let mut last = f64::INFINITY;
+        for bond in [2, 6, 12, 24] {
+            let m = Mpo::decompose(&w, rows, cols, &[3, 3, 4], &[4, 3, 4], Some(bond));
+            let e = rel(&m.reconstruct(), &w) * norm;
+            let bound = m.discarded.iter().map(|s| s * s).sum::<f64>().sqrt();
+            assert!(e <= bound * (1.0 + 1e-9) + 1e-9, "bond {bond}: error {e} above bound {bound}");
+            assert!(e < last, "bond {bond}: error did not shrink");
+            last = e;
+        }
+        // two cores: exactly the optimal truncated SVD of the permuted matrix
+        let m = Mpo::decompose(&w, rows, cols, &[6, 6], &[6, 8], Some(5));
+        let e = rel(&m.reconstruct(), &w) * norm;
+        let opt = m.discarded.iter().map(|s| s * s).sum::<f64>().sqrt();
+        assert!((e - opt).abs() <= 1e-9 * opt.max(1.0), "{e} vs optimal {opt}");
+    }
+
+    #[test]
+    fn weight_sits_in_the_central_core() {
+        let w = random(16 * 16, 3);
+        let m = Mpo::decompose(&w, 16, 16, &[2, 2, 2, 2], &[2, 2, 2, 2], None);
+        // cores after the centre are right-orthonormal: Q Q^T = I over (i, j, right)
+        for c in &m.cores[3..] {
+            let cols = c.i * c.j * c.right;
+            let q = DMatrix::<f64>::from_row_slice(c.left, cols, &c.data);
+            let g = &q * q.transpose();
+            assert!((g - DMatrix::<f64>::identity(c.left, c.left)).norm() < 1e-10);
+        }
+        assert!(rel(&m.reconstruct(), &w) < 1e-12);
+    }
+}
