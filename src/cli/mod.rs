@@ -226,9 +226,6 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     use crate::compress::{lorap, svd::SvdOptions, CompressError};
-    if !(a.ratio > 0.0 && a.ratio < 1.0) {
-        return Err(CompressError::BadRatio(a.ratio).into());
-    }
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let text = read_text(&a.calib)?;
@@ -309,9 +306,7 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
         return Err(CompressError::OutputExists(a.out.display().to_string()).into());
     }
     // built beside the target and renamed when complete, like compress
-    let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?.to_string_lossy().to_string();
-    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let partial = parent.join(format!(".{name}.partial"));
+    let partial = crate::compress::output::partial_path(&a.out)?;
     let _ = std::fs::remove_dir_all(&partial);
     let cfg = a.preset.config(a.layers);
     let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
@@ -323,10 +318,7 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e.context(format!("{}: cannot write the synthetic model", a.out.display())));
     }
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| format!("{}: cannot replace", a.out.display()))?;
-    }
-    std::fs::rename(&partial, &a.out).with_context(|| format!("{}: cannot move into place", a.out.display()))?;
+    crate::compress::output::move_into_place(&partial, &a.out)?;
     let m = Model::open(&a.out)?;
     println!("wrote {}: {:?}, {} layers, {} parameters (random f16 weights)", a.out.display(), a.preset, m.cfg.num_hidden_layers, m.cfg.total_params());
     Ok(())

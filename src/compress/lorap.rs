@@ -360,8 +360,7 @@ pub fn compress(
         push(name("mlp.up_proj.weight"), vec![fk, d], &up);
         push(name("mlp.down_proj.weight"), vec![d, fk], &down);
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            let (dt, shape, bytes) = store.raw(&name(n))?;
-            tensors.push(OutTensor { name: name(n), dtype: dt, shape: shape.to_vec(), bytes: bytes.to_vec() });
+            tensors.push(OutTensor::copied(store, &name(n))?);
         }
         let mut it = linears.into_iter();
         let compressed = LayerWeights {
@@ -411,8 +410,7 @@ pub fn compress(
         if n == "lm_head.weight" && (cfg.tie_word_embeddings || !store.contains(n)) {
             continue;
         }
-        let (dt, shape, bytes) = store.raw(n)?;
-        rest.push(OutTensor { name: n.into(), dtype: dt, shape: shape.to_vec(), bytes: bytes.to_vec() });
+        rest.push(OutTensor::copied(store, n)?);
     }
     folder.write_shard(n_layers, &rest)?;
     drop(rest);

@@ -31,6 +31,29 @@ pub struct OutTensor {
     pub bytes: Vec<u8>,
 }
 
+impl OutTensor {
+    /// The tensor `name` of `store`, copied byte for byte (dtype and shape kept).
+    pub fn copied(store: &crate::model::WeightStore, name: &str) -> Result<Self> {
+        let (dtype, shape, bytes) = store.raw(name)?;
+        Ok(OutTensor { name: name.into(), dtype, shape: shape.to_vec(), bytes: bytes.to_vec() })
+    }
+}
+
+/// `.NAME.partial` beside `target`: where an output is built before it is moved into place.
+pub fn partial_path(target: &Path) -> Result<PathBuf> {
+    let name = target.file_name().with_context(|| format!("{}: not a folder name", target.display()))?.to_string_lossy().to_string();
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{name}.partial")))
+}
+
+/// Replaces `target` (if any) with the finished `partial` folder.
+pub fn move_into_place(partial: &Path, target: &Path) -> Result<()> {
+    if target.exists() {
+        std::fs::remove_dir_all(target).with_context(|| format!("{}: cannot replace", target.display()))?;
+    }
+    std::fs::rename(partial, target).with_context(|| format!("{}: cannot move into place", target.display()))
+}
+
 /// Builds the output folder under a temporary name.
 pub struct OutputFolder {
     target: PathBuf,
@@ -104,14 +127,14 @@ impl OutputFolder {
                 return Err(CompressError::OutputExists(target.display().to_string()).into());
             }
         }
-        let name = target.file_name().with_context(|| format!("{}: not a folder name", target.display()))?.to_string_lossy().to_string();
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let partial = partial_path(target)?;
+        let parent = partial.parent().unwrap_or(Path::new("."));
         // writing inside the input folder would modify it
         if parent.canonicalize().map(|p| p.starts_with(&canon_in)).unwrap_or(false) {
             return Err(CompressError::OutputIsInput(target.display().to_string()).into());
         }
         std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-        Ok(parent.join(format!(".{name}.partial")))
+        Ok(partial)
     }
 
     pub fn partial_dir(&self) -> &Path {
@@ -204,10 +227,7 @@ impl OutputFolder {
         if ck.exists() {
             std::fs::remove_file(&ck).with_context(|| format!("{}: cannot remove", ck.display()))?;
         }
-        if self.target.exists() {
-            std::fs::remove_dir_all(&self.target).with_context(|| format!("{}: cannot replace", self.target.display()))?;
-        }
-        std::fs::rename(&self.partial, &self.target).with_context(|| format!("{}: cannot move into place", self.target.display()))?;
+        move_into_place(&self.partial, &self.target)?;
         self.finished = true;
         Ok(self.target.clone())
     }

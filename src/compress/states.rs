@@ -30,11 +30,6 @@ impl CalibStates {
         Ok(CalibStates { batches })
     }
 
-    /// Whether the states live in host memory.
-    pub fn on_host(&self) -> bool {
-        matches!(self.batches.first(), Some(Batch::Host(..)))
-    }
-
     /// Calls `f(states, tokens)` on every batch, in order; when `f` returns new states they
     /// replace the batch's.
     pub fn for_each(&mut self, gpu: &Gpu, mut f: impl FnMut(&GpuBuf, usize) -> Result<Option<GpuBuf>>) -> Result<()> {

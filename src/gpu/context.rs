@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-
 /// Environment variable naming the adapter (substring of its name, or its index).
 pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
 /// Environment variable capping the storage-binding size in bytes (testing, debugging).

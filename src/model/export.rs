@@ -49,7 +49,7 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
         for ((lin, r), (o, inp)) in LINEARS[..4].iter().zip(ranks).zip(shapes) {
             let wname = name(&format!("{lin}.weight"));
             match r {
-                None => tensors.push(raw(model, &wname)?),
+                None => tensors.push(OutTensor::copied(store, &wname)?),
                 Some(r) => {
                     let an = name(&format!("{lin}.factor_a"));
                     let dtype = store.dtype(&an)?;
@@ -62,7 +62,7 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
         }
         if cfg.qkv_bias() {
             for lin in &LINEARS[..3] {
-                tensors.push(raw(model, &name(&format!("{lin}.bias")))?);
+                tensors.push(OutTensor::copied(store, &name(&format!("{lin}.bias")))?);
             }
         }
         // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
@@ -80,14 +80,14 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
         }
         tensors.push(OutTensor { name: name("mlp.down_proj.weight"), dtype, bytes: encode(&padded, dtype), shape: vec![d, f_full] });
         for m in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            tensors.push(raw(model, &name(m))?);
+            tensors.push(OutTensor::copied(store, &name(m))?);
         }
         folder.write_shard(i, &tensors)?;
     }
     let mut rest = Vec::new();
     for t in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
         if store.contains(t) {
-            rest.push(raw(model, t)?);
+            rest.push(OutTensor::copied(store, t)?);
         }
     }
     folder.write_shard(n, &rest)?;
@@ -97,10 +97,4 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
     folder.copy_side_files(&model.dir)?;
     progress(n, n);
     folder.finish().context("finishing the export folder")
-}
-
-/// A tensor copied byte for byte.
-fn raw(model: &Model, name: &str) -> Result<OutTensor> {
-    let (dtype, shape, bytes) = model.store.raw(name)?;
-    Ok(OutTensor { name: name.into(), dtype, shape: shape.to_vec(), bytes: bytes.to_vec() })
 }
