@@ -98,9 +98,26 @@ pub struct CompressArgs {
     /// Dense Hugging Face model folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// Fraction of decoder-layer parameters to remove, in (0, 1).
+    /// Fraction of decoder-layer parameters to remove, in (0, 1) (with --plan: the
+    /// fallback for what the plan leaves unsaid; default 0 there).
+    #[arg(long, required_unless_present = "plan")]
+    pub ratio: Option<f64>,
+    /// Compression method: lorap (low-rank attention + pruned FFN), sfsd (feature-space
+    /// decomposition of every linear), mpo (MPO cores of every linear).
+    #[arg(long, value_enum, default_value_t = crate::compress::lorap::Method::Lorap)]
+    pub method: crate::compress::lorap::Method,
+    /// Per-layer plan (JSON, as `search` writes): dropped layers and keep fractions.
     #[arg(long)]
-    pub ratio: f64,
+    pub plan: Option<PathBuf>,
+    /// MPO: cores per matrix.
+    #[arg(long, default_value_t = 3)]
+    pub mpo_cores: usize,
+    /// MPO: bond dimension cap (default: the largest that keeps 1 - ratio of each matrix).
+    #[arg(long)]
+    pub mpo_max_bond: Option<usize>,
+    /// MPO: linears to decompose, comma-separated among q,k,v,o,gate,up,down (default all).
+    #[arg(long, value_delimiter = ',')]
+    pub mpo_matrices: Vec<String>,
     /// Calibration text (UTF-8).
     #[arg(long)]
     pub calib: PathBuf,
@@ -231,8 +248,20 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     let text = read_text(&a.calib)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let short = ["q", "k", "v", "o", "gate", "up", "down"];
+    let mut mpo_matrices = Vec::new();
+    for m in &a.mpo_matrices {
+        let j = short.iter().position(|s| s == m).ok_or_else(|| CompressError::BadArgument(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
+        mpo_matrices.push(j);
+    }
+    let plan = a.plan.as_deref().map(crate::compress::plan::Plan::load).transpose()?;
     let opts = lorap::LorapOptions {
-        ratio: a.ratio,
+        method: a.method,
+        mpo_cores: a.mpo_cores,
+        mpo_max_bond: a.mpo_max_bond,
+        mpo_matrices,
+        ratio: a.ratio.unwrap_or(0.0),
+        plan,
         allocation: a.allocation,
         weighted_svd: !a.plain_svd,
         reserve: if a.no_reserve { 0.0 } else { 0.01 },

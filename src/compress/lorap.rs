@@ -1,6 +1,8 @@
-//! LoRAP end to end: sequential layer-by-layer calibration on the GPU, activation-weighted
-//! low-rank factorization of q/k/v/o with rank allocation, FFN channel pruning with the 1%
-//! reservation, and the compressed model written as it goes.
+//! The compression pipeline: sequential layer-by-layer calibration on the GPU (each layer
+//! sees the outputs of the already compressed layers), the per-layer method (LoRAP:
+//! activation-weighted low-rank q/k/v/o with rank allocation and FFN channel pruning with
+//! the 1% reservation; or feature-space decomposition, or MPO), an optional per-layer plan
+//! (`--plan`: keep fractions, dropped layers), and the compressed model written as it goes.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,15 +16,43 @@ use super::ffn;
 use super::output::{encode, OutTensor, OutputFolder};
 use super::states::CalibStates;
 use super::CompressError;
+use super::plan::Plan;
 use super::svd::{self, SvdOptions};
 use crate::gpu::{context::Result as GpuResult, norms, Gpu, GpuBuf};
+use crate::gpu::matmul;
 use crate::model::config::{CompressionSection, LayerPlan};
-use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Observer, Site};
+use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Observer, Site, LINEARS};
 use crate::model::{Model, WeightStore};
+
+/// The per-layer compression method.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Low-rank attention (activation-weighted SVD) + pruned FFN channels.
+    #[default]
+    Lorap,
+    /// Feature-space decomposition: W' = U_k U_k^T W with U_k the top eigenvectors of the
+    /// output covariance, for all seven linears.
+    Sfsd,
+    /// Matrix product operator (tensor-train) cores of every chosen linear.
+    Mpo,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lorap => "lorap",
+            Method::Sfsd => "sfsd",
+            Method::Mpo => "mpo",
+        }
+    }
+}
 
 /// What `compress` does; the ablation switches default to LoRAP itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LorapOptions {
+    #[serde(default)]
+    pub method: Method,
     /// Fraction of decoder-layer parameters to remove, in (0, 1).
     pub ratio: f64,
     pub allocation: Allocation,
@@ -32,13 +62,42 @@ pub struct LorapOptions {
     pub reserve: f64,
     /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
     pub ffn_activation_scores: bool,
+    /// MPO: cores per matrix.
+    #[serde(default = "default_mpo_cores")]
+    pub mpo_cores: usize,
+    /// MPO: largest bond dimension (default: the largest that keeps 1 - ratio of each
+    /// matrix's parameters).
+    #[serde(default)]
+    pub mpo_max_bond: Option<usize>,
+    /// MPO: the linears decomposed (indices into `forward::LINEARS`; empty = all seven).
+    #[serde(default)]
+    pub mpo_matrices: Vec<usize>,
+    /// Per-layer settings overriding the uniform ratio (`--plan`).
+    #[serde(default)]
+    pub plan: Option<Plan>,
     #[serde(skip)]
     pub svd: SvdOptions,
 }
 
+fn default_mpo_cores() -> usize {
+    3
+}
+
 impl Default for LorapOptions {
     fn default() -> Self {
-        LorapOptions { ratio: 0.2, allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, svd: SvdOptions::default() }
+        LorapOptions {
+            method: Method::Lorap,
+            ratio: 0.2,
+            allocation: Allocation::Fixed31,
+            weighted_svd: true,
+            reserve: 0.01,
+            ffn_activation_scores: true,
+            mpo_cores: default_mpo_cores(),
+            mpo_max_bond: None,
+            mpo_matrices: Vec::new(),
+            plan: None,
+            svd: SvdOptions::default(),
+        }
     }
 }
 
@@ -81,24 +140,55 @@ pub struct CompressionReport {
     pub layers: Vec<LayerReport>,
 }
 
-/// Sums of squares of the inputs of every linear, over all calibration tokens.
+/// Statistics of the inputs of every linear, accumulated on the GPU over all calibration
+/// tokens, per input site (q/k/v input, o input, gate/up input, down input).
 struct InputStats {
-    attn_in: GpuBuf,
-    o_in: GpuBuf,
-    ffn_in: GpuBuf,
-    down_in: GpuBuf,
+    /// Column sums of squares.
+    sumsq: [GpuBuf; 4],
+    /// X^T X and column sums, when the method needs covariances.
+    gram: Option<[(GpuBuf, GpuBuf); 4]>,
+    ones: Option<GpuBuf>,
+    tokens: usize,
 }
+
+fn site_index(site: Site) -> usize {
+    match site {
+        Site::AttnInput => 0,
+        Site::OInput => 1,
+        Site::FfnInput => 2,
+        Site::DownInput => 3,
+    }
+}
+
+/// Input site (index into `InputStats`) of linear `j`.
+pub(crate) const SITE_OF: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
 
 impl Observer for InputStats {
     fn see(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, site: Site, x: &GpuBuf, rows: usize, cols: usize) -> GpuResult<()> {
-        let out = match site {
-            Site::AttnInput => &self.attn_in,
-            Site::OInput => &self.o_in,
-            Site::FfnInput => &self.ffn_in,
-            Site::DownInput => &self.down_in,
-        };
-        norms::col_sumsq_accumulate(gpu, enc, x, rows, cols, out)
+        let s = site_index(site);
+        if s == 0 {
+            self.tokens += rows;
+        }
+        norms::col_sumsq_accumulate(gpu, enc, x, rows, cols, &self.sumsq[s])?;
+        if let Some(gram) = &self.gram {
+            let (g, sum) = &gram[s];
+            matmul::gram_accumulate(gpu, enc, x, rows, cols, g)?;
+            if self.ones.as_ref().is_none_or(|o| (o.bytes() / 4) < rows as u64) {
+                self.ones = Some(gpu.upload(&vec![1f32; rows])?);
+            }
+            let ones = self.ones.as_ref().unwrap();
+            matmul::gemm(gpu, enc, matmul::GemmShape { m: 1, n: cols, k: rows }, matmul::Operand::new(ones, rows), matmul::Operand::new(x, cols), sum, 0, cols, 1.0, 1.0)?;
+        }
+        Ok(())
     }
+}
+
+/// What the per-layer methods get to work from.
+pub(crate) struct LayerStats {
+    /// Activation scales s of each input site.
+    pub scales: [Vec<f32>; 4],
+    /// Mean-centred input covariance [cols, cols] of each site (methods that need it).
+    pub cov: Option<[Vec<f32>; 4]>,
 }
 
 /// s_j = sqrt(mean over windows of ||X_w[:, j]||^2), zeros replaced by 1e-4.
@@ -163,7 +253,8 @@ pub struct RunControl {
 struct ResumeState {
     fingerprint: String,
     layers_done: usize,
-    plans: Vec<LayerPlan>,
+    /// One entry per finished original layer; `None` = dropped.
+    plans: Vec<Option<LayerPlan>>,
     reports: Vec<LayerReport>,
     seconds_before: f64,
 }
@@ -184,8 +275,17 @@ fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions
 
 /// Checks everything about a run that can be checked before any GPU work or output.
 pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<()> {
-    if !(opts.ratio > 0.0 && opts.ratio < 1.0) {
-        return Err(CompressError::BadRatio(opts.ratio).into());
+    match &opts.plan {
+        None if !(opts.ratio > 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
+        Some(_) if !(opts.ratio >= 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
+        Some(p) => p.validate(model.cfg.num_hidden_layers)?,
+        None => {}
+    }
+    if opts.method == Method::Mpo && !(2..=8).contains(&opts.mpo_cores) {
+        return Err(CompressError::BadArgument(format!("--mpo-cores must be in 2..=8, got {}", opts.mpo_cores)).into());
+    }
+    if opts.mpo_max_bond == Some(0) || opts.mpo_matrices.iter().any(|&j| j >= LINEARS.len()) {
+        return Err(CompressError::BadArgument("--mpo-max-bond must be positive and --mpo-matrices name linears of the layer".into()).into());
     }
     if !(0.0..1.0).contains(&opts.reserve) {
         return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", opts.reserve)).into());
@@ -256,145 +356,71 @@ pub fn compress(
         // rebuild the calibration states: the finished layers, as stored, run again
         let done = WeightStore::open(folder.partial_dir()).context("reading the finished layers of the interrupted run")?;
         let mut c2 = cfg.clone();
-        c2.lorap = Some(plan_section(cfg, opts.ratio, &plans));
-        for i in 0..first_layer {
-            progress(i, n_layers, "replaying finished layer");
-            let layer = LayerWeights::load(gpu, &done, &c2, i)?;
+        c2.lorap = Some(plan_section(cfg, opts, &plans));
+        for (j, _) in plans.iter().flatten().enumerate() {
+            progress(j, n_layers, "replaying finished layer");
+            let layer = LayerWeights::load(gpu, &done, &c2, j)?;
             propagate(gpu, cfg, &layer, &table, &mut batches, seq_len)?;
         }
     }
 
-    let (d, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+    let dtype_of = store.dtype(&format!("model.layers.0.{}.weight", LINEARS[0]))?;
+    let out_dtype = if matches!(dtype_of, Dtype::F16 | Dtype::BF16) { dtype_of } else { Dtype::F32 };
+    let need_cov = opts.method == Method::Sfsd;
     for i in first_layer..n_layers {
         let t_layer = Instant::now();
+        let setting = LayerSetting::of(opts, i);
+        if setting.dropped {
+            // a dropped layer is the identity: the states go on unchanged
+            plans.push(None);
+            let state = ResumeState { fingerprint: print.clone(), layers_done: i + 1, plans: plans.clone(), reports: layer_reports.clone(), seconds_before: seconds_before + t_start.elapsed().as_secs_f64() };
+            folder.checkpoint(serde_json::to_value(&state)?)?;
+            progress(i + 1, n_layers, "dropped");
+            continue;
+        }
+        let out_index = plans.iter().flatten().count();
         progress(i, n_layers, "statistics");
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
-        let f = dense.gate.out;
-        let mut stats = InputStats { attn_in: gpu.zeros(d)?, o_in: gpu.zeros(qd)?, ffn_in: gpu.zeros(d)?, down_in: gpu.zeros(f)? };
-        batches.for_each(gpu, |h, tokens| {
-            let mut enc = gpu.encoder();
-            // the layer's output is discarded: the next inputs come from the compressed layer
-            forward::layer_forward(gpu, &mut enc, cfg, &dense, &table, h, tokens, seq_len, Some(&mut stats))?;
-            gpu.submit(enc);
-            Ok(None)
-        })?;
-        let s_attn = scales(&gpu.read(&stats.attn_in)?, windows);
-        let s_o = scales(&gpu.read(&stats.o_in)?, windows);
-        let s_ffn = scales(&gpu.read(&stats.ffn_in)?, windows);
-        let s_down = scales(&gpu.read(&stats.down_in)?, windows);
-        drop(stats);
-
-        progress(i, n_layers, "attention SVD");
+        let stats = collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, need_cov)?;
+        let mut built = BuiltLayer::new(out_dtype, out_index);
+        match opts.method {
+            Method::Lorap => lorap_layer(gpu, store, cfg, i, &dense, &stats, opts, &setting, &mut built, progress)?,
+            Method::Sfsd => super::sfsd::sfsd_layer(gpu, store, cfg, i, &stats, &setting, opts.svd, &mut built, progress)?,
+            Method::Mpo => super::mpo::mpo_layer(gpu, store, cfg, i, opts, &mut built, progress)?,
+        }
         let name = |s: &str| format!("model.layers.{i}.{s}");
-        let mats = [(forward::LINEARS[0], qd, d, &s_attn), (forward::LINEARS[1], kvd, d, &s_attn), (forward::LINEARS[2], kvd, d, &s_attn), (forward::LINEARS[3], d, qd, &s_o)];
-        let mut decs = Vec::new();
-        let mut specs = Vec::new();
-        let mut norms_sq = Vec::new();
-        let mut used_scales = Vec::new();
-        for (lin, out_dim, in_dim, s) in mats {
-            let w = store.f32(&name(&format!("{lin}.weight")), &[out_dim, in_dim])?;
-            let sc: Vec<f32> = if opts.weighted_svd { s.clone() } else { vec![1.0; in_dim] };
-            let ws: Vec<f32> = w.chunks(in_dim).flat_map(|row| row.iter().zip(&sc).map(|(a, b)| a * b)).collect();
-            norms_sq.push(ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>());
-            let spec_rank = out_dim * in_dim / (out_dim + in_dim);
-            let g = gpu.upload(&ws)?;
-            let dec = svd::randomized_svd(gpu, &g, out_dim, in_dim, spec_rank, opts.svd)?;
-            specs.push(MatrixSpec { out: out_dim, inp: in_dim, sigma: dec.sigma.clone() });
-            decs.push((dec, w));
-            used_scales.push(sc);
-        }
-        let dense_att: usize = specs.iter().map(|s| s.out * s.inp).sum();
-        let budget = ((1.0 - opts.ratio) * dense_att as f64).round() as usize;
-        let ranks = allocate::allocate(&specs, budget, opts.allocation);
-
-        let w_dtype = store.dtype(&name("self_attn.q_proj.weight"))?;
-        let out_dtype = if matches!(w_dtype, Dtype::F16 | Dtype::BF16) { w_dtype } else { Dtype::F32 };
-        let mut tensors = Vec::new();
-        let mut push = |n: String, shape: Vec<usize>, v: &[f32]| tensors.push(OutTensor { name: n, dtype: out_dtype, bytes: encode(v, out_dtype), shape });
-        let mut linears = Vec::new();
-        let mut errors = [0f64; 4];
-        for (j, ((dec, w), r)) in decs.iter().zip(&ranks).enumerate() {
-            let (out_dim, in_dim) = (dec.m, dec.n);
-            let lin = forward::LINEARS[j];
-            match r {
-                None => {
-                    push(name(&format!("{lin}.weight")), vec![out_dim, in_dim], w);
-                    linears.push(GpuLinear { out: out_dim, inp: in_dim, kind: LinearKind::Dense { w: gpu.upload(w)? }, bias: None });
-                }
-                Some(r) => {
-                    let (a, b) = factors(dec, *r, &used_scales[j]);
-                    let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
-                    errors[j] = ((norms_sq[j] - kept).max(0.0) / norms_sq[j].max(f64::MIN_POSITIVE)).sqrt();
-                    // the GPU layer uses the values as stored, so calibration sees what eval will
-                    let (a, b) = (round_trip(&a, out_dtype), round_trip(&b, out_dtype));
-                    push(name(&format!("{lin}.factor_a")), vec![out_dim, *r], &a);
-                    push(name(&format!("{lin}.factor_b")), vec![*r, in_dim], &b);
-                    linears.push(GpuLinear { out: out_dim, inp: in_dim, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: *r }, bias: None });
-                }
-            }
-        }
         if cfg.qkv_bias() {
-            for (j, lin) in forward::LINEARS[..3].iter().enumerate() {
-                let bias = store.f32(&name(&format!("{lin}.bias")), &[linears[j].out])?;
-                push(name(&format!("{lin}.bias")), vec![bias.len()], &bias);
-                linears[j].bias = Some(gpu.upload(&round_trip(&bias, out_dtype))?);
+            for j in 0..3 {
+                let bias = store.f32(&name(&format!("{}.bias", LINEARS[j])), &[built.linears[j].out])?;
+                built.linears[j].bias = Some(gpu.upload(&round_trip(&bias, out_dtype))?);
+                built.push_copy(store, &name(&format!("{}.bias", LINEARS[j])))?;
             }
         }
-
-        progress(i, n_layers, "FFN pruning");
-        let ones_d = vec![1f32; d];
-        let ones_f = vec![1f32; f];
-        let (sx, sh) = if opts.ffn_activation_scores { (&s_ffn, &s_down) } else { (&ones_d, &ones_f) };
-        let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
-            bail!("layer {i}: FFN is not dense");
-        };
-        let sxg = gpu.upload(sx)?;
-        let scores = ffn::channel_scores(gpu, wg, wu, wd, &sxg, sh, d, f)?;
-        let remove = (opts.ratio * f as f64).round() as usize;
-        let kept = ffn::kept_channels(&scores, remove, opts.reserve);
-        let gate = ffn::gather_rows(&store.f32(&name("mlp.gate_proj.weight"), &[f, d])?, d, &kept);
-        let up = ffn::gather_rows(&store.f32(&name("mlp.up_proj.weight"), &[f, d])?, d, &kept);
-        let down = ffn::gather_cols(&store.f32(&name("mlp.down_proj.weight"), &[d, f])?, d, f, &kept);
-        let fk = kept.len();
-        push(name("mlp.gate_proj.weight"), vec![fk, d], &gate);
-        push(name("mlp.up_proj.weight"), vec![fk, d], &up);
-        push(name("mlp.down_proj.weight"), vec![d, fk], &down);
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            tensors.push(OutTensor::copied(store, &name(n))?);
+            built.push_copy(store, &name(n))?;
         }
+        let BuiltLayer { tensors, linears, plan, errors, spectra, .. } = built;
         let mut it = linears.into_iter();
-        let compressed = LayerWeights {
-            q: it.next().unwrap(),
-            k: it.next().unwrap(),
-            v: it.next().unwrap(),
-            o: it.next().unwrap(),
-            gate: GpuLinear { out: fk, inp: d, kind: LinearKind::Dense { w: gpu.upload(&round_trip(&gate, out_dtype))? }, bias: None },
-            up: GpuLinear { out: fk, inp: d, kind: LinearKind::Dense { w: gpu.upload(&round_trip(&up, out_dtype))? }, bias: None },
-            down: GpuLinear { out: d, inp: fk, kind: LinearKind::Dense { w: gpu.upload(&round_trip(&down, out_dtype))? }, bias: None },
-            in_norm: dense.in_norm,
-            post_norm: dense.post_norm,
-        };
+        let mut next = || it.next().context("a method built fewer than seven linears");
+        let compressed = LayerWeights { q: next()?, k: next()?, v: next()?, o: next()?, gate: next()?, up: next()?, down: next()?, in_norm: dense.in_norm, post_norm: dense.post_norm };
         progress(i, n_layers, "writing");
         folder.write_shard(i, &tensors)?;
         drop(tensors);
 
         progress(i, n_layers, "propagating");
         propagate(gpu, cfg, &compressed, &table, &mut batches, seq_len)?;
-        let plan = LayerPlan { q_rank: ranks[0], k_rank: ranks[1], v_rank: ranks[2], o_rank: ranks[3], ffn_width: fk };
-        plans.push(plan);
-        let mut c2 = cfg.clone();
-        c2.lorap = Some(plan_section(cfg, opts.ratio, &plans));
         layer_reports.push(LayerReport {
             layer: i,
-            ranks: [ranks[0], ranks[1], ranks[2], ranks[3]],
-            ffn_kept: fk,
-            ffn_total: f,
+            ranks: [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank],
+            ffn_kept: plan.ffn_width,
+            ffn_total: cfg.intermediate_size,
             weighted_rel_error: errors,
-            spectra: [0, 1, 2, 3].map(|j| decs[j].0.sigma.clone()),
+            spectra,
             params_before: cfg.layer_params(i),
-            params_after: c2.layer_params(i),
+            params_after: cfg.plan_params(&plan),
             seconds: t_layer.elapsed().as_secs_f64(),
         });
+        plans.push(Some(plan));
         let state = ResumeState { fingerprint: print.clone(), layers_done: i + 1, plans: plans.clone(), reports: layer_reports.clone(), seconds_before: seconds_before + t_start.elapsed().as_secs_f64() };
         folder.checkpoint(serde_json::to_value(&state)?)?;
         progress(i + 1, n_layers, "done");
@@ -416,15 +442,20 @@ pub fn compress(
     drop(rest);
 
     let mut new_cfg = cfg.clone();
-    new_cfg.lorap = Some(plan_section(cfg, opts.ratio, &plans));
+    let mut section = plan_section(cfg, opts, &plans);
+    new_cfg.num_hidden_layers = section.layers.len();
+    new_cfg.lorap = Some(section.clone());
+    section.ratio = 1.0 - new_cfg.decoder_params() as f64 / cfg.decoder_params() as f64;
+    new_cfg.lorap = Some(section);
     let mut raw = cfg.raw.clone();
+    raw.insert("num_hidden_layers".into(), new_cfg.num_hidden_layers.into());
     raw.insert("lorap".into(), serde_json::to_value(new_cfg.lorap.as_ref().unwrap())?);
     folder.write_json("config.json", &serde_json::Value::Object(raw))?;
     folder.copy_side_files(&model.dir)?;
     let (before, after) = (cfg.decoder_params(), new_cfg.decoder_params());
     let (tb, ta) = (cfg.total_params(), new_cfg.total_params());
     let report = CompressionReport {
-        method: "lorap".into(),
+        method: opts.method.name().into(),
         source_model: model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone()).display().to_string(),
         options: opts.clone(),
         calibration_windows: windows,
@@ -449,11 +480,244 @@ pub fn compress(
     Ok((path, report))
 }
 
-/// The `lorap` config section for the finished `plans`; later layers are listed dense.
-fn plan_section(cfg: &crate::model::ModelConfig, ratio: f64, plans: &[LayerPlan]) -> CompressionSection {
+/// The `lorap` config section for the finished `plans` (`None` = dropped layer); the
+/// layers still to do are listed dense unless the run's plan drops them.
+fn plan_section(cfg: &crate::model::ModelConfig, opts: &LorapOptions, plans: &[Option<LayerPlan>]) -> CompressionSection {
     let dense = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let layers = plans.iter().cloned().chain((plans.len()..cfg.num_hidden_layers).map(|_| dense.clone())).collect();
-    CompressionSection { format_version: 1, method: "lorap".into(), ratio, layers }
+    let later = (plans.len()..cfg.num_hidden_layers).filter(|&i| !LayerSetting::of(opts, i).dropped).map(|_| dense.clone());
+    let layers = plans.iter().flatten().cloned().chain(later).collect();
+    let dropped_layers = (0..cfg.num_hidden_layers).filter(|&i| LayerSetting::of(opts, i).dropped).collect();
+    CompressionSection { format_version: 1, method: opts.method.name().into(), ratio: opts.ratio, layers, dropped_layers }
+}
+
+/// What one layer gets: the run's uniform ratio unless the plan says otherwise.
+pub(crate) struct LayerSetting {
+    pub dropped: bool,
+    /// Fraction of the attention parameters kept (LoRAP).
+    pub attention_keep: f64,
+    /// Fraction of the FFN channels kept (LoRAP).
+    pub ffn_keep: f64,
+    /// Fraction of each linear's break-even rank kept (feature-space decomposition);
+    /// `None` = dense.
+    pub module_keep: [Option<f64>; 7],
+}
+
+impl LayerSetting {
+    pub fn of(opts: &LorapOptions, i: usize) -> Self {
+        let keep = 1.0 - opts.ratio;
+        match opts.plan.as_ref().and_then(|p| p.layers.get(i)) {
+            None => LayerSetting { dropped: false, attention_keep: keep, ffn_keep: keep, module_keep: [Some(keep); 7] },
+            Some(l) => LayerSetting {
+                dropped: l.dropped,
+                attention_keep: l.attention_keep.unwrap_or(keep),
+                ffn_keep: l.ffn_keep.unwrap_or(keep),
+                module_keep: std::array::from_fn(|j| if l.module_keep.is_empty() { Some(keep) } else { l.module_keep.get(LINEARS[j]).copied() }),
+            },
+        }
+    }
+}
+
+/// A compressed layer as a method builds it: the tensors to write (named for the output
+/// layer index), the GPU linears that calibration continues with, and what the report shows.
+pub(crate) struct BuiltLayer {
+    pub dtype: Dtype,
+    /// Layer index in the output model (dropped layers renumber the rest).
+    pub out_index: usize,
+    pub tensors: Vec<OutTensor>,
+    /// The seven linears in `LINEARS` order.
+    pub linears: Vec<GpuLinear>,
+    pub plan: LayerPlan,
+    /// Relative (weighted where the method weights) error of q, k, v, o.
+    pub errors: [f64; 4],
+    pub spectra: [Vec<f64>; 4],
+}
+
+impl BuiltLayer {
+    fn new(dtype: Dtype, out_index: usize) -> Self {
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default() }
+    }
+
+    fn name(&self, j: usize, suffix: &str) -> String {
+        format!("model.layers.{}.{}.{suffix}", self.out_index, LINEARS[j])
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
+        self.tensors.push(OutTensor { name, dtype: self.dtype, bytes: encode(v, self.dtype), shape });
+    }
+
+    /// Copies tensor `name` of the input (`model.layers.{i}.x`) under the output index.
+    pub fn push_copy(&mut self, store: &WeightStore, name: &str) -> Result<()> {
+        let mut t = OutTensor::copied(store, name)?;
+        let rest = name.splitn(4, '.').nth(3).context("not a layer tensor")?;
+        t.name = format!("model.layers.{}.{rest}", self.out_index);
+        self.tensors.push(t);
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) stays a dense [out, inp] matrix.
+    pub fn dense(&mut self, gpu: &Gpu, j: usize, w: &[f32], out: usize, inp: usize) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        self.push(self.name(j, "weight"), vec![out, inp], w);
+        let w = round_trip(w, self.dtype);
+        self.linears.push(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) becomes the pair A [out, r] B [r, inp].
+    #[allow(clippy::too_many_arguments)]
+    pub fn low_rank(&mut self, gpu: &Gpu, j: usize, a: &[f32], b: &[f32], out: usize, r: usize, inp: usize) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        // the GPU layer uses the values as stored, so calibration sees what eval will
+        let (a, b) = (round_trip(a, self.dtype), round_trip(b, self.dtype));
+        self.push(self.name(j, "factor_a"), vec![out, r], &a);
+        self.push(self.name(j, "factor_b"), vec![r, inp], &b);
+        self.plan.set_rank(j, Some(r));
+        self.linears.push(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) is stored as MPO cores; calibration continues with the
+    /// matrix the stored (rounded) cores give.
+    pub fn mpo(&mut self, gpu: &Gpu, j: usize, m: &super::mpo::Mpo) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        let mut rounded = m.clone();
+        for (k, c) in rounded.cores.iter_mut().enumerate() {
+            let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), self.dtype);
+            self.push(self.name(j, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
+            c.data = v.iter().map(|&x| x as f64).collect();
+        }
+        let shape = crate::model::config::MpoShape {
+            row_factors: m.cores.iter().map(|c| c.i).collect(),
+            col_factors: m.cores.iter().map(|c| c.j).collect(),
+            bonds: m.cores[..m.cores.len() - 1].iter().map(|c| c.right).collect(),
+        };
+        self.plan.mpo.insert(LINEARS[j].to_string(), shape);
+        let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();
+        self.linears.push(GpuLinear { out: m.rows, inp: m.cols, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        Ok(())
+    }
+}
+
+/// One statistics pass of the calibration states through the dense layer `dense`.
+#[allow(clippy::too_many_arguments)]
+fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize, windows: usize, need_cov: bool) -> Result<LayerStats> {
+    let dims = [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, dense.gate.out];
+    let gram = if need_cov {
+        let mk = |n: usize| -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(n * n)?, gpu.zeros(n)?)) };
+        Some([mk(dims[0])?, mk(dims[1])?, mk(dims[2])?, mk(dims[3])?])
+    } else {
+        None
+    };
+    let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0 };
+    batches.for_each(gpu, |h, tokens| {
+        let mut enc = gpu.encoder();
+        // the layer's output is discarded: the next inputs come from the compressed layer
+        forward::layer_forward(gpu, &mut enc, cfg, dense, table, h, tokens, seq_len, Some(&mut stats))?;
+        gpu.submit(enc);
+        Ok(None)
+    })?;
+    let mut sc: Vec<Vec<f32>> = Vec::new();
+    for b in &stats.sumsq {
+        sc.push(scales(&gpu.read(b)?, windows));
+    }
+    let cov = match &stats.gram {
+        None => None,
+        Some(gram) => {
+            let n_tok = stats.tokens.max(1) as f64;
+            let mut out: Vec<Vec<f32>> = Vec::new();
+            for (s, (g, sum)) in gram.iter().enumerate() {
+                let (g, sum) = (gpu.read(g)?, gpu.read(sum)?);
+                let n = dims[s];
+                let mu: Vec<f64> = sum.iter().map(|&x| x as f64 / n_tok).collect();
+                out.push((0..n * n).map(|k| (g[k] as f64 / n_tok - mu[k / n] * mu[k % n]) as f32).collect());
+            }
+            let mut it = out.into_iter();
+            Some(std::array::from_fn(|_| it.next().unwrap()))
+        }
+    };
+    let mut it = sc.into_iter();
+    Ok(LayerStats { scales: std::array::from_fn(|_| it.next().unwrap()), cov })
+}
+
+/// LoRAP for one layer: activation-weighted SVD of q/k/v/o with the attention budget
+/// allocated across them, then FFN channel pruning with the reservation.
+#[allow(clippy::too_many_arguments)]
+fn lorap_layer(
+    gpu: &Gpu,
+    store: &WeightStore,
+    cfg: &crate::model::ModelConfig,
+    i: usize,
+    dense: &LayerWeights,
+    stats: &LayerStats,
+    opts: &LorapOptions,
+    setting: &LayerSetting,
+    built: &mut BuiltLayer,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<()> {
+    let n_layers = cfg.num_hidden_layers;
+    let d = cfg.hidden_size;
+    let f = cfg.intermediate_size;
+    progress(i, n_layers, "attention SVD");
+    let name = |s: &str| format!("model.layers.{i}.{s}");
+    let full = LayerPlan { ffn_width: f, ..Default::default() };
+    let mut decs = Vec::new();
+    let mut specs = Vec::new();
+    let mut norms_sq = Vec::new();
+    let mut used_scales = Vec::new();
+    for j in 0..4 {
+        let (out_dim, in_dim) = cfg.linear_shape(&full, j);
+        let w = store.f32(&name(&format!("{}.weight", LINEARS[j])), &[out_dim, in_dim])?;
+        let sc: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; in_dim] };
+        let ws: Vec<f32> = w.chunks(in_dim).flat_map(|row| row.iter().zip(&sc).map(|(a, b)| a * b)).collect();
+        norms_sq.push(ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>());
+        let spec_rank = out_dim * in_dim / (out_dim + in_dim);
+        let g = gpu.upload(&ws)?;
+        let dec = svd::randomized_svd(gpu, &g, out_dim, in_dim, spec_rank, opts.svd)?;
+        specs.push(MatrixSpec { out: out_dim, inp: in_dim, sigma: dec.sigma.clone() });
+        decs.push((dec, w));
+        used_scales.push(sc);
+    }
+    let dense_att: usize = specs.iter().map(|s| s.out * s.inp).sum();
+    let ranks = if setting.attention_keep >= 1.0 {
+        vec![None; 4]
+    } else {
+        let budget = (setting.attention_keep * dense_att as f64).round() as usize;
+        allocate::allocate(&specs, budget, opts.allocation)
+    };
+    for (j, ((dec, w), r)) in decs.iter().zip(&ranks).enumerate() {
+        let (out_dim, in_dim) = (dec.m, dec.n);
+        match r {
+            None => built.dense(gpu, j, w, out_dim, in_dim)?,
+            Some(r) => {
+                let (a, b) = factors(dec, *r, &used_scales[j]);
+                let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
+                built.errors[j] = ((norms_sq[j] - kept).max(0.0) / norms_sq[j].max(f64::MIN_POSITIVE)).sqrt();
+                built.low_rank(gpu, j, &a, &b, out_dim, *r, in_dim)?;
+            }
+        }
+    }
+    built.spectra = [0, 1, 2, 3].map(|j| decs[j].0.sigma.clone());
+
+    progress(i, n_layers, "FFN pruning");
+    let ones_d = vec![1f32; d];
+    let ones_f = vec![1f32; f];
+    let (sx, sh) = if opts.ffn_activation_scores { (&stats.scales[2], &stats.scales[3]) } else { (&ones_d, &ones_f) };
+    let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
+        bail!("layer {i}: FFN is not dense");
+    };
+    let sxg = gpu.upload(sx)?;
+    let scores = ffn::channel_scores(gpu, wg, wu, wd, &sxg, sh, d, f)?;
+    let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
+    let kept = ffn::kept_channels(&scores, remove, opts.reserve);
+    let gate = ffn::gather_rows(&store.f32(&name("mlp.gate_proj.weight"), &[f, d])?, d, &kept);
+    let up = ffn::gather_rows(&store.f32(&name("mlp.up_proj.weight"), &[f, d])?, d, &kept);
+    let down = ffn::gather_cols(&store.f32(&name("mlp.down_proj.weight"), &[d, f])?, d, f, &kept);
+    let fk = kept.len();
+    built.plan.ffn_width = fk;
+    built.dense(gpu, 4, &gate, fk, d)?;
+    built.dense(gpu, 5, &up, fk, d)?;
+    built.dense(gpu, 6, &down, d, fk)?;
+    Ok(())
 }
 
 /// Runs the calibration states through one (compressed) layer, in place.

@@ -6,6 +6,9 @@ pub mod ffn;
 pub mod lorap;
 pub mod mpo;
 pub mod output;
+pub mod plan;
+pub mod search;
+pub mod sfsd;
 pub mod states;
 pub mod svd;
 

@@ -200,6 +200,87 @@ impl Mpo {
     }
 }
 
+/// Inner bond dimensions for a bond cap: bond k is at most `cap` and at most the rank the
+/// cut can have (the smaller side's size).
+pub fn bonds_for_cap(row_f: &[usize], col_f: &[usize], cap: usize) -> Vec<usize> {
+    let sizes: Vec<usize> = row_f.iter().zip(col_f).map(|(i, j)| i * j).collect();
+    (0..sizes.len() - 1)
+        .map(|k| {
+            let left: usize = sizes[..=k].iter().product();
+            let right: usize = sizes[k + 1..].iter().product();
+            cap.min(left).min(right)
+        })
+        .collect()
+}
+
+/// Parameters of the cores with these factors and bonds.
+pub fn params_for(row_f: &[usize], col_f: &[usize], bonds: &[usize]) -> usize {
+    let n = row_f.len();
+    (0..n).map(|k| (if k == 0 { 1 } else { bonds[k - 1] }) * row_f[k] * col_f[k] * (if k + 1 == n { 1 } else { bonds[k] })).sum()
+}
+
+/// The largest bond cap whose cores take at most `budget` parameters (at least 1).
+pub fn cap_for_budget(row_f: &[usize], col_f: &[usize], budget: usize) -> usize {
+    let full = *bonds_for_cap(row_f, col_f, usize::MAX).iter().max().unwrap_or(&1);
+    let (mut lo, mut hi) = (1usize, full.max(1));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if params_for(row_f, col_f, &bonds_for_cap(row_f, col_f, mid)) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// MPO decomposition of one layer: every chosen linear (all seven by default) is split into
+/// `mpo_cores` cores with the largest bond keeping its share of parameters (or the given
+/// bond); with a bond derived from the ratio, a linear whose cores would not be smaller stays dense. Plain (unweighted) weights,
+/// as the MPO paper decomposes them.
+pub(crate) fn mpo_layer(
+    gpu: &crate::gpu::Gpu,
+    store: &crate::model::WeightStore,
+    cfg: &crate::model::ModelConfig,
+    i: usize,
+    opts: &super::lorap::LorapOptions,
+    built: &mut super::lorap::BuiltLayer,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> anyhow::Result<()> {
+    use crate::model::forward::LINEARS;
+    progress(i, cfg.num_hidden_layers, "MPO decomposition");
+    let setting = super::lorap::LayerSetting::of(opts, i);
+    let full = crate::model::config::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    built.plan.ffn_width = full.ffn_width;
+    for j in 0..7 {
+        let (out, inp) = cfg.linear_shape(&full, j);
+        let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
+        let chosen = opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(&j);
+        let keep = setting.module_keep[j].filter(|&k| chosen && k < 1.0);
+        let Some(keep) = keep else {
+            built.dense(gpu, j, &w, out, inp)?;
+            continue;
+        };
+        let (row_f, col_f) = (factorize(out, opts.mpo_cores), factorize(inp, opts.mpo_cores));
+        let cap = opts.mpo_max_bond.unwrap_or_else(|| cap_for_budget(&row_f, &col_f, (keep * (out * inp) as f64) as usize));
+        // bonds derived from the ratio: cores that would not be smaller are pointless; a
+        // bond the user gave is honoured as given
+        if opts.mpo_max_bond.is_none() && params_for(&row_f, &col_f, &bonds_for_cap(&row_f, &col_f, cap)) >= out * inp {
+            built.dense(gpu, j, &w, out, inp)?;
+            continue;
+        }
+        let m = Mpo::decompose(&w, out, inp, &row_f, &col_f, Some(cap));
+        if j < 4 {
+            let approx = m.reconstruct();
+            let num: f64 = approx.iter().zip(&w).map(|(a, &b)| (a - b as f64).powi(2)).sum();
+            let den: f64 = w.iter().map(|&b| (b as f64).powi(2)).sum();
+            built.errors[j] = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        }
+        built.mpo(gpu, j, &m)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,15 +32,106 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<f64>,
 }
 
-/// Shapes of one compressed decoder layer. A rank of `None` means the matrix is dense.
+/// Shapes of one compressed decoder layer. A rank of `None` means the matrix is dense
+/// (unless it is listed in `mpo`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LayerPlan {
     pub q_rank: Option<usize>,
     pub k_rank: Option<usize>,
     pub v_rank: Option<usize>,
     pub o_rank: Option<usize>,
+    /// Factor-pair ranks of the FFN matrices (feature-space decomposition factors them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_rank: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_rank: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_rank: Option<usize>,
     /// Kept FFN intermediate channels.
     pub ffn_width: usize,
+    /// Matrices stored as MPO cores, by linear name ("self_attn.q_proj", "mlp.up_proj", ...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mpo: std::collections::BTreeMap<String, MpoShape>,
+}
+
+/// Shape of an MPO-stored matrix: rows = prod(row_factors), cols = prod(col_factors), core k
+/// is [bond k-1, row_factors[k], col_factors[k], bond k] (outer bonds 1), stored as
+/// `{linear}.mpo_core_{k}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MpoShape {
+    pub row_factors: Vec<usize>,
+    pub col_factors: Vec<usize>,
+    /// The n-1 inner bond dimensions.
+    pub bonds: Vec<usize>,
+}
+
+impl MpoShape {
+    /// [left, i, j, right] of every core.
+    pub fn core_shapes(&self) -> Vec<[usize; 4]> {
+        let n = self.row_factors.len();
+        (0..n)
+            .map(|k| {
+                let left = if k == 0 { 1 } else { self.bonds[k - 1] };
+                let right = if k + 1 == n { 1 } else { self.bonds[k] };
+                [left, self.row_factors[k], self.col_factors[k], right]
+            })
+            .collect()
+    }
+
+    pub fn params(&self) -> usize {
+        self.core_shapes().iter().map(|s| s.iter().product::<usize>()).sum()
+    }
+
+    fn check(&self, rows: usize, cols: usize) -> Result<(), String> {
+        let n = self.row_factors.len();
+        if n < 2 || self.col_factors.len() != n || self.bonds.len() != n - 1 {
+            return Err("an MPO needs at least 2 cores, as many column as row factors and n-1 bonds".into());
+        }
+        if self.row_factors.iter().product::<usize>() != rows || self.col_factors.iter().product::<usize>() != cols {
+            return Err(format!("MPO factors do not multiply to the matrix shape {rows}x{cols}"));
+        }
+        if self.bonds.iter().any(|&b| b == 0 || b > 1 << 16) || self.row_factors.iter().chain(&self.col_factors).any(|&f| f == 0) {
+            return Err("MPO bonds must be in 1..=65536 and factors positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// How one linear of a layer is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinearRepr {
+    Dense,
+    /// Factor pair A [out, r], B [r, in].
+    LowRank(usize),
+    Mpo(MpoShape),
+}
+
+impl LayerPlan {
+    /// Rank of linear `j` (index into `forward::LINEARS`).
+    pub fn rank(&self, j: usize) -> Option<usize> {
+        [self.q_rank, self.k_rank, self.v_rank, self.o_rank, self.gate_rank, self.up_rank, self.down_rank][j]
+    }
+
+    pub fn set_rank(&mut self, j: usize, r: Option<usize>) {
+        let slot = match j {
+            0 => &mut self.q_rank,
+            1 => &mut self.k_rank,
+            2 => &mut self.v_rank,
+            3 => &mut self.o_rank,
+            4 => &mut self.gate_rank,
+            5 => &mut self.up_rank,
+            _ => &mut self.down_rank,
+        };
+        *slot = r;
+    }
+
+    /// How linear `j` is stored.
+    pub fn repr(&self, j: usize) -> LinearRepr {
+        if let Some(m) = self.mpo.get(crate::model::forward::LINEARS[j]) {
+            return LinearRepr::Mpo(m.clone());
+        }
+        self.rank(j).map_or(LinearRepr::Dense, LinearRepr::LowRank)
+    }
 }
 
 /// The `lorap` section of a compressed model's config.json.
@@ -50,6 +141,10 @@ pub struct CompressionSection {
     pub method: String,
     pub ratio: f64,
     pub layers: Vec<LayerPlan>,
+    /// Decoder layers of the original model that were removed (original indices); the
+    /// layers kept are renumbered from 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_layers: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,11 +238,24 @@ impl ModelConfig {
             if l.layers.len() != c.num_hidden_layers {
                 return bad(format!("lorap section lists {} layers, model has {}", l.layers.len(), c.num_hidden_layers));
             }
-            let max_rank = c.hidden_size.max(c.q_dim());
             for (i, p) in l.layers.iter().enumerate() {
-                let ranks = [p.q_rank, p.k_rank, p.v_rank, p.o_rank];
-                if ranks.iter().flatten().any(|&r| r == 0 || r > max_rank) || p.ffn_width == 0 || p.ffn_width > c.intermediate_size {
-                    return bad(format!("lorap section, layer {i}: ranks must be in 1..={max_rank} and ffn_width in 1..={}", c.intermediate_size));
+                if p.ffn_width == 0 || p.ffn_width > c.intermediate_size {
+                    return bad(format!("lorap section, layer {i}: ffn_width must be in 1..={}", c.intermediate_size));
+                }
+                for j in 0..7 {
+                    let (out, inp) = c.linear_shape(p, j);
+                    if p.rank(j).is_some_and(|r| r == 0 || r > out.max(inp)) {
+                        return bad(format!("lorap section, layer {i}: rank of {} must be in 1..={}", crate::model::forward::LINEARS[j], out.max(inp)));
+                    }
+                }
+                for (name, m) in &p.mpo {
+                    let Some(j) = crate::model::forward::LINEARS.iter().position(|l| l == name) else {
+                        return bad(format!("lorap section, layer {i}: unknown MPO matrix {name:?}"));
+                    };
+                    let (out, inp) = c.linear_shape(p, j);
+                    if let Err(e) = m.check(out, inp) {
+                        return bad(format!("lorap section, layer {i}, {name}: {e}"));
+                    }
                 }
             }
         }
@@ -207,19 +315,42 @@ impl ModelConfig {
             .collect()
     }
 
+    /// [out, in] of linear `j` of a layer with plan `p`.
+    pub fn linear_shape(&self, p: &LayerPlan, j: usize) -> (usize, usize) {
+        let (d, qd, kvd, f) = (self.hidden_size, self.q_dim(), self.kv_dim(), p.ffn_width);
+        [(qd, d), (kvd, d), (kvd, d), (d, qd), (f, d), (f, d), (d, f)][j]
+    }
+
+    /// Tensors (name, shape) storing linear `j` of plan `p`, named under `base`
+    /// (e.g. "model.layers.3.self_attn.q_proj").
+    pub fn stored_tensors(&self, p: &LayerPlan, j: usize, base: &str) -> Vec<(String, Vec<usize>)> {
+        let (out, inp) = self.linear_shape(p, j);
+        match p.repr(j) {
+            LinearRepr::Dense => vec![(format!("{base}.weight"), vec![out, inp])],
+            LinearRepr::LowRank(r) => vec![(format!("{base}.factor_a"), vec![out, r]), (format!("{base}.factor_b"), vec![r, inp])],
+            LinearRepr::Mpo(m) => m.core_shapes().iter().enumerate().map(|(k, s)| (format!("{base}.mpo_core_{k}"), s.to_vec())).collect(),
+        }
+    }
+
+    /// Parameters linear `j` of plan `p` stores.
+    pub fn linear_params(&self, p: &LayerPlan, j: usize) -> usize {
+        let (out, inp) = self.linear_shape(p, j);
+        match p.repr(j) {
+            LinearRepr::Dense => out * inp,
+            LinearRepr::LowRank(r) => r * (out + inp),
+            LinearRepr::Mpo(m) => m.params(),
+        }
+    }
+
     /// Parameters of decoder layer `i` (linears and norms) as planned.
     pub fn layer_params(&self, i: usize) -> usize {
-        let p = self.layer_plan(i);
-        let d = self.hidden_size;
-        let lin = |out: usize, inp: usize, r: Option<usize>| r.map_or(out * inp, |r| r * (out + inp));
+        self.plan_params(&self.layer_plan(i))
+    }
+
+    /// Parameters of a decoder layer with plan `p`.
+    pub fn plan_params(&self, p: &LayerPlan) -> usize {
         let bias = if self.qkv_bias() { self.q_dim() + 2 * self.kv_dim() } else { 0 };
-        lin(self.q_dim(), d, p.q_rank)
-            + lin(self.kv_dim(), d, p.k_rank)
-            + lin(self.kv_dim(), d, p.v_rank)
-            + lin(d, self.q_dim(), p.o_rank)
-            + 3 * d * p.ffn_width
-            + 2 * d
-            + bias
+        (0..7).map(|j| self.linear_params(p, j)).sum::<usize>() + 2 * self.hidden_size + bias
     }
 
     /// Parameters of all decoder layers.

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use crate::compress::output::{encode, OutTensor, OutputFolder};
 use crate::compress::CompressError;
 use crate::gpu::{matmul, Gpu};
-use crate::model::forward::LINEARS;
+use crate::model::config::LinearRepr;
+use crate::model::forward::{mpo_dense, LINEARS};
+use safetensors::Dtype;
 use crate::model::Model;
 
 /// Export formats.
@@ -38,47 +40,55 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
     let store = &model.store;
     let n = cfg.num_hidden_layers;
     let mut folder = OutputFolder::create(out, &model.dir, force, n + 1)?;
-    let (d, qd, kvd, f_full) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (d, f_full) = (cfg.hidden_size, cfg.intermediate_size);
     for i in 0..n {
         progress(i, n);
         let plan = cfg.layer_plan(i);
         let name = |s: &str| format!("model.layers.{i}.{s}");
         let mut tensors = Vec::new();
-        let ranks = [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank];
-        let shapes = [(qd, d), (kvd, d), (kvd, d), (d, qd)];
-        for ((lin, r), (o, inp)) in LINEARS[..4].iter().zip(ranks).zip(shapes) {
-            let wname = name(&format!("{lin}.weight"));
-            match r {
-                None => tensors.push(OutTensor::copied(store, &wname)?),
-                Some(r) => {
-                    let an = name(&format!("{lin}.factor_a"));
-                    let dtype = store.dtype(&an)?;
-                    let a = store.f32(&an, &[o, r])?;
-                    let b = store.f32(&name(&format!("{lin}.factor_b")), &[r, inp])?;
-                    let w = multiply(gpu, &a, &b, o, r, inp)?;
-                    tensors.push(OutTensor { name: wname, dtype, bytes: encode(&w, dtype), shape: vec![o, inp] });
+        let f_kept = plan.ffn_width;
+        let dtype = store.dtype(&name("input_layernorm.weight"))?;
+        let dtype = if matches!(dtype, Dtype::F16 | Dtype::BF16) { dtype } else { Dtype::F32 };
+        for (j, lin) in LINEARS.iter().enumerate() {
+            let base = name(lin);
+            let wname = format!("{base}.weight");
+            let (o, inp) = cfg.linear_shape(&plan, j);
+            let w = match plan.repr(j) {
+                LinearRepr::Dense if f_kept == f_full || j < 4 => {
+                    tensors.push(OutTensor::copied(store, &wname)?);
+                    continue;
                 }
-            }
+                LinearRepr::Dense => store.f32(&wname, &[o, inp])?,
+                LinearRepr::LowRank(r) => {
+                    let a = store.f32(&format!("{base}.factor_a"), &[o, r])?;
+                    let b = store.f32(&format!("{base}.factor_b"), &[r, inp])?;
+                    multiply(gpu, &a, &b, o, r, inp)?
+                }
+                LinearRepr::Mpo(m) => mpo_dense(store, &base, &m)?,
+            };
+            // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
+            let (w, shape) = match j {
+                4 | 5 => {
+                    let mut w = w;
+                    w.resize(f_full * d, 0.0);
+                    (w, vec![f_full, d])
+                }
+                6 => {
+                    let mut padded = vec![0f32; d * f_full];
+                    for (row, src) in padded.chunks_mut(f_full).zip(w.chunks(f_kept.max(1))) {
+                        row[..f_kept].copy_from_slice(&src[..f_kept]);
+                    }
+                    (padded, vec![d, f_full])
+                }
+                _ => (w, vec![o, inp]),
+            };
+            tensors.push(OutTensor { name: wname, dtype, bytes: encode(&w, dtype), shape });
         }
         if cfg.qkv_bias() {
             for lin in &LINEARS[..3] {
                 tensors.push(OutTensor::copied(store, &name(&format!("{lin}.bias")))?);
             }
         }
-        // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
-        let fk = plan.ffn_width;
-        let dtype = store.dtype(&name("mlp.gate_proj.weight"))?;
-        for m in ["mlp.gate_proj.weight", "mlp.up_proj.weight"] {
-            let mut w = store.f32(&name(m), &[fk, d])?;
-            w.resize(f_full * d, 0.0);
-            tensors.push(OutTensor { name: name(m), dtype, bytes: encode(&w, dtype), shape: vec![f_full, d] });
-        }
-        let down = store.f32(&name("mlp.down_proj.weight"), &[d, fk])?;
-        let mut padded = vec![0f32; d * f_full];
-        for (row, src) in padded.chunks_mut(f_full).zip(down.chunks(fk.max(1))) {
-            row[..fk].copy_from_slice(&src[..fk]);
-        }
-        tensors.push(OutTensor { name: name("mlp.down_proj.weight"), dtype, bytes: encode(&padded, dtype), shape: vec![d, f_full] });
         for m in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             tensors.push(OutTensor::copied(store, &name(m))?);
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::gpu::{attention, context::Result as GpuResult, elementwise, loss, matmul, norms, rope, Gpu, GpuBuf};
-use crate::model::config::ModelConfig;
+use crate::model::config::{LayerPlan, LinearRepr, ModelConfig, MpoShape};
 use crate::model::weights::{WeightError, WeightStore};
 
 /// Weights of one linear layer y = x W^T (+ bias), W [out, inp] or W ~ A B.
@@ -95,16 +95,32 @@ pub enum ForwardError {
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
 
-fn load_linear(gpu: &Gpu, store: &WeightStore, name: &str, out: usize, inp: usize, rank: Option<usize>, bias: bool) -> Result<GpuLinear> {
-    let kind = match rank {
-        None => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
-        Some(r) => LinearKind::LowRank {
+/// Dense [out, in] matrix of an MPO-stored linear (cores contracted on the CPU in f64).
+pub fn mpo_dense(store: &WeightStore, base: &str, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
+    let mut cores = Vec::new();
+    for (k, s) in shape.core_shapes().iter().enumerate() {
+        let data = store.f32(&format!("{base}.mpo_core_{k}"), s)?;
+        cores.push(crate::compress::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
+    }
+    let m = crate::compress::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };
+    Ok(m.reconstruct().iter().map(|&x| x as f32).collect())
+}
+
+/// Uploads linear `j` of layer `layer` as plan `p` stores it (MPO cores are contracted
+/// into a dense matrix: the format is about size on disk, the forward pass runs dense).
+fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, j: usize) -> Result<GpuLinear> {
+    let (out, inp) = cfg.linear_shape(p, j);
+    let name = format!("model.layers.{layer}.{}", LINEARS[j]);
+    let kind = match p.repr(j) {
+        LinearRepr::Dense => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
+        LinearRepr::LowRank(r) => LinearKind::LowRank {
             a: gpu.upload(&store.f32(&format!("{name}.factor_a"), &[out, r])?)?,
             b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
             rank: r,
         },
+        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, &name, &m)?)? },
     };
-    let bias = if bias { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
+    let bias = if j < 3 && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
     Ok(GpuLinear { out, inp, kind, bias })
 }
 
@@ -112,17 +128,17 @@ impl LayerWeights {
     /// Uploads decoder layer `i` as config.json (and its lorap section) describes it.
     pub fn load(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<Self> {
         let p = cfg.layer_plan(i);
-        let (d, qd, kvd, f) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), p.ffn_width);
+        let d = cfg.hidden_size;
         let n = |s: &str| format!("model.layers.{i}.{s}");
-        let bias = cfg.qkv_bias();
+        let lin = |j: usize| load_linear(gpu, store, cfg, &p, i, j);
         Ok(LayerWeights {
-            q: load_linear(gpu, store, &n(LINEARS[0]), qd, d, p.q_rank, bias)?,
-            k: load_linear(gpu, store, &n(LINEARS[1]), kvd, d, p.k_rank, bias)?,
-            v: load_linear(gpu, store, &n(LINEARS[2]), kvd, d, p.v_rank, bias)?,
-            o: load_linear(gpu, store, &n(LINEARS[3]), d, qd, p.o_rank, false)?,
-            gate: load_linear(gpu, store, &n(LINEARS[4]), f, d, None, false)?,
-            up: load_linear(gpu, store, &n(LINEARS[5]), f, d, None, false)?,
-            down: load_linear(gpu, store, &n(LINEARS[6]), d, f, None, false)?,
+            q: lin(0)?,
+            k: lin(1)?,
+            v: lin(2)?,
+            o: lin(3)?,
+            gate: lin(4)?,
+            up: lin(5)?,
+            down: lin(6)?,
             in_norm: gpu.upload(&store.f32(&n("input_layernorm.weight"), &[d])?)?,
             post_norm: gpu.upload(&store.f32(&n("post_attention_layernorm.weight"), &[d])?)?,
         })

@@ -72,24 +72,12 @@ fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::W
     }
     for i in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(i);
-        let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), p.ffn_width);
-        let lin = |n: &str, out: usize, inp: usize, r: Option<usize>| -> Result<(), weights::WeightError> {
-            let base = format!("model.layers.{i}.{n}");
-            match r {
-                None => expect(&format!("{base}.weight"), &[out, inp]),
-                Some(r) => {
-                    expect(&format!("{base}.factor_a"), &[out, r])?;
-                    expect(&format!("{base}.factor_b"), &[r, inp])
-                }
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        for (j, lin) in forward::LINEARS.iter().enumerate() {
+            for (name, shape) in cfg.stored_tensors(&p, j, &format!("model.layers.{i}.{lin}")) {
+                expect(&name, &shape)?;
             }
-        };
-        lin("self_attn.q_proj", qd, d, p.q_rank)?;
-        lin("self_attn.k_proj", kvd, d, p.k_rank)?;
-        lin("self_attn.v_proj", kvd, d, p.v_rank)?;
-        lin("self_attn.o_proj", d, qd, p.o_rank)?;
-        lin("mlp.gate_proj", f, d, None)?;
-        lin("mlp.up_proj", f, d, None)?;
-        lin("mlp.down_proj", d, f, None)?;
+        }
         expect(&format!("model.layers.{i}.input_layernorm.weight"), &[d])?;
         expect(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[d])?;
         if cfg.qkv_bias() {

@@ -1,7 +1,7 @@
 //! CPU reference forward pass in f64 (slow; for tests on tiny models): the same maths as
 //! the GPU pass, from the same weight files, dense or compressed.
 
-use super::config::ModelConfig;
+use super::config::{LayerPlan, LinearRepr, ModelConfig};
 use super::weights::{WeightError, WeightStore};
 
 /// A linear layer as an f64 function.
@@ -19,11 +19,15 @@ fn f64v(v: Vec<f32>) -> Vec<f64> {
 }
 
 impl RefLinear {
-    fn load(store: &WeightStore, name: &str, out: usize, inp: usize, rank: Option<usize>, bias: bool) -> Result<Self, WeightError> {
-        let bias = if bias { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
-        Ok(match rank {
-            None => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
-            Some(r) => RefLinear {
+    /// Linear `j` of layer `l` as plan `p` stores it (MPO cores contracted on the CPU).
+    fn load(store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, l: usize, j: usize) -> Result<Self, WeightError> {
+        let (out, inp) = cfg.linear_shape(p, j);
+        let name = format!("model.layers.{l}.{}", super::forward::LINEARS[j]);
+        let bias = if j < 3 && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
+        Ok(match p.repr(j) {
+            LinearRepr::Dense => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
+            LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, &name, &m)?), ab: None, bias },
+            LinearRepr::LowRank(r) => RefLinear {
                 out,
                 inp,
                 w: Vec::new(),
@@ -71,14 +75,8 @@ pub fn window_nll_ref(cfg: &ModelConfig, store: &WeightStore, tokens: &[u32]) ->
     for l in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(l);
         let nm = |s: &str| format!("model.layers.{l}.{s}");
-        let bias = cfg.qkv_bias();
-        let q = RefLinear::load(store, &nm("self_attn.q_proj"), cfg.q_dim(), d, p.q_rank, bias)?;
-        let k = RefLinear::load(store, &nm("self_attn.k_proj"), cfg.kv_dim(), d, p.k_rank, bias)?;
-        let v = RefLinear::load(store, &nm("self_attn.v_proj"), cfg.kv_dim(), d, p.v_rank, bias)?;
-        let o = RefLinear::load(store, &nm("self_attn.o_proj"), d, cfg.q_dim(), p.o_rank, false)?;
-        let g = RefLinear::load(store, &nm("mlp.gate_proj"), p.ffn_width, d, None, false)?;
-        let u = RefLinear::load(store, &nm("mlp.up_proj"), p.ffn_width, d, None, false)?;
-        let dn = RefLinear::load(store, &nm("mlp.down_proj"), d, p.ffn_width, None, false)?;
+        let lin = |j: usize| RefLinear::load(store, cfg, &p, l, j);
+        let (q, k, v, o, g, u, dn) = (lin(0)?, lin(1)?, lin(2)?, lin(3)?, lin(4)?, lin(5)?, lin(6)?);
         let w_in = f64v(store.f32(&nm("input_layernorm.weight"), &[d])?);
         let w_post = f64v(store.f32(&nm("post_attention_layernorm.weight"), &[d])?);
         let xs: Vec<Vec<f64>> = h.iter().map(|x| rms(x, &w_in, eps)).collect();

@@ -1,0 +1,127 @@
+//! Feature-space decomposition (SFSD): each linear W becomes the pair (U_k, U_k^T W), U_k the
+//! top-k eigenvectors of the covariance of its outputs over the calibration tokens,
+//! C = W Sigma_x W^T with Sigma_x the mean-centred input covariance (a GPU Gram matrix).
+//! The surgical search that picks which linears to decompose, and at what rank, lives in
+//! `surgical`.
+
+use anyhow::{Context, Result};
+
+use super::lorap::{BuiltLayer, LayerSetting, LayerStats, SITE_OF};
+use super::svd::{self, SvdOptions};
+use crate::gpu::{context::Result as GpuResult, matmul, Gpu, GpuBuf};
+use crate::model::config::LayerPlan;
+use crate::model::forward::LINEARS;
+use crate::model::{ModelConfig, WeightStore};
+
+/// C = W Sigma W^T [out, out] on the GPU; W [out, inp], Sigma [inp, inp] symmetric.
+pub fn output_covariance(gpu: &Gpu, w: &GpuBuf, sigma: &GpuBuf, out: usize, inp: usize) -> GpuResult<GpuBuf> {
+    let mut enc = gpu.encoder();
+    let ws = matmul::matmul(gpu, &mut enc, w, sigma, out, inp, inp)?;
+    let c = matmul::matmul_nt(gpu, &mut enc, &ws, w, out, inp, out)?;
+    gpu.submit(enc);
+    Ok(c)
+}
+
+/// CPU reference of `output_covariance`, in f64.
+pub fn output_covariance_ref(w: &[f32], sigma: &[f32], out: usize, inp: usize) -> Vec<f64> {
+    let ws = matmul::matmul_ref(w, sigma, out, inp, inp);
+    let mut c = vec![0f64; out * out];
+    for a in 0..out {
+        for b in 0..out {
+            c[a * out + b] = (0..inp).map(|k| ws[a * inp + k] * w[b * inp + k] as f64).sum();
+        }
+    }
+    c
+}
+
+/// A rank-`r` feature-space pair of W: A = U_r [out, r], B = U_r^T W [r, inp], with the
+/// eigenvalues of C found (descending) and trace(C).
+pub struct FeaturePair {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub eigenvalues: Vec<f64>,
+    pub trace: f64,
+}
+
+impl FeaturePair {
+    /// Relative output error ||(I - U U^T) W Sigma^1/2|| / ||W Sigma^1/2|| at rank `r`.
+    pub fn relative_error(&self, r: usize) -> f64 {
+        let kept: f64 = self.eigenvalues[..r.min(self.eigenvalues.len())].iter().sum();
+        ((self.trace - kept).max(0.0) / self.trace.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// The pair truncated to rank `r` (at most the rank computed).
+    pub fn truncated(&self, r: usize, out: usize, inp: usize) -> (Vec<f32>, Vec<f32>) {
+        let k = self.eigenvalues.len();
+        let r = r.min(k);
+        let a = (0..out).flat_map(|i| self.a[i * k..i * k + r].iter().copied()).collect();
+        (a, self.b[..r * inp].to_vec())
+    }
+}
+
+/// Top-`r` output eigenvectors of W under input covariance `sigma` (on the GPU).
+pub fn feature_pair(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, out: usize, inp: usize, r: usize, opts: SvdOptions) -> GpuResult<FeaturePair> {
+    let wg = gpu.upload(w)?;
+    let c = output_covariance(gpu, &wg, sigma, out, inp)?;
+    let cv = gpu.read(&c)?;
+    let trace: f64 = (0..out).map(|i| cv[i * out + i] as f64).sum();
+    // C is symmetric positive semi-definite: its left singular vectors are its eigenvectors
+    let dec = svd::randomized_svd(gpu, &c, out, out, r, opts)?;
+    let k = dec.rank();
+    let u = gpu.upload(&dec.u)?;
+    let b = gpu.alloc(k * inp)?;
+    let mut enc = gpu.encoder();
+    matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: k, n: inp, k: out }, matmul::Operand::new(&u, k).t(), matmul::Operand::new(&wg, inp), &b, 0, inp, 1.0, 0.0)?;
+    gpu.submit(enc);
+    Ok(FeaturePair { a: dec.u, b: gpu.read(&b)?, eigenvalues: dec.sigma, trace })
+}
+
+/// Rank for keeping the fraction `keep` of the break-even rank; `None` when the pair would
+/// not be smaller than the dense matrix.
+pub fn rank_for(keep: f64, out: usize, inp: usize) -> Option<usize> {
+    let be = out * inp / (out + inp);
+    let r = ((keep * be as f64).round() as usize).max(1);
+    (r * (out + inp) < out * inp).then_some(r)
+}
+
+/// Feature-space decomposition of one layer: every linear with a keep fraction becomes a
+/// feature pair at that fraction of its break-even rank; the FFN keeps its width.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sfsd_layer(
+    gpu: &Gpu,
+    store: &WeightStore,
+    cfg: &ModelConfig,
+    i: usize,
+    stats: &LayerStats,
+    setting: &LayerSetting,
+    opts: SvdOptions,
+    built: &mut BuiltLayer,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<()> {
+    progress(i, cfg.num_hidden_layers, "feature-space decomposition");
+    let cov = stats.cov.as_ref().context("feature-space decomposition needs the input covariances")?;
+    let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    built.plan.ffn_width = full.ffn_width;
+    let mut sigma: [Option<GpuBuf>; 4] = Default::default();
+    for j in 0..7 {
+        let (out, inp) = cfg.linear_shape(&full, j);
+        let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
+        match setting.module_keep[j].and_then(|k| rank_for(k, out, inp)) {
+            None => built.dense(gpu, j, &w, out, inp)?,
+            Some(r) => {
+                let s = SITE_OF[j];
+                if sigma[s].is_none() {
+                    sigma[s] = Some(gpu.upload(&cov[s])?);
+                }
+                let pair = feature_pair(gpu, &w, sigma[s].as_ref().unwrap(), out, inp, r, opts)?;
+                if j < 4 {
+                    built.errors[j] = pair.relative_error(r);
+                    built.spectra[j] = pair.eigenvalues.iter().map(|e| e.max(0.0).sqrt()).collect();
+                }
+                let (a, b) = pair.truncated(r, out, inp);
+                built.low_rank(gpu, j, &a, &b, out, r, inp)?;
+            }
+        }
+    }
+    Ok(())
+}

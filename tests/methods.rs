@@ -1,0 +1,182 @@
+//! The related methods on small exact references: feature-space decomposition (output
+//! covariance kernel, eigen-pairs vs an exact eigen-decomposition, end to end), MPO stored and
+//! run by the forward pass, per-layer plans (dropped layers renumbered, keep fractions).
+
+mod common;
+
+use lorap_gpu::compress::{lorap, plan, sfsd, svd::SvdOptions};
+use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
+use nalgebra::{DMatrix, SymmetricEigen};
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..n).map(|i| ((i as u64 * 2654435761 + seed * 97) % vocab as u64) as u32).collect()
+}
+
+/// GPU NLL of `model` vs the f64 CPU reference on the same windows.
+fn gpu_vs_reference(gpu: &std::sync::Arc<lorap_gpu::gpu::Gpu>, model: &Model, toks: &[u32], window: usize) -> (Vec<f32>, f64) {
+    let mut r = Runner::new(gpu.clone(), model.cfg.clone(), model.store.clone(), true);
+    let got = r.window_nll(toks, window, &mut |_, _| {}).unwrap();
+    let mut want = Vec::new();
+    for w in toks.chunks(window) {
+        want.extend(reference::window_nll_ref(&model.cfg, &model.store, w).unwrap());
+    }
+    let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
+    (got, e)
+}
+
+fn small_model(dir: &std::path::Path, layers: usize) -> Model {
+    let src = dir.join("dense");
+    synthetic::write_random_model(&src, &synthetic::config_json("llama", layers, 64, 160, 4, 2, 101, true), 11).unwrap();
+    Model::open(&src).unwrap()
+}
+
+#[test]
+fn output_covariance_matches_the_cpu_reference_at_awkward_shapes() {
+    let gpu = common::gpu();
+    for (out, inp) in [(37, 53), (64, 64), (5, 130)] {
+        let w = common::random(out * inp, out as u64);
+        // a symmetric positive definite input covariance: X^T X / n of random X
+        let x = common::random(3 * inp * inp.min(40), inp as u64);
+        let rows = x.len() / inp;
+        let mut sigma = vec![0f32; inp * inp];
+        for a in 0..inp {
+            for b in 0..inp {
+                sigma[a * inp + b] = (0..rows).map(|r| x[r * inp + a] as f64 * x[r * inp + b] as f64).sum::<f64>() as f32 / rows as f32;
+            }
+        }
+        let (wg, sg) = (gpu.upload(&w).unwrap(), gpu.upload(&sigma).unwrap());
+        let got = gpu.read(&sfsd::output_covariance(&gpu, &wg, &sg, out, inp).unwrap()).unwrap();
+        let want = sfsd::output_covariance_ref(&w, &sigma, out, inp);
+        let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
+        assert!(e < 1e-4, "{out}x{inp}: {e:e}");
+    }
+}
+
+/// The feature pair's projection error is within 2% of the optimum (exact eigenvalues), and
+/// A B equals U U^T W for the exact top eigenvectors' subspace up to the same tolerance.
+#[test]
+fn feature_pair_reaches_the_optimal_output_error() {
+    let gpu = common::gpu();
+    let (out, inp, r) = (48, 40, 10);
+    // W with a decaying spectrum so the top subspace is well separated
+    let base = common::random(out * inp, 3);
+    let w: Vec<f32> = base.iter().enumerate().map(|(k, &v)| v * (1.0 + 4.0 * (-((k % inp) as f32) / 6.0).exp())).collect();
+    let x = common::random(200 * inp, 4);
+    let mut sigma = vec![0f32; inp * inp];
+    for a in 0..inp {
+        for b in 0..inp {
+            sigma[a * inp + b] = ((0..200).map(|t| x[t * inp + a] as f64 * x[t * inp + b] as f64).sum::<f64>() / 200.0) as f32;
+        }
+    }
+    let sg = gpu.upload(&sigma).unwrap();
+    let pair = sfsd::feature_pair(&gpu, &w, &sg, out, inp, r, SvdOptions::default()).unwrap();
+    let c = sfsd::output_covariance_ref(&w, &sigma, out, inp);
+    let eig = SymmetricEigen::new(DMatrix::from_row_slice(out, out, &c));
+    let mut ev: Vec<f64> = eig.eigenvalues.iter().copied().collect();
+    ev.sort_by(|a, b| b.total_cmp(a));
+    let trace: f64 = ev.iter().sum();
+    let optimal = (ev[r..].iter().sum::<f64>() / trace).sqrt();
+    // the error actually achieved: ||(W - A B) Sigma^1/2||^2 = tr((W - AB) Sigma (W - AB)^T)
+    let (a, b) = pair.truncated(r, out, inp);
+    let ab = lorap_gpu::gpu::matmul::matmul_ref(&a, &b, out, r, inp);
+    let diff: Vec<f32> = w.iter().zip(&ab).map(|(&x, &y)| (x as f64 - y) as f32).collect();
+    let cd = sfsd::output_covariance_ref(&diff, &sigma, out, inp);
+    let achieved = ((0..out).map(|i| cd[i * out + i]).sum::<f64>() / trace).sqrt();
+    assert!(achieved <= optimal * 1.02 + 1e-6, "achieved {achieved} vs optimal {optimal}");
+    assert!((pair.relative_error(r) - optimal).abs() <= 0.02 * optimal, "reported {} vs optimal {optimal}", pair.relative_error(r));
+    assert!((pair.trace - trace).abs() < 1e-4 * trace);
+}
+
+#[test]
+fn sfsd_compresses_every_linear_to_the_ratio_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 2);
+    let gpu = common::gpu();
+    let calib = tokens(8 * 16, 101, 1);
+    let out = dir.path().join("sfsd");
+    let opts = lorap::LorapOptions { method: lorap::Method::Sfsd, ratio: 0.3, ..Default::default() };
+    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    assert!((rep.achieved_decoder_ratio - 0.3).abs() < 0.03, "{}", rep.achieved_decoder_ratio);
+    let small = Model::open(&out).unwrap();
+    let sec = small.cfg.lorap.as_ref().unwrap();
+    assert_eq!(sec.method, "sfsd");
+    for l in &sec.layers {
+        assert_eq!(l.ffn_width, 160, "feature-space decomposition keeps the FFN width");
+        assert!((0..7).all(|j| l.rank(j).is_some()), "every linear factored: {l:?}");
+    }
+    assert!(rep.layers.iter().all(|l| l.weighted_rel_error.iter().all(|&e| e > 0.0 && e < 1.0)));
+    let (nll, e) = gpu_vs_reference(&gpu, &small, &tokens(2 * 12, 101, 5), 12);
+    assert!(e < 1e-4, "sfsd model GPU vs CPU: {e:e}");
+    assert!(nll.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 2);
+    let gpu = common::gpu();
+    let calib = tokens(4 * 16, 101, 1);
+    let toks = tokens(2 * 12, 101, 5);
+    let (dense_nll, _) = gpu_vs_reference(&gpu, &model, &toks, 12);
+    // full bonds: the cores hold W exactly up to their f16 storage (the model is f16), so
+    // the model computes the same function to f16 rounding
+    let exact = dir.path().join("mpo-exact");
+    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.01, mpo_max_bond: Some(1 << 16), mpo_matrices: vec![0, 6], ..Default::default() };
+    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &exact, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let m = Model::open(&exact).unwrap();
+    let sec = m.cfg.lorap.as_ref().unwrap();
+    assert!(sec.layers.iter().all(|l| l.mpo.len() == 2 && l.mpo.contains_key("self_attn.q_proj") && l.mpo.contains_key("mlp.down_proj")), "{sec:?}");
+    assert!(rep.layers.iter().all(|l| l.weighted_rel_error[0] < 1e-5));
+    let (nll, e) = gpu_vs_reference(&gpu, &m, &toks, 12);
+    assert!(e < 1e-4, "mpo model GPU vs CPU: {e:e}");
+    let d = lorap_gpu::gpu::rel_frobenius(&nll, &dense_nll.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(d < 1e-3, "full-bond MPO differs from the dense model: {d:e}");
+    // truncated bonds: smaller, still runs, error grows
+    let cut = dir.path().join("mpo-cut");
+    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.5, ..Default::default() };
+    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &cut, &Default::default(), &mut |_, _, _| {}).unwrap();
+    assert!(rep.achieved_decoder_ratio > 0.4 && rep.achieved_decoder_ratio < 0.55, "{}", rep.achieved_decoder_ratio);
+    let m = Model::open(&cut).unwrap();
+    assert_eq!(m.cfg.decoder_params(), rep.decoder_params_after);
+    let (nll, e) = gpu_vs_reference(&gpu, &m, &toks, 12);
+    assert!(e < 1e-4 && nll.iter().all(|x| x.is_finite()), "{e:e}");
+}
+
+#[test]
+fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 3);
+    let gpu = common::gpu();
+    let calib = tokens(4 * 16, 101, 1);
+    let mut p = plan::Plan::uniform(3, 1.0);
+    p.layers[1].dropped = true;
+    p.layers[2].attention_keep = Some(0.5);
+    p.layers[2].ffn_keep = Some(0.25);
+    let out = dir.path().join("planned");
+    let opts = lorap::LorapOptions { plan: Some(p.clone()), ratio: 0.0, ..Default::default() };
+    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let m = Model::open(&out).unwrap();
+    assert_eq!(m.cfg.num_hidden_layers, 2);
+    let sec = m.cfg.lorap.as_ref().unwrap();
+    assert_eq!(sec.dropped_layers, vec![1]);
+    // layer 0 kept whole: an exact copy of the input's layer 0
+    assert!((0..4).all(|j| sec.layers[0].rank(j).is_none()) && sec.layers[0].ffn_width == 160);
+    assert_eq!(m.store.raw("model.layers.0.self_attn.q_proj.weight").unwrap().2, model.store.raw("model.layers.0.self_attn.q_proj.weight").unwrap().2);
+    // the input's layer 2 is the output's layer 1, at the planned shapes
+    assert_eq!(sec.layers[1].ffn_width, 40);
+    assert_eq!(m.store.raw("model.layers.1.input_layernorm.weight").unwrap().2, model.store.raw("model.layers.2.input_layernorm.weight").unwrap().2);
+    let att: usize = (0..4).map(|j| m.cfg.linear_params(&sec.layers[1], j)).sum();
+    let dense_att: usize = (0..4).map(|j| model.cfg.linear_params(&model.cfg.layer_plan(2), j)).sum();
+    assert!((att as f64 / dense_att as f64 - 0.5).abs() < 0.03, "attention kept {}", att as f64 / dense_att as f64);
+    assert_eq!(rep.layers.len(), 2);
+    let (_, e) = gpu_vs_reference(&gpu, &m, &tokens(2 * 12, 101, 5), 12);
+    assert!(e < 1e-4, "{e:e}");
+    // bad plans are refused before any output
+    for bad in [plan::Plan::uniform(2, 0.5), plan::Plan { layers: vec![plan::PlanLayer { dropped: true, ..Default::default() }; 3], note: String::new() }, plan::Plan::uniform(3, 1.5)] {
+        let o = dir.path().join("never");
+        let opts = lorap::LorapOptions { plan: Some(bad), ratio: 0.0, ..Default::default() };
+        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &o, &Default::default(), &mut |_, _, _| {}).unwrap_err();
+        assert!(e.to_string().contains("plan"), "{e}");
+        assert!(!o.exists());
+    }
+}
