@@ -4,8 +4,10 @@
 # wiki.txt; calibration uses C4 text, so no calibration window is evaluated).
 # Usage: bash scripts/results-table.sh [RATIOS...]   (default 0.2 0.3 0.5)
 # Env: SAMPLES (8), SEQ_LEN (128), TOKENS (2048), OUT (a scratch folder), BIN (a prebuilt
-# lorap-gpu binary; default: build this checkout), EXTRA_VARIANTS=1 adds the non-default
-# allocations (spectrum) as rows.
+# lorap-gpu binary; default: build this checkout), VARIANTS (space-separated row names from
+# the catalogue below; default: LoRAP and its four ablations), EXTRA_VARIANTS=1 adds the
+# non-default allocation (spectrum). The related methods are rows too:
+#   VARIANTS="sfsd mpo" bash scripts/results-table.sh 0.2 0.3 0.5
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -20,22 +22,30 @@ ppl() { "$bin" --quiet eval --model "$1" --text "$assets/text/wiki.txt" --seq-le
 echo "| ratio | variant | flags | held-out ppl | decoder removed |"
 echo "| --- | --- | --- | ---: | ---: |"
 echo "| 0 | dense | | $(ppl "$assets/smollm2-135m") | 0% |"
+catalogue() {
+  cat <<CATALOGUE
+lorap|lorap (fixed 3:1 ranks)|
+plain-svd|plain-svd|--plain-svd
+uniform-ranks|uniform-ranks|--allocation uniform
+no-reserve|no-reserve|--no-reserve
+magnitude-ffn|magnitude-ffn|--magnitude-ffn
+spectrum|spectrum-allocation|--allocation spectrum
+sfsd|sfsd (feature-space, all linears)|--method sfsd
+mpo|mpo (3 cores, all linears)|--method mpo
+CATALOGUE
+}
+wanted="${VARIANTS:-lorap plain-svd uniform-ranks no-reserve magnitude-ffn${EXTRA_VARIANTS:+ spectrum}}"
 for r in "${ratios[@]}"; do
-  while IFS='|' read -r name flags; do
-    [ -n "$name" ] || continue
-    out="$scratch/$name-$r"
+  for key in $wanted; do
+    line=$(catalogue | grep "^$key|" || true)
+    [ -n "$line" ] || { echo "unknown variant $key" >&2; exit 2; }
+    name=$(echo "$line" | cut -d'|' -f2); flags=$(echo "$line" | cut -d'|' -f3)
+    out="$scratch/$key-$r"
     # shellcheck disable=SC2086
     rep=$("$bin" --quiet compress --model "$assets/smollm2-135m" --ratio "$r" --calib "$assets/text/c4.txt" \
       --samples "$samples" --seq-len "$seq" --out "$out" --force --json $flags)
     removed=$(echo "$rep" | python3 -c 'import json,sys; print("%.2f%%" % (100*json.load(sys.stdin)["achieved_decoder_ratio"]))')
     echo "| $r | $name | \`$flags\` | $(ppl "$out") | $removed |"
     rm -rf "$out"
-  done <<VARIANTS
-lorap (fixed 3:1 ranks)|
-plain-svd|--plain-svd
-uniform-ranks|--allocation uniform
-no-reserve|--no-reserve
-magnitude-ffn|--magnitude-ffn
-$( [ -n "${EXTRA_VARIANTS:-}" ] && echo "spectrum-allocation|--allocation spectrum" )
-VARIANTS
+  done
 done

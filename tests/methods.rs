@@ -56,8 +56,16 @@ fn output_covariance_matches_the_cpu_reference_at_awkward_shapes() {
 /// A B equals U U^T W for the exact top eigenvectors' subspace up to the same tolerance.
 #[test]
 fn feature_pair_reaches_the_optimal_output_error() {
+    // wide (through C) and tall (through W L) matrices, exact and randomized paths
+    for (out, inp, r) in [(40, 48, 10), (48, 40, 10), (30, 30, 7)] {
+        for exact_max in [usize::MAX, 0] {
+            feature_pair_case(out, inp, r, exact_max);
+        }
+    }
+}
+
+fn feature_pair_case(out: usize, inp: usize, r: usize, exact_max: usize) {
     let gpu = common::gpu();
-    let (out, inp, r) = (48, 40, 10);
     // W with a decaying spectrum so the top subspace is well separated
     let base = common::random(out * inp, 3);
     let w: Vec<f32> = base.iter().enumerate().map(|(k, &v)| v * (1.0 + 4.0 * (-((k % inp) as f32) / 6.0).exp())).collect();
@@ -69,7 +77,7 @@ fn feature_pair_reaches_the_optimal_output_error() {
         }
     }
     let sg = gpu.upload(&sigma).unwrap();
-    let pair = sfsd::feature_pair(&gpu, &w, &sg, out, inp, r, SvdOptions::default()).unwrap();
+    let pair = sfsd::feature_pair_with(&gpu, &w, &sg, out, inp, r, SvdOptions::default(), exact_max).unwrap();
     let c = sfsd::output_covariance_ref(&w, &sigma, out, inp);
     let eig = SymmetricEigen::new(DMatrix::from_row_slice(out, out, &c));
     let mut ev: Vec<f64> = eig.eigenvalues.iter().copied().collect();
@@ -82,9 +90,9 @@ fn feature_pair_reaches_the_optimal_output_error() {
     let diff: Vec<f32> = w.iter().zip(&ab).map(|(&x, &y)| (x as f64 - y) as f32).collect();
     let cd = sfsd::output_covariance_ref(&diff, &sigma, out, inp);
     let achieved = ((0..out).map(|i| cd[i * out + i]).sum::<f64>() / trace).sqrt();
-    assert!(achieved <= optimal * 1.02 + 1e-6, "achieved {achieved} vs optimal {optimal}");
-    assert!((pair.relative_error(r) - optimal).abs() <= 0.02 * optimal, "reported {} vs optimal {optimal}", pair.relative_error(r));
-    assert!((pair.trace - trace).abs() < 1e-4 * trace);
+    assert!(achieved <= optimal * 1.02 + 1e-6, "{out}x{inp}: achieved {achieved} vs optimal {optimal}");
+    assert!((pair.relative_error(r) - optimal).abs() <= 0.02 * optimal, "{out}x{inp}: reported {} vs optimal {optimal}", pair.relative_error(r));
+    assert!((pair.trace - trace).abs() < 1e-4 * trace, "{out}x{inp}: trace {} vs {trace}", pair.trace);
 }
 
 #[test]

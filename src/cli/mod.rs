@@ -35,6 +35,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Compress a model with LoRAP (low-rank attention, pruned FFN), calibrated on text.
     Compress(CompressArgs),
+    /// Training-free search of per-layer settings (attention ranks, FFN widths, dropped
+    /// layers): the Pareto front of calibration perplexity, parameters and latency, with
+    /// each front point written as a plan for `compress --plan`.
+    Search(SearchArgs),
     /// Write a compressed model in a format other tools load (hf-dense: plain transformers).
     Export(ExportArgs),
     /// (Re)write the HTML/SVG report of a compressed model, with perplexity before/after.
@@ -56,6 +60,48 @@ pub struct SynthArgs {
     /// Output folder (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SearchArgs {
+    /// Dense Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Calibration text (UTF-8): statistics windows and, after them, the scoring windows.
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// Calibration windows in all (statistics + scoring).
+    #[arg(long, default_value_t = 36)]
+    pub samples: usize,
+    /// Of those, windows that score candidates (never used for statistics).
+    #[arg(long, default_value_t = 4)]
+    pub search_windows: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Uniform plans evaluated first (decoder ratios, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4,0.5")]
+    pub ratios: Vec<f64>,
+    /// Parameter target of the local search (decoder ratio; default: the middle of --ratios).
+    #[arg(long)]
+    pub target_ratio: Option<f64>,
+    /// Local-search candidates evaluated after the uniform plans.
+    #[arg(long, default_value_t = 24)]
+    pub evaluations: usize,
+    /// Keep-fraction change per move.
+    #[arg(long, default_value_t = 0.1)]
+    pub step: f64,
+    /// Never drop whole layers.
+    #[arg(long)]
+    pub no_drop: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output folder: search.json, front.md, front.svg, plan-best.json, plan-front-NN.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
 }
@@ -238,6 +284,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export(&cli, a),
         Command::Report(a) => report(&cli, a),
         Command::Synth(a) => synth(&cli, a),
+        Command::Search(a) => search(&cli, a),
     }
 }
 
@@ -288,6 +335,45 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             rep.peak_gpu_bytes as f64 / (1u64 << 20) as f64, rep.adapter
         );
     }
+    Ok(())
+}
+
+fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
+    use crate::compress::{lorap, output, search, CompressError};
+    let model = Model::open(&a.model)?;
+    if a.out.exists() && !a.force {
+        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
+    }
+    let tok = model.tokenizer()?;
+    let ids = tok.encode(read_text(&a.calib)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let opts = search::SearchOptions {
+        uniform_ratios: a.ratios.clone(),
+        evaluations: a.evaluations,
+        target_ratio: a.target_ratio,
+        allow_drop: !a.no_drop,
+        step: a.step,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let gpu = gpu::Gpu::new(&cli.gpu_options())?;
+    let mut pb = Progress::new(model.cfg.num_hidden_layers, "search", cli.quiet);
+    let res = search::search(&gpu, &model, &calib, a.seq_len, a.search_windows, &opts, &mut |done, total, what| {
+        pb.set_total(total);
+        pb.update(done, what)
+    })?;
+    pb.finish();
+    let partial = output::partial_path(&a.out)?;
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    std::fs::create_dir_all(&partial)?;
+    for (file, text) in search::render(&res) {
+        std::fs::write(partial.join(&file), text).with_context(|| format!("{}: cannot write", partial.join(&file).display()))?;
+    }
+    output::move_into_place(&partial, &a.out)?;
+    print!("{}", search::front_table(&res));
+    println!("wrote {} ({} candidates in {:.0} s on {})", a.out.display(), res.candidates.len(), res.seconds, res.adapter);
     Ok(())
 }
 
@@ -388,6 +474,16 @@ impl Progress {
             pb
         });
         Progress { bar, plain: !quiet && !terminal, what: what.into(), total, start: std::time::Instant::now(), last_line: None, last_done: usize::MAX }
+    }
+
+    /// A new total (a job whose phases count different things).
+    pub fn set_total(&mut self, total: usize) {
+        if total != self.total {
+            self.total = total;
+            if let Some(pb) = &self.bar {
+                pb.set_length(total as u64);
+            }
+        }
     }
 
     pub fn update(&mut self, done: usize, msg: &str) {

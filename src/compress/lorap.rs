@@ -192,12 +192,12 @@ pub(crate) struct LayerStats {
 }
 
 /// s_j = sqrt(mean over windows of ||X_w[:, j]||^2), zeros replaced by 1e-4.
-fn scales(sumsq: &[f32], windows: usize) -> Vec<f32> {
+pub(crate) fn scales(sumsq: &[f32], windows: usize) -> Vec<f32> {
     sumsq.iter().map(|&v| (v as f64 / windows as f64).sqrt() as f32).map(|s| if s > 0.0 { s } else { 1e-4 }).collect()
 }
 
 /// Factors of one attention matrix: A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T S^-1.
-fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (m, n, k) = (dec.m, dec.n, dec.rank());
     let mut a = vec![0f32; m * r];
     let mut b = vec![0f32; r * n];
@@ -600,7 +600,7 @@ impl BuiltLayer {
 
 /// One statistics pass of the calibration states through the dense layer `dense`.
 #[allow(clippy::too_many_arguments)]
-fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize, windows: usize, need_cov: bool) -> Result<LayerStats> {
+pub(crate) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize, windows: usize, need_cov: bool) -> Result<LayerStats> {
     let dims = [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, dense.gate.out];
     let gram = if need_cov {
         let mk = |n: usize| -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(n * n)?, gpu.zeros(n)?)) };
@@ -721,7 +721,7 @@ fn lorap_layer(
 }
 
 /// Runs the calibration states through one (compressed) layer, in place.
-fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize) -> Result<()> {
+pub(crate) fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize) -> Result<()> {
     batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
         let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, h, tokens, seq_len, None)?;
@@ -733,7 +733,7 @@ fn propagate(gpu: &Gpu, cfg: &crate::model::ModelConfig, layer: &LayerWeights, t
 }
 
 /// Values as they will be read back from the stored dtype.
-fn round_trip(v: &[f32], dtype: Dtype) -> Vec<f32> {
+pub(crate) fn round_trip(v: &[f32], dtype: Dtype) -> Vec<f32> {
     match dtype {
         Dtype::F16 => v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect(),
         Dtype::BF16 => v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(),

@@ -1,0 +1,502 @@
+//! Training-free architecture search (`lorap-gpu search`): importance is sorted once on the
+//! dense model (activation-weighted spectra of q/k/v/o, FFN channel scores), then per-layer
+//! attention keep fractions, FFN keep fractions and dropped layers are searched, each
+//! candidate scored by perplexity on calibration windows, its decoder parameter count and its
+//! measured forward latency. The result is the Pareto front over the three, not one point.
+//! The surgical feature-space search (`surgical`) uses the same evaluator.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::allocate::{self, Allocation, MatrixSpec};
+use super::ffn;
+use super::lorap::{self, SITE_OF};
+use super::plan::{Plan, PlanLayer};
+use super::states::CalibStates;
+use super::svd::{self, SvdOptions};
+use crate::gpu::{Gpu, GpuBuf};
+use crate::model::config::LayerPlan;
+use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner, LINEARS};
+use crate::model::{Model, ModelConfig};
+
+/// Settings of a search.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchOptions {
+    /// Uniform plans evaluated first (decoder ratios); they anchor the front.
+    pub uniform_ratios: Vec<f64>,
+    /// Local-search steps after the uniform sweep.
+    pub evaluations: usize,
+    /// The decoder ratio the local search holds its parameter count at (default: the
+    /// middle uniform ratio).
+    pub target_ratio: Option<f64>,
+    /// Moves may drop whole layers.
+    pub allow_drop: bool,
+    /// Keep-fraction change of one move.
+    pub step: f64,
+    /// Fraction of the lowest-scored FFN channels reserved (LoRAP's 1%).
+    pub reserve: f64,
+    pub seed: u64,
+    #[serde(skip)]
+    pub svd: SvdOptions,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, seed: 1, svd: SvdOptions::default() }
+    }
+}
+
+/// One evaluated plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Candidate {
+    /// How it was made ("uniform 0.20", "move 3", ...).
+    pub origin: String,
+    pub plan: Plan,
+    pub decoder_params: usize,
+    /// 1 - decoder params / dense decoder params.
+    pub decoder_ratio: f64,
+    /// Perplexity on the search windows of the calibration text.
+    pub calib_ppl: f64,
+    /// Measured forward time per token on the search windows (seconds).
+    pub seconds_per_token: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub options: SearchOptions,
+    pub dense_ppl: f64,
+    pub dense_decoder_params: usize,
+    pub candidates: Vec<Candidate>,
+    /// Indices of the Pareto front over (parameters, perplexity, latency), by parameters.
+    pub front: Vec<usize>,
+    /// The best candidate at the target parameter count (within 0.5% of it).
+    pub best_at_target: Option<usize>,
+    /// The uniform plan at the target ratio.
+    pub uniform_at_target: Option<usize>,
+    /// Increase of the mean calibration NLL when each layer alone is compressed at keep
+    /// 1 - 2 x target (the others dense).
+    pub sensitivity: Vec<f64>,
+    pub adapter: String,
+    pub seconds: f64,
+}
+
+/// Indices of the candidates no other candidate dominates (all objectives <=, one <).
+pub fn pareto_front(points: &[[f64; 3]]) -> Vec<usize> {
+    let dominates = |a: &[f64; 3], b: &[f64; 3]| a.iter().zip(b).all(|(x, y)| x <= y) && a.iter().zip(b).any(|(x, y)| x < y);
+    let mut front: Vec<usize> = (0..points.len()).filter(|&i| !points.iter().any(|p| dominates(p, &points[i]))).collect();
+    front.sort_by(|&a, &b| points[a][0].total_cmp(&points[b][0]));
+    front
+}
+
+/// Mean NLL from hidden states `h` entering layer `from`, with layers `from..` given by
+/// `layer(i)` (`None` = dropped), and the forward time.
+pub(crate) fn nll_from(
+    runner: &mut Runner,
+    table: &crate::gpu::rope::RopeTable,
+    h: &GpuBuf,
+    from: usize,
+    layer: &mut dyn FnMut(usize) -> Result<Option<LayerWeights>>,
+    tokens: &[u32],
+    window: usize,
+) -> Result<(f64, f64)> {
+    let gpu = runner.gpu.clone();
+    let cfg = runner.cfg.clone();
+    let n = tokens.len();
+    // a copy: the cached states stay as they are
+    let mut cur = gpu.alloc(n * cfg.hidden_size)?;
+    let mut enc = gpu.encoder();
+    enc.copy_buffer_to_buffer(h.raw(), 0, cur.raw(), 0, (n * cfg.hidden_size * 4) as u64);
+    gpu.submit(enc);
+    let mut seconds = 0.0;
+    for i in from..cfg.num_hidden_layers {
+        let Some(lw) = layer(i)? else { continue };
+        gpu.wait()?;
+        let t = Instant::now();
+        let mut enc = gpu.encoder();
+        cur = forward::layer_forward(&gpu, &mut enc, &cfg, &lw, table, &cur, n, window, None)?;
+        gpu.submit(enc);
+        gpu.wait()?;
+        seconds += t.elapsed().as_secs_f64();
+    }
+    let t = Instant::now();
+    let nll = runner.head_nll(vec![(cur, n)], tokens, window)?;
+    seconds += t.elapsed().as_secs_f64();
+    Ok((nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len().max(1) as f64, seconds))
+}
+
+/// LoRAP's building blocks for one layer, from dense-model statistics.
+struct LayerLibrary {
+    /// Weighted SVD and the scale of q, k, v, o.
+    decs: Vec<(svd::Svd, Vec<f32>)>,
+    specs: Vec<MatrixSpec>,
+    ffn_scores: Vec<f64>,
+}
+
+/// Everything a candidate is built from: per-layer importance, sorted once.
+struct Library {
+    layers: Vec<LayerLibrary>,
+}
+
+fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_len: usize, opts: &SearchOptions, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<Library> {
+    let cfg = &model.cfg;
+    let store = &model.store;
+    let runner = Runner::new(gpu.clone(), cfg.clone(), store.clone(), false);
+    let mut batches = CalibStates::embed(&runner, calib, seq_len, runner.batch_tokens, false)?;
+    let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
+    let windows = calib.len() / seq_len;
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let full = LayerPlan { ffn_width: f, ..Default::default() };
+    let mut layers = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        progress(i, cfg.num_hidden_layers, "importance");
+        let dense = LayerWeights::load(gpu, store, cfg, i)?;
+        let stats = lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, false)?;
+        let mut decs = Vec::new();
+        let mut specs = Vec::new();
+        for j in 0..4 {
+            let (out, inp) = cfg.linear_shape(&full, j);
+            let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
+            let sc = stats.scales[SITE_OF[j]].clone();
+            let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(&sc).map(|(a, b)| a * b)).collect();
+            let dec = svd::randomized_svd(gpu, &gpu.upload(&ws)?, out, inp, out * inp / (out + inp), opts.svd)?;
+            specs.push(MatrixSpec { out, inp, sigma: dec.sigma.clone() });
+            decs.push((dec, sc));
+        }
+        let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
+            anyhow::bail!("layer {i}: FFN is not dense (search needs the dense model)");
+        };
+        let ffn_scores = ffn::channel_scores(gpu, wg, wu, wd, &gpu.upload(&stats.scales[2])?, &stats.scales[3], d, f)?;
+        lorap::propagate(gpu, cfg, &dense, &table, &mut batches, seq_len)?;
+        layers.push(LayerLibrary { decs, specs, ffn_scores });
+    }
+    Ok(Library { layers })
+}
+
+/// The LoRAP plan of one layer at keep fractions: ranks and FFN width (what it costs).
+fn layer_shape(cfg: &ModelConfig, lib: &LayerLibrary, att_keep: f64, ffn_keep: f64, reserve: f64) -> (LayerPlan, Vec<usize>) {
+    let f = cfg.intermediate_size;
+    let mut plan = LayerPlan { ffn_width: f, ..Default::default() };
+    if att_keep < 1.0 {
+        let dense_att: usize = lib.specs.iter().map(|s| s.out * s.inp).sum();
+        let ranks = allocate::allocate(&lib.specs, (att_keep * dense_att as f64).round() as usize, Allocation::Fixed31);
+        for (j, r) in ranks.into_iter().enumerate() {
+            plan.set_rank(j, r);
+        }
+    }
+    let remove = (((1.0 - ffn_keep) * f as f64).round() as usize).min(f - 1);
+    let kept = ffn::kept_channels(&lib.ffn_scores, remove, reserve);
+    plan.ffn_width = kept.len();
+    (plan, kept)
+}
+
+/// Decoder parameters of a plan.
+fn plan_params(cfg: &ModelConfig, lib: &Library, plan: &Plan, reserve: f64) -> usize {
+    plan.layers
+        .iter()
+        .zip(&lib.layers)
+        .filter(|(l, _)| !l.dropped)
+        .map(|(l, ll)| cfg.plan_params(&layer_shape(cfg, ll, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), reserve).0))
+        .sum()
+}
+
+/// GPU weights of layer `i` under a plan entry (from the library and the dense FFN).
+fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanLayer, reserve: f64) -> Result<Option<LayerWeights>> {
+    if l.dropped {
+        return Ok(None);
+    }
+    let cfg = &model.cfg;
+    let (plan, kept) = layer_shape(cfg, lib, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), reserve);
+    let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
+    let mut lin = Vec::new();
+    for (j, (dec, sc)) in lib.decs.iter().enumerate() {
+        lin.push(match plan.rank(j) {
+            None => None,
+            Some(r) => {
+                let (a, b) = lorap::factors(dec, r, sc);
+                Some(GpuLinear { out: dec.m, inp: dec.n, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None })
+            }
+        });
+    }
+    let d = cfg.hidden_size;
+    let f = cfg.intermediate_size;
+    let name = |s: &str| format!("model.layers.{i}.{s}");
+    let mut lw = dense;
+    let keep_bias = |new: GpuLinear, old: GpuLinear| GpuLinear { bias: old.bias, ..new };
+    let mut it = lin.into_iter();
+    if let Some(q) = it.next().flatten() {
+        lw.q = keep_bias(q, lw.q);
+    }
+    if let Some(k) = it.next().flatten() {
+        lw.k = keep_bias(k, lw.k);
+    }
+    if let Some(v) = it.next().flatten() {
+        lw.v = keep_bias(v, lw.v);
+    }
+    if let Some(o) = it.next().flatten() {
+        lw.o = o;
+    }
+    if kept.len() < f {
+        let fk = kept.len();
+        let dense_linear = |w: Vec<f32>, out: usize, inp: usize| -> Result<GpuLinear> { Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None }) };
+        lw.gate = dense_linear(ffn::gather_rows(&model.store.f32(&name("mlp.gate_proj.weight"), &[f, d])?, d, &kept), fk, d)?;
+        lw.up = dense_linear(ffn::gather_rows(&model.store.f32(&name("mlp.up_proj.weight"), &[f, d])?, d, &kept), fk, d)?;
+        lw.down = dense_linear(ffn::gather_cols(&model.store.f32(&name("mlp.down_proj.weight"), &[d, f])?, d, f, &kept), d, fk)?;
+    }
+    Ok(Some(lw))
+}
+
+/// Searches per-layer LoRAP settings of `model`: `calib` (whole windows of `seq_len`) is
+/// split into statistics windows and search (scoring) windows, `search_windows` of them.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    gpu: &std::sync::Arc<Gpu>,
+    model: &Model,
+    calib: &[u32],
+    seq_len: usize,
+    search_windows: usize,
+    opts: &SearchOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<SearchResult> {
+    let cfg = &model.cfg;
+    let n = cfg.num_hidden_layers;
+    anyhow::ensure!(cfg.lorap.is_none(), super::CompressError::AlreadyCompressed(model.dir.display().to_string()));
+    let windows = calib.len() / seq_len;
+    anyhow::ensure!(
+        search_windows >= 1 && windows > search_windows,
+        super::CompressError::BadArgument(format!("need more calibration windows ({windows}) than search windows ({search_windows}), and at least one of each"))
+    );
+    anyhow::ensure!(opts.uniform_ratios.iter().all(|r| (0.0..1.0).contains(r)) && opts.step > 0.0 && opts.step < 1.0, super::CompressError::BadArgument("uniform ratios must be in [0, 1) and the step in (0, 1)".into()));
+    let t0 = Instant::now();
+    // scoring windows are the last ones: never used for statistics
+    let (stats_tokens, search_tokens) = calib.split_at((windows - search_windows) * seq_len);
+    let lib = build_library(gpu, model, stats_tokens, seq_len, opts, progress)?;
+    let mut runner = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
+    let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
+    let h0 = runner.embed(search_tokens)?;
+    let dense_params = cfg.decoder_params();
+    let evaluate = |runner: &mut Runner, plan: &Plan| -> Result<(f64, f64)> {
+        let (nll, secs) = nll_from(runner, &table, &h0, 0, &mut |i| build_layer(gpu, model, &lib.layers[i], i, &plan.layers[i], opts.reserve), search_tokens, seq_len)?;
+        Ok((nll.exp(), secs / search_tokens.len() as f64))
+    };
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let total = opts.uniform_ratios.len() + 1 + opts.evaluations;
+    let record = |origin: String, plan: Plan, ppl: f64, spt: f64, candidates: &mut Vec<Candidate>| -> usize {
+        let p = plan_params(cfg, &lib, &plan, opts.reserve);
+        candidates.push(Candidate { origin, plan, decoder_params: p, decoder_ratio: 1.0 - p as f64 / dense_params as f64, calib_ppl: ppl, seconds_per_token: spt });
+        candidates.len() - 1
+    };
+    progress(0, total, "dense");
+    let (dense_ppl, dense_spt) = evaluate(&mut runner, &Plan::uniform(n, 1.0))?;
+    record("dense".into(), Plan::uniform(n, 1.0), dense_ppl, dense_spt, &mut candidates);
+    let mut uniform_idx = Vec::new();
+    for (k, &r) in opts.uniform_ratios.iter().enumerate() {
+        progress(k + 1, total, "uniform plans");
+        let plan = Plan::uniform(n, 1.0 - r);
+        let (ppl, spt) = evaluate(&mut runner, &plan)?;
+        uniform_idx.push((r, record(format!("uniform {r:.2}"), plan, ppl, spt, &mut candidates)));
+    }
+    let target = opts.target_ratio.unwrap_or_else(|| opts.uniform_ratios.get(opts.uniform_ratios.len() / 2).copied().unwrap_or(0.2));
+    let budget = ((1.0 - target) * dense_params as f64) as usize;
+    let start = Plan::uniform(n, 1.0 - target);
+    let uniform_at_target = match uniform_idx.iter().find(|(r, _)| (r - target).abs() < 1e-9) {
+        Some((_, k)) => *k,
+        None => {
+            let (ppl, spt) = evaluate(&mut runner, &start)?;
+            record(format!("uniform {target:.2}"), start.clone(), ppl, spt, &mut candidates)
+        }
+    };
+    let mut best = (start, candidates[uniform_at_target].calib_ppl);
+
+    // sensitivity: each layer alone compressed harder than the target, the others dense;
+    // scored from the dense states entering it, so only the layers after it run again
+    let mut entering = vec![runner.embed(search_tokens)?];
+    for i in 0..n - 1 {
+        let lw = LayerWeights::load(gpu, &model.store, cfg, i)?;
+        let mut enc = gpu.encoder();
+        let next = forward::layer_forward(gpu, &mut enc, cfg, &lw, &table, &entering[i], search_tokens.len(), seq_len, None)?;
+        gpu.submit(enc);
+        entering.push(next);
+    }
+    let probe_keep = (1.0 - 2.0 * target).max(0.1);
+    let mut sensitivity = Vec::with_capacity(n);
+    for i in 0..n {
+        progress(opts.uniform_ratios.len() + 1 + i, total, "layer sensitivity");
+        let probe = PlanLayer { attention_keep: Some(probe_keep), ffn_keep: Some(probe_keep), ..Default::default() };
+        let (nll, _) = nll_from(&mut runner, &table, &entering[i], i, &mut |k| {
+            if k == i {
+                build_layer(gpu, model, &lib.layers[k], k, &probe, opts.reserve)
+            } else {
+                Ok(Some(LayerWeights::load(gpu, &model.store, cfg, k)?))
+            }
+        }, search_tokens, seq_len)?;
+        sensitivity.push(nll - dense_ppl.ln());
+    }
+    drop(entering);
+    // guided plans: each layer removes a share inversely related to its sensitivity
+    for alpha in [0.5, 1.0] {
+        let Some(plan) = guided_plan(&sensitivity, alpha, |p| plan_params(cfg, &lib, p, opts.reserve), budget) else { continue };
+        let (ppl, spt) = evaluate(&mut runner, &plan)?;
+        record(format!("sensitivity-guided a={alpha}"), plan.clone(), ppl, spt, &mut candidates);
+        if ppl < best.1 {
+            best = (plan, ppl);
+        }
+    }
+    let total = total + n + 2;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let att_unit = (0..4).map(|j| cfg.linear_params(&LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() }, j)).sum::<usize>() as f64;
+    let ffn_unit = (3 * cfg.hidden_size * cfg.intermediate_size) as f64;
+    for step in 0..opts.evaluations {
+        progress(opts.uniform_ratios.len() + 1 + n + 2 + step, total, "local search");
+        let Some(plan) = propose(&best.0, &mut rng, opts, att_unit, ffn_unit, |p| plan_params(cfg, &lib, p, opts.reserve), budget) else { continue };
+        let (ppl, spt) = evaluate(&mut runner, &plan)?;
+        let better = ppl < best.1;
+        record(format!("move {}", step + 1), plan.clone(), ppl, spt, &mut candidates);
+        if better {
+            best = (plan, ppl);
+        }
+    }
+    progress(total, total, "done");
+    let points: Vec<[f64; 3]> = candidates.iter().map(|c| [c.decoder_params as f64, c.calib_ppl, c.seconds_per_token]).collect();
+    // latency is measured, so noisy: the front uses it but parameters and perplexity decide ties
+    let front = pareto_front(&points);
+    let tol = 0.005 * dense_params as f64;
+    let best_at_target = (0..candidates.len()).filter(|&k| (candidates[k].decoder_params as f64 - budget as f64).abs() <= tol).min_by(|&a, &b| candidates[a].calib_ppl.total_cmp(&candidates[b].calib_ppl));
+    let mut opts = opts.clone();
+    opts.target_ratio = Some(target);
+    Ok(SearchResult {
+        options: opts,
+        dense_ppl,
+        dense_decoder_params: dense_params,
+        candidates,
+        front,
+        best_at_target,
+        uniform_at_target: Some(uniform_at_target),
+        sensitivity,
+        adapter: gpu.info.name.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Per-layer removal r_i = c / (sensitivity_i + eps)^alpha (normalised, clamped to
+/// [0, 0.95]), with c found so the plan meets `budget`.
+fn guided_plan(sensitivity: &[f64], alpha: f64, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<Plan> {
+    let n = sensitivity.len();
+    let mean = sensitivity.iter().map(|s| s.max(0.0)).sum::<f64>() / n as f64;
+    let eps = 0.1 * mean.max(1e-6);
+    let w: Vec<f64> = sensitivity.iter().map(|s| 1.0 / (s.max(0.0) + eps).powf(alpha)).collect();
+    let wm = w.iter().sum::<f64>() / n as f64;
+    let plan_at = |c: f64| {
+        let mut p = Plan::uniform(n, 1.0);
+        for (l, wi) in p.layers.iter_mut().zip(&w) {
+            let keep = 1.0 - (c * wi / wm).clamp(0.0, 0.95);
+            l.attention_keep = Some(keep);
+            l.ffn_keep = Some(keep);
+        }
+        p
+    };
+    // more removal, fewer parameters: bisect on c
+    let (mut lo, mut hi) = (0.0, 1.0 / w.iter().map(|x| x / wm).fold(f64::INFINITY, f64::min).max(1e-9));
+    if params(&plan_at(hi)) > budget {
+        return None;
+    }
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if params(&plan_at(mid)) > budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(plan_at(hi))
+}
+
+/// A budget-neutral move from `plan`: one layer gains `step` of attention or FFN, another
+/// loses what keeps the parameter count at `budget` (within half a percent); or a layer is
+/// dropped and its parameters spread over the others. `None` when the move is infeasible.
+fn propose(plan: &Plan, rng: &mut StdRng, opts: &SearchOptions, att_unit: f64, ffn_unit: f64, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<Plan> {
+    let n = plan.layers.len();
+    let live: Vec<usize> = (0..n).filter(|&i| !plan.layers[i].dropped).collect();
+    let mut p = plan.clone();
+    if opts.allow_drop && live.len() > 2 && rng.random_bool(0.15) {
+        let victim = live[rng.random_range(0..live.len())];
+        p.layers[victim].dropped = true;
+    } else {
+        if live.len() < 2 {
+            return None;
+        }
+        let a = live[rng.random_range(0..live.len())];
+        let b = live[rng.random_range(0..live.len())];
+        let (xa, xb) = (rng.random_bool(0.5), rng.random_bool(0.5));
+        let (ua, ub) = (if xa { att_unit } else { ffn_unit }, if xb { att_unit } else { ffn_unit });
+        let gain = opts.step;
+        let loss = gain * ua / ub;
+        let get = |l: &PlanLayer, att: bool| if att { l.attention_keep.unwrap_or(1.0) } else { l.ffn_keep.unwrap_or(1.0) };
+        let (ka, kb) = (get(&p.layers[a], xa) + gain, get(&p.layers[b], xb) - loss);
+        if (a == b && xa == xb) || ka > 1.0 + 1e-9 || kb < 0.05 {
+            return None;
+        }
+        let set = |l: &mut PlanLayer, att: bool, k: f64| if att { l.attention_keep = Some(k.min(1.0)) } else { l.ffn_keep = Some(k.min(1.0)) };
+        set(&mut p.layers[a], xa, ka);
+        set(&mut p.layers[b], xb, kb);
+    }
+    // rescale every live layer's keep fractions so the parameters meet the budget
+    for _ in 0..30 {
+        let have = params(&p) as f64;
+        if (have - budget as f64).abs() <= 0.004 * budget as f64 {
+            return Some(p);
+        }
+        let s = budget as f64 / have;
+        for l in p.layers.iter_mut().filter(|l| !l.dropped) {
+            l.attention_keep = Some((l.attention_keep.unwrap_or(1.0) * s).clamp(0.05, 1.0));
+            l.ffn_keep = Some((l.ffn_keep.unwrap_or(1.0) * s).clamp(0.05, 1.0));
+        }
+    }
+    None
+}
+
+/// The front as a Markdown table.
+pub fn front_table(res: &SearchResult) -> String {
+    let mut s = String::from("| point | origin | decoder removed | parameters | calib ppl | ms / token | dropped layers |\n| --- | --- | ---: | ---: | ---: | ---: | --- |\n");
+    for (k, &i) in res.front.iter().enumerate() {
+        let c = &res.candidates[i];
+        let dropped: Vec<String> = c.plan.layers.iter().enumerate().filter(|(_, l)| l.dropped).map(|(i, _)| i.to_string()).collect();
+        s += &format!("| {k:02} | {} | {:.2}% | {} | {:.3} | {:.3} | {} |\n", c.origin, 100.0 * c.decoder_ratio, c.decoder_params, c.calib_ppl, 1e3 * c.seconds_per_token, dropped.join(" "));
+    }
+    if let (Some(b), Some(u)) = (res.best_at_target, res.uniform_at_target) {
+        let (b, u) = (&res.candidates[b], &res.candidates[u]);
+        s += &format!(
+            "\nAt the target ({:.2}% removed): best searched plan ({}) {:.3} vs uniform {:.3} calibration perplexity; dense {:.3}.\n",
+            100.0 * res.options.target_ratio.unwrap_or(0.0), b.origin, b.calib_ppl, u.calib_ppl, res.dense_ppl
+        );
+    }
+    s
+}
+
+/// The files `search` writes: search.json (every candidate), front.md, front.svg,
+/// plan-best.json (the best plan at the target) and plan-front-NN.json per front point.
+pub fn render(res: &SearchResult) -> Vec<(String, String)> {
+    use crate::report::svg::{scatter_chart, Chart, Series};
+    let mut files = vec![("search.json".to_string(), serde_json::to_string_pretty(res).unwrap_or_default()), ("front.md".to_string(), front_table(res))];
+    let pt = |c: &Candidate| (100.0 * c.decoder_ratio, c.calib_ppl);
+    let series = vec![
+        Series { name: "evaluated".into(), points: res.candidates.iter().map(pt).collect() },
+        Series { name: "Pareto front".into(), points: res.front.iter().map(|&i| pt(&res.candidates[i])).collect() },
+        Series { name: "uniform plans".into(), points: res.candidates.iter().filter(|c| c.origin.starts_with("uniform") || c.origin == "dense").map(pt).collect() },
+    ];
+    let chart = Chart { title: "Search: calibration perplexity vs parameters removed", x_label: "decoder parameters removed (%)", y_label: "calibration perplexity", log_y: true };
+    files.push(("front.svg".into(), scatter_chart(&chart, &series, &[false, true, false])));
+    if let Some(b) = res.best_at_target {
+        let mut plan = res.candidates[b].plan.clone();
+        plan.note = format!("search: best at {:.2}% removed, calibration ppl {:.3}", 100.0 * res.candidates[b].decoder_ratio, res.candidates[b].calib_ppl);
+        files.push(("plan-best.json".into(), serde_json::to_string_pretty(&plan).unwrap_or_default()));
+    }
+    for (k, &i) in res.front.iter().enumerate() {
+        let mut plan = res.candidates[i].plan.clone();
+        plan.note = format!("search front point {k:02}: {}, {:.2}% removed, calibration ppl {:.3}", res.candidates[i].origin, 100.0 * res.candidates[i].decoder_ratio, res.candidates[i].calib_ppl);
+        files.push((format!("plan-front-{k:02}.json"), serde_json::to_string_pretty(&plan).unwrap_or_default()));
+    }
+    files
+}

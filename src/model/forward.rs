@@ -358,11 +358,20 @@ impl Runner {
             batches.push((self.embed(chunk)?, chunk.len()));
         }
         self.run_layers(&mut batches, window, progress)?;
+        self.head_nll(batches, tokens, window)
+    }
+
+    /// NLL of the next tokens from final hidden states: `batches` hold the states of
+    /// consecutive chunks of `tokens` (whole windows of `window`), as `run_layers` leaves them.
+    pub fn head_nll(&mut self, batches: Vec<(GpuBuf, usize)>, tokens: &[u32], window: usize) -> Result<Vec<f32>> {
         let (d, v, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps as f32);
         let gpu = self.gpu.clone();
         let rows_per_chunk = (gpu.max_binding_elems() / v).clamp(1, 512);
         let mut out = Vec::with_capacity(tokens.len());
-        for ((h, n), chunk) in batches.into_iter().zip(tokens.chunks(per_batch)) {
+        let mut at = 0;
+        for (h, n) in batches {
+            let chunk = &tokens[at..at + n];
+            at += n;
             let targets: Vec<f32> = (0..n).map(|p| if (p + 1) % window == 0 { 0.0 } else { chunk[p + 1] as f32 }).collect();
             let head = self.head()?;
             let xn = gpu.alloc(n * d)?;

@@ -144,6 +144,28 @@ pub fn line_chart(chart: &Chart, series: &[Series]) -> String {
     s
 }
 
+/// Points of several series as dots; series whose `connect` flag is set are also joined
+/// by a line in x order (a Pareto front).
+pub fn scatter_chart(chart: &Chart, series: &[Series], connect: &[bool]) -> String {
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let (mut s, f) = frame(chart, all.clone().map(|p| p.0), all.map(|p| p.1), false);
+    for (i, ser) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let mut pts: Vec<(f64, f64)> = ser.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite() && (!chart.log_y || p.1 > 0.0)).collect();
+        if connect.get(i).copied().unwrap_or(false) {
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let line: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", f.px(x), f.py(y))).collect();
+            let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, line.join(" "));
+        }
+        for &(x, y) in &pts {
+            let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="{}" fill="{color}" fill-opacity="0.8"/>"#, f.px(x), f.py(y), 3.5 - 0.5 * (i.min(2) as f64));
+        }
+    }
+    legend(&mut s, &series.iter().map(|x| x.name.as_str()).collect::<Vec<_>>());
+    s.push_str("</svg>");
+    s
+}
+
 /// Grouped bars: `groups[g]` holds one value per name in `names`, drawn at x = g.
 pub fn bar_chart(chart: &Chart, names: &[&str], groups: &[Vec<f64>]) -> String {
     let n = names.len().max(1);
