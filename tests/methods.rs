@@ -4,7 +4,7 @@
 
 mod common;
 
-use lorap_gpu::compress::{lorap, plan, sfsd, svd::SvdOptions};
+use lorap_gpu::compress::{lorap, plan, search, sfsd, svd::SvdOptions};
 use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
 use nalgebra::{DMatrix, SymmetricEigen};
 
@@ -187,4 +187,63 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
         assert!(e.to_string().contains("plan"), "{e}");
         assert!(!o.exists());
     }
+}
+
+/// The search's candidates, front and plans: every front plan, applied by `compress --plan`,
+/// gives exactly the parameter count the search reported for it.
+#[test]
+fn search_returns_a_front_whose_plans_compress_to_their_parameter_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 3);
+    let gpu = common::gpu();
+    let calib = tokens(10 * 16, 101, 1);
+    let opts = search::SearchOptions { uniform_ratios: vec![0.2, 0.4], evaluations: 4, target_ratio: Some(0.3), ..Default::default() };
+    let res = search::search(&gpu, &model, &calib, 16, 2, &opts, &mut |_, _, _| {}).unwrap();
+    // dense + 2 uniform + uniform at the target + 2 guided + up to 4 moves
+    assert!(res.candidates.len() >= 6 && res.candidates.len() <= 10, "{}", res.candidates.len());
+    assert_eq!(res.sensitivity.len(), 3);
+    assert!(res.candidates.iter().all(|c| c.calib_ppl.is_finite() && c.calib_ppl > 1.0 && c.seconds_per_token > 0.0));
+    let pts: Vec<[f64; 3]> = res.candidates.iter().map(|c| [c.decoder_params as f64, c.calib_ppl, c.seconds_per_token]).collect();
+    for (i, p) in pts.iter().enumerate() {
+        let dominated = pts.iter().any(|q| q.iter().zip(p).all(|(a, b)| a <= b) && q.iter().zip(p).any(|(a, b)| a < b));
+        assert_eq!(res.front.contains(&i), !dominated, "candidate {i}");
+    }
+    let best = res.best_at_target.expect("the uniform plan at the target is a candidate");
+    assert!(res.candidates[best].calib_ppl <= res.candidates[res.uniform_at_target.unwrap()].calib_ppl);
+    let files = search::render(&res);
+    assert!(files.iter().any(|(f, s)| f == "front.svg" && s.matches("<circle").count() >= res.candidates.len()));
+    for k in [best, res.front[0]] {
+        let c = &res.candidates[k];
+        let out = dir.path().join(format!("applied-{k}"));
+        let o = lorap::LorapOptions { plan: Some(c.plan.clone()), ratio: 0.0, ..Default::default() };
+        let (_, rep) = lorap::compress(&gpu, &model, &calib[..8 * 16], 16, &o, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+        assert_eq!(rep.decoder_params_after, c.decoder_params, "{}", c.origin);
+    }
+}
+
+#[test]
+fn surgical_search_respects_its_bound_and_its_plan_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 3);
+    let gpu = common::gpu();
+    let calib = tokens(10 * 16, 101, 1);
+    // a bound nothing can break: every considered linear goes to the smallest rank
+    let loose = sfsd::SurgicalOptions { skip_first: 1, tolerance: 1e9, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
+    let (plan, rep) = sfsd::surgical(&gpu, &model, &calib, 16, 2, &loose, &mut |_, _, _| {}).unwrap();
+    assert_eq!(rep.steps.len(), 14, "two layers of seven linears");
+    assert!(rep.steps.iter().all(|s| s.keep == Some(0.2)));
+    assert!(plan.layers[0].module_keep.values().all(|&k| k >= 1.0), "skipped layer stays dense");
+    let out = dir.path().join("surgical");
+    let o = lorap::LorapOptions { method: lorap::Method::Sfsd, plan: Some(plan), ratio: 0.0, ..Default::default() };
+    let (_, crep) = lorap::compress(&gpu, &model, &calib[..8 * 16], 16, &o, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let m = Model::open(&out).unwrap();
+    let sec = m.cfg.lorap.as_ref().unwrap();
+    assert!((0..7).all(|j| sec.layers[0].rank(j).is_none()));
+    assert!((1..3).all(|i| (0..7).all(|j| sec.layers[i].rank(j).is_some())));
+    assert!(crep.achieved_decoder_ratio > 0.3);
+    // a tight bound: every decision stays within it
+    let tight = sfsd::SurgicalOptions { skip_first: 1, tolerance: 0.001, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
+    let (_, rep) = sfsd::surgical(&gpu, &model, &calib, 16, 2, &tight, &mut |_, _, _| {}).unwrap();
+    assert!(rep.steps.iter().all(|s| s.ppl <= s.allowed * (1.0 + 1e-12)), "{:?}", rep.steps);
+    assert!(rep.final_ppl <= rep.base_ppl * 1.001f64.powi(14) * (1.0 + 1e-12));
 }

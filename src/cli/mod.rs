@@ -146,7 +146,7 @@ pub struct CompressArgs {
     pub model: PathBuf,
     /// Fraction of decoder-layer parameters to remove, in (0, 1) (with --plan: the
     /// fallback for what the plan leaves unsaid; default 0 there).
-    #[arg(long, required_unless_present = "plan")]
+    #[arg(long, required_unless_present_any = ["plan", "surgical"])]
     pub ratio: Option<f64>,
     /// Compression method: lorap (low-rank attention + pruned FFN), sfsd (feature-space
     /// decomposition of every linear), mpo (MPO cores of every linear).
@@ -155,6 +155,22 @@ pub struct CompressArgs {
     /// Per-layer plan (JSON, as `search` writes): dropped layers and keep fractions.
     #[arg(long)]
     pub plan: Option<PathBuf>,
+    /// sfsd: pick which linears to decompose, and their ranks, by a surgical search on the
+    /// last --search-windows calibration windows (then compress with that plan).
+    #[arg(long)]
+    pub surgical: bool,
+    /// Surgical search: scoring windows (the last ones of --samples; never statistics).
+    #[arg(long, default_value_t = 4)]
+    pub search_windows: usize,
+    /// Surgical search: leading layers never decomposed.
+    #[arg(long, default_value_t = 4)]
+    pub surgical_skip_first: usize,
+    /// Surgical search: consider only the last N layers (quick runs).
+    #[arg(long)]
+    pub surgical_last_layers: Option<usize>,
+    /// Surgical search: allowed perplexity = base x (1 + tolerance)^(modules visited).
+    #[arg(long, default_value_t = 0.005)]
+    pub surgical_tolerance: f64,
     /// MPO: cores per matrix.
     #[arg(long, default_value_t = 3)]
     pub mpo_cores: usize,
@@ -315,16 +331,53 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         ffn_activation_scores: !a.magnitude_ffn,
         svd: SvdOptions { power_iters: a.power_iters, oversample: a.oversample, ..Default::default() },
     };
+    let mut opts = opts;
+    if a.surgical {
+        anyhow::ensure!(a.method == lorap::Method::Sfsd && a.plan.is_none(), CompressError::BadArgument("--surgical goes with --method sfsd and no --plan".into()));
+        opts.plan = Some(crate::compress::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
+    }
     lorap::validate(&model, &calib, a.seq_len, &opts)?;
+    if a.out.exists() && !a.force && !a.resume {
+        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
+    }
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     if let Some(v) = a.max_vram {
         anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
         gpu.set_budget((v * (1u64 << 30) as f64) as u64);
     }
+    let mut surgical_report = None;
+    let mut calib = calib;
+    if a.surgical {
+        let sopts = crate::compress::sfsd::SurgicalOptions {
+            skip_first: a.surgical_skip_first,
+            last_layers: a.surgical_last_layers,
+            tolerance: a.surgical_tolerance,
+            svd: opts.svd,
+            ..Default::default()
+        };
+        let mut pb = Progress::new(model.cfg.num_hidden_layers, "surgical search", cli.quiet);
+        let (plan, rep) = crate::compress::sfsd::surgical(&gpu, &model, &calib, a.seq_len, a.search_windows, &sopts, &mut |d, t, what| {
+            pb.set_total(t);
+            pb.update(d, what)
+        })?;
+        pb.finish();
+        if !cli.quiet {
+            eprintln!("surgical search: search-window perplexity {:.3} -> {:.3}, {} of {} linears decomposed", rep.base_ppl, rep.final_ppl, rep.steps.iter().filter(|s| s.keep.is_some()).count(), rep.steps.len());
+        }
+        opts.plan = Some(plan);
+        // the compression's statistics use the windows the search did not score on
+        calib.truncate(calib.len() - a.search_windows * a.seq_len);
+        surgical_report = Some(rep);
+    }
     let control = lorap::RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
     let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, &control, &mut |done, _, what| pb.update(done, what))?;
     pb.finish();
+    if let (Some(sr), Some(plan)) = (&surgical_report, &opts.plan) {
+        // beside the finished model: what the search decided, and the plan to re-apply it
+        std::fs::write(path.join("surgical_search.json"), serde_json::to_string_pretty(sr)?)?;
+        std::fs::write(path.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

@@ -500,3 +500,27 @@ pub fn render(res: &SearchResult) -> Vec<(String, String)> {
     }
     files
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pareto_front_keeps_exactly_the_non_dominated_points() {
+        let pts = [[1.0, 5.0, 1.0], [2.0, 4.0, 1.0], [2.0, 6.0, 1.0], [3.0, 3.0, 2.0], [3.0, 3.0, 1.0], [0.5, 9.0, 3.0], [4.0, 4.0, 0.5]];
+        // [2,6,1] is dominated by [1,5,1]; [3,3,2] by [3,3,1]; [4,4,0.5] is kept: lowest latency
+        assert_eq!(pareto_front(&pts), vec![5, 0, 1, 4, 6]);
+    }
+
+    #[test]
+    fn guided_plans_meet_the_budget_and_spare_sensitive_layers() {
+        let sens = [4.0, 0.5, 0.1, 2.0];
+        // parameters proportional to the summed keep fractions
+        let params = |p: &Plan| (p.layers.iter().filter(|l| !l.dropped).map(|l| l.attention_keep.unwrap() + l.ffn_keep.unwrap()).sum::<f64>() * 1000.0) as usize;
+        let budget = 6000; // 75% of 8000
+        let p = guided_plan(&sens, 1.0, params, budget).unwrap();
+        assert!((params(&p) as f64 - budget as f64).abs() <= 10.0, "{}", params(&p));
+        let k: Vec<f64> = p.layers.iter().map(|l| l.attention_keep.unwrap()).collect();
+        assert!(k[0] > k[3] && k[3] > k[1] && k[1] > k[2], "{k:?}");
+    }
+}
