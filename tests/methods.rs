@@ -139,6 +139,19 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(e < 1e-4, "mpo model GPU vs CPU: {e:e}");
     let d = lorap_gpu::gpu::rel_frobenius(&nll, &dense_nll.iter().map(|&x| x as f64).collect::<Vec<_>>());
     assert!(d < 1e-3, "full-bond MPO differs from the dense model: {d:e}");
+    // one shared centre per linear: stored once, every layer refitted around it
+    let shared = dir.path().join("mpo-shared");
+    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.3, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
+    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &shared, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let m = Model::open(&shared).unwrap();
+    let names: Vec<String> = m.store.names().map(String::from).collect();
+    assert!(names.contains(&"model.mpo_shared.self_attn.q_proj.mpo_core_1".to_string()) && names.contains(&"model.mpo_shared.mlp.gate_proj.mpo_core_1".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("model.layers.") && n.ends_with("mpo_core_1")), "no per-layer centre");
+    assert_eq!(m.cfg.shared_mpo().len(), 2);
+    assert_eq!(m.cfg.decoder_params(), rep.decoder_params_after);
+    assert!(rep.layers.iter().all(|l| l.weighted_rel_error[0] > 0.0 && l.weighted_rel_error[0] < 1.0));
+    let (_, e) = gpu_vs_reference(&gpu, &m, &toks, 12);
+    assert!(e < 1e-4, "shared-centre model GPU vs CPU: {e:e}");
     // truncated bonds: smaller, still runs, error grows
     let cut = dir.path().join("mpo-cut");
     let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.5, ..Default::default() };

@@ -177,6 +177,10 @@ pub struct CompressArgs {
     /// MPO: bond dimension cap (default: the largest that keeps 1 - ratio of each matrix).
     #[arg(long)]
     pub mpo_max_bond: Option<usize>,
+    /// MPO: share one central core per linear across all layers (3 cores); each layer's
+    /// outer cores are refitted to its own weights by least squares.
+    #[arg(long)]
+    pub mpo_share_centre: bool,
     /// MPO: linears to decompose, comma-separated among q,k,v,o,gate,up,down (default all).
     #[arg(long, value_delimiter = ',')]
     pub mpo_matrices: Vec<String>,
@@ -322,6 +326,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         method: a.method,
         mpo_cores: a.mpo_cores,
         mpo_max_bond: a.mpo_max_bond,
+        mpo_share_centre: a.mpo_share_centre,
         mpo_matrices,
         ratio: a.ratio.unwrap_or(0.0),
         plan,

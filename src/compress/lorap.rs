@@ -69,6 +69,10 @@ pub struct LorapOptions {
     /// matrix's parameters).
     #[serde(default)]
     pub mpo_max_bond: Option<usize>,
+    /// MPO: one central core shared by all layers per linear (3 cores), each layer's outer
+    /// cores refitted to its own weights by least squares.
+    #[serde(default)]
+    pub mpo_share_centre: bool,
     /// MPO: the linears decomposed (indices into `forward::LINEARS`; empty = all seven).
     #[serde(default)]
     pub mpo_matrices: Vec<usize>,
@@ -94,6 +98,7 @@ impl Default for LorapOptions {
             ffn_activation_scores: true,
             mpo_cores: default_mpo_cores(),
             mpo_max_bond: None,
+            mpo_share_centre: false,
             mpo_matrices: Vec::new(),
             plan: None,
             svd: SvdOptions::default(),
@@ -284,6 +289,9 @@ pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOption
     if opts.method == Method::Mpo && !(2..=8).contains(&opts.mpo_cores) {
         return Err(CompressError::BadArgument(format!("--mpo-cores must be in 2..=8, got {}", opts.mpo_cores)).into());
     }
+    if opts.mpo_share_centre && (opts.method != Method::Mpo || opts.mpo_cores != 3 || opts.plan.is_some()) {
+        return Err(CompressError::BadArgument("--mpo-share-centre needs --method mpo with 3 cores and no --plan".into()).into());
+    }
     if opts.mpo_max_bond == Some(0) || opts.mpo_matrices.iter().any(|&j| j >= LINEARS.len()) {
         return Err(CompressError::BadArgument("--mpo-max-bond must be positive and --mpo-matrices name linears of the layer".into()).into());
     }
@@ -367,6 +375,7 @@ pub fn compress(
     let dtype_of = store.dtype(&format!("model.layers.0.{}.weight", LINEARS[0]))?;
     let out_dtype = if matches!(dtype_of, Dtype::F16 | Dtype::BF16) { dtype_of } else { Dtype::F32 };
     let need_cov = opts.method == Method::Sfsd;
+    let shared_mpo = if opts.method == Method::Mpo { super::mpo::shared_decompositions(store, cfg, opts)? } else { Default::default() };
     for i in first_layer..n_layers {
         let t_layer = Instant::now();
         let setting = LayerSetting::of(opts, i);
@@ -386,7 +395,7 @@ pub fn compress(
         match opts.method {
             Method::Lorap => lorap_layer(gpu, store, cfg, i, &dense, &stats, opts, &setting, &mut built, progress)?,
             Method::Sfsd => super::sfsd::sfsd_layer(gpu, store, cfg, i, &stats, &setting, opts.svd, &mut built, progress)?,
-            Method::Mpo => super::mpo::mpo_layer(gpu, store, cfg, i, opts, &mut built, progress)?,
+            Method::Mpo => super::mpo::mpo_layer(gpu, store, cfg, i, opts, &shared_mpo, &mut built, progress)?,
         }
         let name = |s: &str| format!("model.layers.{i}.{s}");
         if cfg.qkv_bias() {
@@ -437,6 +446,12 @@ pub fn compress(
             continue;
         }
         rest.push(OutTensor::copied(store, n)?);
+    }
+    for (&j, m) in &shared_mpo {
+        // the shared centre, rounded as the layers used it
+        let c = &m.cores[m.cores.len() / 2];
+        let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), out_dtype);
+        rest.push(OutTensor { name: format!("model.mpo_shared.{}.mpo_core_{}", LINEARS[j], m.cores.len() / 2), dtype: out_dtype, bytes: encode(&v, out_dtype), shape: vec![c.left, c.i, c.j, c.right] });
     }
     folder.write_shard(n_layers, &rest)?;
     drop(rest);
@@ -578,18 +593,23 @@ impl BuiltLayer {
 
     /// Linear `j` (next in order) is stored as MPO cores; calibration continues with the
     /// matrix the stored (rounded) cores give.
-    pub fn mpo(&mut self, gpu: &Gpu, j: usize, m: &super::mpo::Mpo) -> Result<()> {
+    /// With `shared`, the central core is not written here (it is stored once per model).
+    pub fn mpo(&mut self, gpu: &Gpu, j: usize, m: &super::mpo::Mpo, shared: bool) -> Result<()> {
         debug_assert_eq!(self.linears.len(), j);
         let mut rounded = m.clone();
+        let centre = m.cores.len() / 2;
         for (k, c) in rounded.cores.iter_mut().enumerate() {
             let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), self.dtype);
-            self.push(self.name(j, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
+            if !(shared && k == centre) {
+                self.push(self.name(j, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
+            }
             c.data = v.iter().map(|&x| x as f64).collect();
         }
         let shape = crate::model::config::MpoShape {
             row_factors: m.cores.iter().map(|c| c.i).collect(),
             col_factors: m.cores.iter().map(|c| c.j).collect(),
             bonds: m.cores[..m.cores.len() - 1].iter().map(|c| c.right).collect(),
+            shared_centre: shared,
         };
         self.plan.mpo.insert(LINEARS[j].to_string(), shape);
         let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();

@@ -54,6 +54,34 @@ pub fn factorize(n: usize, parts: usize) -> Vec<usize> {
     out
 }
 
+/// W [rows, cols] as the tensor (i1, j1, ..., in, jn), row-major, in f64.
+fn permuted(w: &[f32], rows: usize, cols: usize, row_f: &[usize], col_f: &[usize]) -> Vec<f64> {
+    let n = row_f.len();
+    // permute (i1..in, j1..jn) -> (i1, j1, ..., in, jn)
+    let mut t = vec![0f64; rows * cols];
+    let (mut ri, mut cj) = (vec![0usize; n], vec![0usize; n]);
+    for r in 0..rows {
+        let mut x = r;
+        for k in (0..n).rev() {
+            ri[k] = x % row_f[k];
+            x /= row_f[k];
+        }
+        for c in 0..cols {
+            let mut y = c;
+            for k in (0..n).rev() {
+                cj[k] = y % col_f[k];
+                y /= col_f[k];
+            }
+            let mut idx = 0;
+            for k in 0..n {
+                idx = (idx * row_f[k] + ri[k]) * col_f[k] + cj[k];
+            }
+            t[idx] = w[r * cols + c] as f64;
+        }
+    }
+    t
+}
+
 impl Mpo {
     /// Decomposes the row-major [rows, cols] `w` with rows = prod(row_f), cols = prod(col_f)
     /// (same number of factors), keeping at most `max_bond` singular values per cut.
@@ -62,28 +90,7 @@ impl Mpo {
         assert_eq!(row_f.iter().product::<usize>(), rows);
         assert_eq!(col_f.iter().product::<usize>(), cols);
         let n = row_f.len();
-        // permute (i1..in, j1..jn) -> (i1, j1, ..., in, jn)
-        let mut t = vec![0f64; rows * cols];
-        let (mut ri, mut cj) = (vec![0usize; n], vec![0usize; n]);
-        for r in 0..rows {
-            let mut x = r;
-            for k in (0..n).rev() {
-                ri[k] = x % row_f[k];
-                x /= row_f[k];
-            }
-            for c in 0..cols {
-                let mut y = c;
-                for k in (0..n).rev() {
-                    cj[k] = y % col_f[k];
-                    y /= col_f[k];
-                }
-                let mut idx = 0;
-                for k in 0..n {
-                    idx = (idx * row_f[k] + ri[k]) * col_f[k] + cj[k];
-                }
-                t[idx] = w[r * cols + c] as f64;
-            }
-        }
+        let t = permuted(w, rows, cols, row_f, col_f);
         let mut cores = Vec::with_capacity(n);
         let mut discarded = Vec::new();
         let mut left = 1usize;
@@ -200,6 +207,122 @@ impl Mpo {
     }
 }
 
+/// Least-squares fit of the two outer cores of a 3-core MPO to `w` with the central core
+/// fixed to `shared.cores[1]` (alternating least squares, `sweeps` rounds, starting from
+/// the shared decomposition's right core): the per-layer auxiliary tensors around a centre
+/// shared by all layers.
+pub fn refit_outer(w: &[f32], shared: &Mpo, sweeps: usize) -> Mpo {
+    assert_eq!(shared.cores.len(), 3, "refit_outer works on 3-core MPOs");
+    let (rows, cols) = (shared.rows, shared.cols);
+    let row_f: Vec<usize> = shared.cores.iter().map(|c| c.i).collect();
+    let col_f: Vec<usize> = shared.cores.iter().map(|c| c.j).collect();
+    let t = permuted(w, rows, cols, &row_f, &col_f);
+    let c = &shared.cores[1];
+    let (s0, s1, s2) = (row_f[0] * col_f[0], row_f[1] * col_f[1], row_f[2] * col_f[2]);
+    let (a, b) = (c.left, c.right);
+    let centre = &c.data; // [a, s1, b]
+    let mut r = DMatrix::<f64>::from_row_slice(b, s2, &shared.cores[2].data);
+    let mut l = DMatrix::<f64>::zeros(s0, a);
+    let solve = |g: DMatrix<f64>, rhs: DMatrix<f64>| -> DMatrix<f64> {
+        // (G + ridge) X = rhs, ridge for rank-deficient Gram matrices
+        let ridge = 1e-12 * g.trace().abs().max(f64::MIN_POSITIVE);
+        let n = g.nrows();
+        let h = g + DMatrix::<f64>::identity(n, n) * ridge;
+        match h.clone().cholesky() {
+            Some(ch) => ch.solve(&rhs),
+            None => h.pseudo_inverse(1e-12).map(|p| p * rhs).unwrap_or_else(|_| DMatrix::zeros(n, 1)),
+        }
+    };
+    let t_x = DMatrix::<f64>::from_row_slice(s0, s1 * s2, &t); // [s0, (s1 s2)]
+    let t_z = DMatrix::<f64>::from_row_slice(s0 * s1, s2, &t); // [(s0 s1), s2]
+    for _ in 0..sweeps.max(1) {
+        // M [a, (s1 s2)] = S x R; L = T_x M^T (M M^T)^-1
+        let mut m = DMatrix::<f64>::zeros(a, s1 * s2);
+        for al in 0..a {
+            for y in 0..s1 {
+                for be in 0..b {
+                    let sv = centre[(al * s1 + y) * b + be];
+                    if sv != 0.0 {
+                        for z in 0..s2 {
+                            m[(al, y * s2 + z)] += sv * r[(be, z)];
+                        }
+                    }
+                }
+            }
+        }
+        let lt = solve(&m * m.transpose(), &m * t_x.transpose()); // [a, s0]
+        l = lt.transpose();
+        // N [(s0 s1), b] = L x S; R = (N^T N)^-1 N^T T_z
+        let mut nmat = DMatrix::<f64>::zeros(s0 * s1, b);
+        for x in 0..s0 {
+            for al in 0..a {
+                let lv = l[(x, al)];
+                if lv == 0.0 {
+                    continue;
+                }
+                for y in 0..s1 {
+                    for be in 0..b {
+                        nmat[(x * s1 + y, be)] += lv * centre[(al * s1 + y) * b + be];
+                    }
+                }
+            }
+        }
+        r = solve(nmat.transpose() * &nmat, nmat.transpose() * &t_z);
+    }
+    let row_major = |m: &DMatrix<f64>| (0..m.nrows()).flat_map(|i| (0..m.ncols()).map(move |j| (i, j))).map(|(i, j)| m[(i, j)]).collect::<Vec<f64>>();
+    let cores = vec![
+        Core { left: 1, i: row_f[0], j: col_f[0], right: a, data: row_major(&l) },
+        c.clone(),
+        Core { left: b, i: row_f[2], j: col_f[2], right: 1, data: row_major(&r) },
+    ];
+    Mpo { rows, cols, cores, discarded: Vec::new() }
+}
+
+/// The shared decompositions for `--mpo-share-centre`: per chosen linear, the MPO of the
+/// mean of that linear's weights over all layers (its centre is the shared core).
+pub(crate) fn shared_decompositions(store: &crate::model::WeightStore, cfg: &crate::model::ModelConfig, opts: &super::lorap::LorapOptions) -> anyhow::Result<std::collections::BTreeMap<usize, Mpo>> {
+    use crate::model::forward::LINEARS;
+    let mut out = std::collections::BTreeMap::new();
+    if !opts.mpo_share_centre {
+        return Ok(out);
+    }
+    let full = crate::model::config::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    let keep = 1.0 - opts.ratio;
+    for j in 0..7 {
+        if !(opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(&j)) {
+            continue;
+        }
+        let (rows, cols) = cfg.linear_shape(&full, j);
+        let mut mean = vec![0f64; rows * cols];
+        let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::lorap::LayerSetting::of(opts, i).dropped).collect();
+        for &i in &layers {
+            let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[rows, cols])?;
+            mean.iter_mut().zip(&w).for_each(|(m, &x)| *m += x as f64 / layers.len() as f64);
+        }
+        let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
+        let (row_f, col_f) = (factorize(rows, 3), factorize(cols, 3));
+        // the centre is shared, so each layer's budget pays only for its outer cores
+        let cap = opts.mpo_max_bond.unwrap_or_else(|| {
+            let per_layer = (keep * (rows * cols) as f64) as usize;
+            (1..=4096).take_while(|&c| {
+                let b = bonds_for_cap(&row_f, &col_f, c);
+                let outer = row_f[0] * col_f[0] * b[0] + b[1] * row_f[2] * col_f[2];
+                outer + b[0] * row_f[1] * col_f[1] * b[1] / layers.len().max(1) <= per_layer
+            }).last().unwrap_or(1)
+        });
+        out.insert(j, Mpo::decompose(&mean, rows, cols, &row_f, &col_f, Some(cap)));
+    }
+    Ok(out)
+}
+
+/// ||W - reconstruction|| / ||W||.
+pub fn relative_error(m: &Mpo, w: &[f32]) -> f64 {
+    let approx = m.reconstruct();
+    let num: f64 = approx.iter().zip(w).map(|(a, &b)| (a - b as f64).powi(2)).sum();
+    let den: f64 = w.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// Inner bond dimensions for a bond cap: bond k is at most `cap` and at most the rank the
 /// cut can have (the smaller side's size).
 pub fn bonds_for_cap(row_f: &[usize], col_f: &[usize], cap: usize) -> Vec<usize> {
@@ -244,6 +367,7 @@ pub(crate) fn mpo_layer(
     cfg: &crate::model::ModelConfig,
     i: usize,
     opts: &super::lorap::LorapOptions,
+    shared: &std::collections::BTreeMap<usize, Mpo>,
     built: &mut super::lorap::BuiltLayer,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<()> {
@@ -261,6 +385,14 @@ pub(crate) fn mpo_layer(
             built.dense(gpu, j, &w, out, inp)?;
             continue;
         };
+        if let Some(sh) = shared.get(&j) {
+            let m = refit_outer(&w, sh, 20);
+            if j < 4 {
+                built.errors[j] = relative_error(&m, &w);
+            }
+            built.mpo(gpu, j, &m, true)?;
+            continue;
+        }
         let (row_f, col_f) = (factorize(out, opts.mpo_cores), factorize(inp, opts.mpo_cores));
         let cap = opts.mpo_max_bond.unwrap_or_else(|| cap_for_budget(&row_f, &col_f, (keep * (out * inp) as f64) as usize));
         // bonds derived from the ratio: cores that would not be smaller are pointless; a
@@ -271,12 +403,9 @@ pub(crate) fn mpo_layer(
         }
         let m = Mpo::decompose(&w, out, inp, &row_f, &col_f, Some(cap));
         if j < 4 {
-            let approx = m.reconstruct();
-            let num: f64 = approx.iter().zip(&w).map(|(a, &b)| (a - b as f64).powi(2)).sum();
-            let den: f64 = w.iter().map(|&b| (b as f64).powi(2)).sum();
-            built.errors[j] = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+            built.errors[j] = relative_error(&m, &w);
         }
-        built.mpo(gpu, j, &m)?;
+        built.mpo(gpu, j, &m, false)?;
     }
     Ok(())
 }
@@ -351,5 +480,30 @@ mod tests {
             assert!((g - DMatrix::<f64>::identity(c.left, c.left)).norm() < 1e-10);
         }
         assert!(rel(&m.reconstruct(), &w) < 1e-12);
+    }
+
+    #[test]
+    fn refit_recovers_layers_that_share_a_centre_exactly() {
+        // layers built as L_i S R_i with one S: the refit with S fixed reproduces each layer
+        let (rf, cf) = ([3usize, 4, 2], [2usize, 3, 4]);
+        let (rows, cols) = (24, 24);
+        let mean_like = random(rows * cols, 11);
+        let shared = Mpo::decompose(&mean_like, rows, cols, &rf, &cf, Some(4));
+        for seed in [1u64, 2] {
+            let mut layer = shared.clone();
+            let l = random(layer.cores[0].data.len(), 100 + seed);
+            let r = random(layer.cores[2].data.len(), 200 + seed);
+            layer.cores[0].data = l.iter().map(|&x| x as f64).collect();
+            layer.cores[2].data = r.iter().map(|&x| x as f64).collect();
+            let w: Vec<f32> = layer.reconstruct().iter().map(|&x| x as f32).collect();
+            let fit = refit_outer(&w, &shared, 20);
+            assert_eq!(fit.cores[1].data, shared.cores[1].data, "the centre stays shared");
+            let e = relative_error(&fit, &w);
+            assert!(e < 1e-5, "seed {seed}: {e:e}");
+        }
+        // and on a layer that does not share it, the refit beats keeping the shared outer cores
+        let other = random(rows * cols, 12);
+        let fit = refit_outer(&other, &shared, 8);
+        assert!(relative_error(&fit, &other) < relative_error(&shared, &other));
     }
 }

@@ -63,6 +63,10 @@ pub struct MpoShape {
     pub col_factors: Vec<usize>,
     /// The n-1 inner bond dimensions.
     pub bonds: Vec<usize>,
+    /// The central core (index n/2) is shared by every layer and stored once as
+    /// `model.mpo_shared.{linear}.mpo_core_{n/2}`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_centre: bool,
 }
 
 impl MpoShape {
@@ -78,8 +82,28 @@ impl MpoShape {
             .collect()
     }
 
+    /// Parameters stored with the layer (a shared centre is counted once per model).
     pub fn params(&self) -> usize {
-        self.core_shapes().iter().map(|s| s.iter().product::<usize>()).sum()
+        self.core_shapes().iter().enumerate().filter(|(k, _)| !self.is_shared(*k)).map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+
+    /// Index of the central core.
+    pub fn centre(&self) -> usize {
+        self.row_factors.len() / 2
+    }
+
+    /// Whether core `k` is the shared centre.
+    pub fn is_shared(&self, k: usize) -> bool {
+        self.shared_centre && k == self.centre()
+    }
+
+    /// Tensor name of core `k` of linear `linear` in layer `layer`.
+    pub fn core_name(&self, layer: usize, linear: &str, k: usize) -> String {
+        if self.is_shared(k) {
+            format!("model.mpo_shared.{linear}.mpo_core_{k}")
+        } else {
+            format!("model.layers.{layer}.{linear}.mpo_core_{k}")
+        }
     }
 
     fn check(&self, rows: usize, cols: usize) -> Result<(), String> {
@@ -328,7 +352,7 @@ impl ModelConfig {
         match p.repr(j) {
             LinearRepr::Dense => vec![(format!("{base}.weight"), vec![out, inp])],
             LinearRepr::LowRank(r) => vec![(format!("{base}.factor_a"), vec![out, r]), (format!("{base}.factor_b"), vec![r, inp])],
-            LinearRepr::Mpo(m) => m.core_shapes().iter().enumerate().map(|(k, s)| (format!("{base}.mpo_core_{k}"), s.to_vec())).collect(),
+            LinearRepr::Mpo(m) => m.core_shapes().iter().enumerate().filter(|(k, _)| !m.is_shared(*k)).map(|(k, s)| (format!("{base}.mpo_core_{k}"), s.to_vec())).collect(),
         }
     }
 
@@ -355,7 +379,21 @@ impl ModelConfig {
 
     /// Parameters of all decoder layers.
     pub fn decoder_params(&self) -> usize {
-        (0..self.num_hidden_layers).map(|i| self.layer_params(i)).sum()
+        (0..self.num_hidden_layers).map(|i| self.layer_params(i)).sum::<usize>() + self.shared_mpo().iter().map(|(_, _, s)| s.iter().product::<usize>()).sum::<usize>()
+    }
+
+    /// Shared MPO centres: (linear, tensor name, shape), once per linear.
+    pub fn shared_mpo(&self) -> Vec<(String, String, [usize; 4])> {
+        let mut out: Vec<(String, String, [usize; 4])> = Vec::new();
+        for i in 0..self.num_hidden_layers {
+            for (lin, m) in &self.layer_plan(i).mpo {
+                if m.shared_centre && !out.iter().any(|(l, _, _)| l == lin) {
+                    let c = m.centre();
+                    out.push((lin.clone(), m.core_name(i, lin, c), m.core_shapes()[c]));
+                }
+            }
+        }
+        out
     }
 
     /// Parameters of the whole model (embeddings, untied lm_head, final norm included).

@@ -99,7 +99,13 @@ pub type Result<T> = std::result::Result<T, ForwardError>;
 pub fn mpo_dense(store: &WeightStore, base: &str, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
     let mut cores = Vec::new();
     for (k, s) in shape.core_shapes().iter().enumerate() {
-        let data = store.f32(&format!("{base}.mpo_core_{k}"), s)?;
+        let name = if shape.is_shared(k) {
+            let linear = base.splitn(4, '.').nth(3).unwrap_or(base);
+            format!("model.mpo_shared.{linear}.mpo_core_{k}")
+        } else {
+            format!("{base}.mpo_core_{k}")
+        };
+        let data = store.f32(&name, s)?;
         cores.push(crate::compress::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
     }
     let m = crate::compress::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };

@@ -78,6 +78,12 @@ fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::W
                 expect(&name, &shape)?;
             }
         }
+        for (lin, m) in &p.mpo {
+            let c = m.centre();
+            if m.shared_centre {
+                expect(&m.core_name(i, lin, c), &m.core_shapes()[c])?;
+            }
+        }
         expect(&format!("model.layers.{i}.input_layernorm.weight"), &[d])?;
         expect(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[d])?;
         if cfg.qkv_bias() {
