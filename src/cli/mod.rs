@@ -155,6 +155,10 @@ pub struct CompressArgs {
     /// Per-layer plan (JSON, as `search` writes): dropped layers and keep fractions.
     #[arg(long)]
     pub plan: Option<PathBuf>,
+    /// sfsd ablation: eigenvectors of the mean-centred output covariance (the default uses
+    /// the uncentred second moment, which also keeps the outputs' mean).
+    #[arg(long)]
+    pub sfsd_centred: bool,
     /// sfsd: pick which linears to decompose, and their ranks, by a surgical search on the
     /// last --search-windows calibration windows (then compress with that plan).
     #[arg(long)]
@@ -327,6 +331,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         mpo_cores: a.mpo_cores,
         mpo_max_bond: a.mpo_max_bond,
         mpo_share_centre: a.mpo_share_centre,
+        sfsd_centred: a.sfsd_centred,
         mpo_matrices,
         ratio: a.ratio.unwrap_or(0.0),
         plan,

@@ -62,6 +62,10 @@ pub struct LorapOptions {
     pub reserve: f64,
     /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
     pub ffn_activation_scores: bool,
+    /// SFSD: mean-centred output covariance (the projection then has no bias to carry the
+    /// outputs' mean; an ablation).
+    #[serde(default)]
+    pub sfsd_centred: bool,
     /// MPO: cores per matrix.
     #[serde(default = "default_mpo_cores")]
     pub mpo_cores: usize,
@@ -96,6 +100,7 @@ impl Default for LorapOptions {
             weighted_svd: true,
             reserve: 0.01,
             ffn_activation_scores: true,
+            sfsd_centred: false,
             mpo_cores: default_mpo_cores(),
             mpo_max_bond: None,
             mpo_share_centre: false,
@@ -192,7 +197,8 @@ impl Observer for InputStats {
 pub(crate) struct LayerStats {
     /// Activation scales s of each input site.
     pub scales: [Vec<f32>; 4],
-    /// Mean-centred input covariance [cols, cols] of each site (methods that need it).
+    /// Input covariance [cols, cols] of each site (methods that need it): the uncentred
+    /// second moment by default.
     pub cov: Option<[Vec<f32>; 4]>,
 }
 
@@ -390,7 +396,7 @@ pub fn compress(
         let out_index = plans.iter().flatten().count();
         progress(i, n_layers, "statistics");
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
-        let stats = collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, need_cov)?;
+        let stats = collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, need_cov, opts.sfsd_centred)?;
         let mut built = BuiltLayer::new(out_dtype, out_index);
         match opts.method {
             Method::Lorap => lorap_layer(gpu, store, cfg, i, &dense, &stats, opts, &setting, &mut built, progress)?,
@@ -620,7 +626,20 @@ impl BuiltLayer {
 
 /// One statistics pass of the calibration states through the dense layer `dense`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, table: &crate::gpu::rope::RopeTable, batches: &mut CalibStates, seq_len: usize, windows: usize, need_cov: bool) -> Result<LayerStats> {
+/// `need_cov`: also the input covariances, mean-centred when `centred`, otherwise the
+/// uncentred second moments X^T X / n.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn collect_stats(
+    gpu: &Gpu,
+    cfg: &crate::model::ModelConfig,
+    dense: &LayerWeights,
+    table: &crate::gpu::rope::RopeTable,
+    batches: &mut CalibStates,
+    seq_len: usize,
+    windows: usize,
+    need_cov: bool,
+    centred: bool,
+) -> Result<LayerStats> {
     let dims = [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, dense.gate.out];
     let gram = if need_cov {
         let mk = |n: usize| -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(n * n)?, gpu.zeros(n)?)) };
@@ -649,7 +668,8 @@ pub(crate) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &
                 let (g, sum) = (gpu.read(g)?, gpu.read(sum)?);
                 let n = dims[s];
                 let mu: Vec<f64> = sum.iter().map(|&x| x as f64 / n_tok).collect();
-                out.push((0..n * n).map(|k| (g[k] as f64 / n_tok - mu[k / n] * mu[k % n]) as f32).collect());
+                let centre = if centred { 1.0 } else { 0.0 };
+                out.push((0..n * n).map(|k| (g[k] as f64 / n_tok - centre * mu[k / n] * mu[k % n]) as f32).collect());
             }
             let mut it = out.into_iter();
             Some(std::array::from_fn(|_| it.next().unwrap()))

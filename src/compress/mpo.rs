@@ -361,6 +361,7 @@ pub fn cap_for_budget(row_f: &[usize], col_f: &[usize], budget: usize) -> usize 
 /// `mpo_cores` cores with the largest bond keeping its share of parameters (or the given
 /// bond); with a bond derived from the ratio, a linear whose cores would not be smaller stays dense. Plain (unweighted) weights,
 /// as the MPO paper decomposes them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn mpo_layer(
     gpu: &crate::gpu::Gpu,
     store: &crate::model::WeightStore,

@@ -153,7 +153,7 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
     for i in 0..cfg.num_hidden_layers {
         progress(i, cfg.num_hidden_layers, "importance");
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
-        let stats = lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, false)?;
+        let stats = lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, false, false)?;
         let mut decs = Vec::new();
         let mut specs = Vec::new();
         for j in 0..4 {

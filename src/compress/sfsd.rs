@@ -1,6 +1,9 @@
 //! Feature-space decomposition (SFSD): each linear W becomes the pair (U_k, U_k^T W), U_k the
 //! top-k eigenvectors of the covariance of its outputs over the calibration tokens,
-//! C = W Sigma_x W^T with Sigma_x the mean-centred input covariance (a GPU Gram matrix).
+//! C = W Sigma_x W^T with Sigma_x the input second moment X^T X / n (a GPU Gram matrix).
+//! Uncentred by default: the pair has no bias, so the subspace must also carry the outputs'
+//! mean (the mean-centred covariance, `--sfsd-centred`, loses it; on SmolLM2 that wrecks
+//! the model, docs/results.md).
 //! The surgical search that picks which linears to decompose, and at what rank, lives in
 //! `surgical`, which uses the search's evaluator.
 
@@ -306,7 +309,7 @@ pub fn surgical(
         let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
         let mut layer_pairs = Vec::new();
         if i >= first {
-            let stats = super::lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, stats_tokens.len() / seq_len, true)?;
+            let stats = super::lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, stats_tokens.len() / seq_len, true, false)?;
             let cov = stats.cov.as_ref().context("covariances")?;
             let sig: Vec<GpuBuf> = cov.iter().map(|c| gpu.upload(c)).collect::<GpuResult<_>>()?;
             for j in 0..7 {
