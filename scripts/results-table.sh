@@ -31,7 +31,9 @@ no-reserve|no-reserve|--no-reserve
 magnitude-ffn|magnitude-ffn|--magnitude-ffn
 spectrum|spectrum-allocation|--allocation spectrum
 sfsd|sfsd (feature-space, all linears)|--method sfsd
+sfsd-centred|sfsd, mean-centred covariance|--method sfsd --sfsd-centred
 mpo|mpo (3 cores, all linears)|--method mpo
+mpo-shared|mpo, shared centre|--method mpo --mpo-share-centre
 CATALOGUE
 }
 wanted="${VARIANTS:-lorap plain-svd uniform-ranks no-reserve magnitude-ffn${EXTRA_VARIANTS:+ spectrum}}"
