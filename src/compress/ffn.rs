@@ -34,6 +34,17 @@ pub fn kept_channels(scores: &[f64], remove: usize, reserve: f64) -> Vec<usize> 
     (0..f).filter(|j| !removed.contains(j)).collect()
 }
 
+/// gate, up [kept, d] and down [d, kept] of decoder layer `layer` restricted to the `kept`
+/// channels, read from the dense model.
+pub fn pruned_weights(store: &crate::model::WeightStore, layer: usize, d: usize, f: usize, kept: &[usize]) -> Result<[Vec<f32>; 3], crate::model::weights::WeightError> {
+    let name = |s: &str| format!("model.layers.{layer}.mlp.{s}.weight");
+    Ok([
+        gather_rows(&store.f32(&name("gate_proj"), &[f, d])?, d, kept),
+        gather_rows(&store.f32(&name("up_proj"), &[f, d])?, d, kept),
+        gather_cols(&store.f32(&name("down_proj"), &[d, f])?, d, f, kept),
+    ])
+}
+
 /// Rows `keep` of a row-major [rows, cols] matrix.
 pub fn gather_rows(w: &[f32], cols: usize, keep: &[usize]) -> Vec<f32> {
     keep.iter().flat_map(|&r| w[r * cols..(r + 1) * cols].iter().copied()).collect()

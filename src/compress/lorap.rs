@@ -270,6 +270,12 @@ struct ResumeState {
     seconds_before: f64,
 }
 
+/// Records the finished layers in the partial folder, for `--resume`.
+fn checkpoint(folder: &mut OutputFolder, fingerprint: &str, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
+    let state = ResumeState { fingerprint: fingerprint.into(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
+    folder.checkpoint(serde_json::to_value(&state)?)
+}
+
 /// Identifies a run: model config, options, calibration tokens and window length.
 fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<String> {
     use std::hash::{Hash, Hasher};
@@ -388,8 +394,7 @@ pub fn compress(
         if setting.dropped {
             // a dropped layer is the identity: the states go on unchanged
             plans.push(None);
-            let state = ResumeState { fingerprint: print.clone(), layers_done: i + 1, plans: plans.clone(), reports: layer_reports.clone(), seconds_before: seconds_before + t_start.elapsed().as_secs_f64() };
-            folder.checkpoint(serde_json::to_value(&state)?)?;
+            checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
             progress(i + 1, n_layers, "dropped");
             continue;
         }
@@ -436,8 +441,7 @@ pub fn compress(
             seconds: t_layer.elapsed().as_secs_f64(),
         });
         plans.push(Some(plan));
-        let state = ResumeState { fingerprint: print.clone(), layers_done: i + 1, plans: plans.clone(), reports: layer_reports.clone(), seconds_before: seconds_before + t_start.elapsed().as_secs_f64() };
-        folder.checkpoint(serde_json::to_value(&state)?)?;
+        checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
         progress(i + 1, n_layers, "done");
         if control.stop_after_layers == Some(i + 1) && i + 1 < n_layers {
             return Err(CompressError::Interrupted(i + 1).into());
@@ -749,9 +753,7 @@ fn lorap_layer(
     let scores = ffn::channel_scores(gpu, wg, wu, wd, &sxg, sh, d, f)?;
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
     let kept = ffn::kept_channels(&scores, remove, opts.reserve);
-    let gate = ffn::gather_rows(&store.f32(&name("mlp.gate_proj.weight"), &[f, d])?, d, &kept);
-    let up = ffn::gather_rows(&store.f32(&name("mlp.up_proj.weight"), &[f, d])?, d, &kept);
-    let down = ffn::gather_cols(&store.f32(&name("mlp.down_proj.weight"), &[d, f])?, d, f, &kept);
+    let [gate, up, down] = ffn::pruned_weights(store, i, d, f, &kept)?;
     let fk = kept.len();
     built.plan.ffn_width = fk;
     built.dense(gpu, 4, &gate, fk, d)?;

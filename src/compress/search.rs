@@ -91,6 +91,16 @@ pub fn pareto_front(points: &[[f64; 3]]) -> Vec<usize> {
     front
 }
 
+/// Splits calibration windows of `seq_len` into statistics windows and the last
+/// `search_windows` scoring windows (never used for statistics).
+pub(crate) fn split_search_windows(calib: &[u32], seq_len: usize, search_windows: usize) -> Result<(&[u32], &[u32]), super::CompressError> {
+    let windows = calib.len() / seq_len;
+    if search_windows == 0 || windows <= search_windows {
+        return Err(super::CompressError::BadArgument(format!("need more calibration windows ({windows}) than search windows ({search_windows}), and at least one of each")));
+    }
+    Ok(calib.split_at((windows - search_windows) * seq_len))
+}
+
 /// Mean NLL from hidden states `h` entering layer `from`, with layers `from..` given by
 /// `layer(i)` (`None` = dropped), and the forward time.
 pub(crate) fn nll_from(
@@ -220,30 +230,19 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
             }
         });
     }
-    let d = cfg.hidden_size;
-    let f = cfg.intermediate_size;
-    let name = |s: &str| format!("model.layers.{i}.{s}");
     let mut lw = dense;
-    let keep_bias = |new: GpuLinear, old: GpuLinear| GpuLinear { bias: old.bias, ..new };
-    let mut it = lin.into_iter();
-    if let Some(q) = it.next().flatten() {
-        lw.q = keep_bias(q, lw.q);
+    for (j, l) in lin.into_iter().enumerate() {
+        if let Some(l) = l {
+            lw.replace_linear(j, l);
+        }
     }
-    if let Some(k) = it.next().flatten() {
-        lw.k = keep_bias(k, lw.k);
-    }
-    if let Some(v) = it.next().flatten() {
-        lw.v = keep_bias(v, lw.v);
-    }
-    if let Some(o) = it.next().flatten() {
-        lw.o = o;
-    }
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     if kept.len() < f {
         let fk = kept.len();
-        let dense_linear = |w: Vec<f32>, out: usize, inp: usize| -> Result<GpuLinear> { Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None }) };
-        lw.gate = dense_linear(ffn::gather_rows(&model.store.f32(&name("mlp.gate_proj.weight"), &[f, d])?, d, &kept), fk, d)?;
-        lw.up = dense_linear(ffn::gather_rows(&model.store.f32(&name("mlp.up_proj.weight"), &[f, d])?, d, &kept), fk, d)?;
-        lw.down = dense_linear(ffn::gather_cols(&model.store.f32(&name("mlp.down_proj.weight"), &[d, f])?, d, f, &kept), d, fk)?;
+        let [gate, up, down] = ffn::pruned_weights(&model.store, i, d, f, &kept)?;
+        for (j, w, out, inp) in [(4, gate, fk, d), (5, up, fk, d), (6, down, d, fk)] {
+            lw.replace_linear(j, GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        }
     }
     Ok(Some(lw))
 }
@@ -263,15 +262,9 @@ pub fn search(
     let cfg = &model.cfg;
     let n = cfg.num_hidden_layers;
     anyhow::ensure!(cfg.lorap.is_none(), super::CompressError::AlreadyCompressed(model.dir.display().to_string()));
-    let windows = calib.len() / seq_len;
-    anyhow::ensure!(
-        search_windows >= 1 && windows > search_windows,
-        super::CompressError::BadArgument(format!("need more calibration windows ({windows}) than search windows ({search_windows}), and at least one of each"))
-    );
+    let (stats_tokens, search_tokens) = split_search_windows(calib, seq_len, search_windows)?;
     anyhow::ensure!(opts.uniform_ratios.iter().all(|r| (0.0..1.0).contains(r)) && opts.step > 0.0 && opts.step < 1.0, super::CompressError::BadArgument("uniform ratios must be in [0, 1) and the step in (0, 1)".into()));
     let t0 = Instant::now();
-    // scoring windows are the last ones: never used for statistics
-    let (stats_tokens, search_tokens) = calib.split_at((windows - search_windows) * seq_len);
     let lib = build_library(gpu, model, stats_tokens, seq_len, opts, progress)?;
     let mut runner = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
     let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;

@@ -282,16 +282,11 @@ pub fn surgical(
     let t0 = std::time::Instant::now();
     let cfg = &model.cfg;
     let n = cfg.num_hidden_layers;
-    let windows = calib.len() / seq_len;
-    anyhow::ensure!(
-        search_windows >= 1 && windows > search_windows,
-        super::CompressError::BadArgument(format!("need more calibration windows ({windows}) than search windows ({search_windows}), and at least one of each"))
-    );
+    let (stats_tokens, search_tokens) = super::search::split_search_windows(calib, seq_len, search_windows)?;
     anyhow::ensure!(
         !opts.grid.is_empty() && opts.grid.iter().all(|&k| k > 0.0 && k < 1.0) && opts.grid.windows(2).all(|w| w[0] < w[1]) && opts.tolerance >= 0.0,
         super::CompressError::BadArgument("the rank grid must be ascending fractions in (0, 1) and the tolerance non-negative".into())
     );
-    let (stats_tokens, search_tokens) = calib.split_at((windows - search_windows) * seq_len);
     let first = opts.skip_first.max(n.saturating_sub(opts.last_layers.unwrap_or(n)));
     anyhow::ensure!(first < n, super::CompressError::BadArgument(format!("no layer to decompose: the model has {n} layers, {first} skipped")));
 
@@ -341,18 +336,7 @@ pub fn surgical(
             let (out, inp) = cfg.linear_shape(&full, j);
             let Some(r) = rank_for(k, out, inp) else { continue };
             let (a, b) = pair.truncated(r, out, inp);
-            let lin = GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None };
-            let slot = match j {
-                0 => &mut lw.q,
-                1 => &mut lw.k,
-                2 => &mut lw.v,
-                3 => &mut lw.o,
-                4 => &mut lw.gate,
-                5 => &mut lw.up,
-                _ => &mut lw.down,
-            };
-            let bias = slot.bias.take();
-            *slot = GpuLinear { bias, ..lin };
+            lw.replace_linear(j, GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
         }
         Ok(lw)
     };

@@ -150,6 +150,26 @@ impl LayerWeights {
         })
     }
 
+    /// Linear `j` (index into `LINEARS`).
+    pub fn linear_mut(&mut self, j: usize) -> &mut GpuLinear {
+        match j {
+            0 => &mut self.q,
+            1 => &mut self.k,
+            2 => &mut self.v,
+            3 => &mut self.o,
+            4 => &mut self.gate,
+            5 => &mut self.up,
+            _ => &mut self.down,
+        }
+    }
+
+    /// Replaces linear `j` by `lin`, keeping the old one's bias.
+    pub fn replace_linear(&mut self, j: usize, lin: GpuLinear) {
+        let slot = self.linear_mut(j);
+        let bias = slot.bias.take();
+        *slot = GpuLinear { bias, ..lin };
+    }
+
     pub fn bytes(&self) -> u64 {
         let lin = |l: &GpuLinear| {
             let w = match &l.kind {
