@@ -85,8 +85,9 @@ pub fn psd_cholesky(a: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// Largest side of a symmetric problem solved exactly (GPU Gram product, CPU f64 eigen-
-/// decomposition): below it that is faster than subspace iteration on any GPU we measured
-/// (576 x 576: 0.15 s vs 3.6 s on lavapipe); above it the randomized SVD runs on the GPU.
+/// decomposition): below it that beats subspace iteration where we measured it (576 x 576,
+/// rank 115: 2.8x faster on lavapipe, `cargo bench --bench kernels`); above it the CPU
+/// eigen-decomposition grows as n^3 and the randomized SVD runs on the GPU.
 pub const EXACT_EIGEN_MAX: usize = 2048;
 
 /// Top-`r` eigenpairs of a symmetric [n, n] matrix (f64 on the CPU): eigenvalues
