@@ -141,7 +141,7 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(d < 1e-3, "full-bond MPO differs from the dense model: {d:e}");
     // one shared centre per linear: stored once, every layer refitted around it
     let shared = dir.path().join("mpo-shared");
-    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.3, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
+    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.4, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
     let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &shared, &Default::default(), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&shared).unwrap();
     let names: Vec<String> = m.store.names().map(String::from).collect();
@@ -152,6 +152,12 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(rep.layers.iter().all(|l| l.weighted_rel_error[0] > 0.0 && l.weighted_rel_error[0] < 1.0));
     let (_, e) = gpu_vs_reference(&gpu, &m, &toks, 12);
     assert!(e < 1e-4, "shared-centre model GPU vs CPU: {e:e}");
+    // a ratio below what one shared centre removes at full bonds is refused, not overshot
+    let too_little = dir.path().join("mpo-shared-10");
+    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.1, mpo_share_centre: true, mpo_matrices: vec![0], ..Default::default() };
+    let err = lorap::compress(&gpu, &model, &calib, 16, &opts, &too_little, &Default::default(), &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(err.contains("removes at least 37.5%"), "{err}");
+    assert!(!too_little.exists());
     // truncated bonds: smaller, still runs, error grows
     let cut = dir.path().join("mpo-cut");
     let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.5, ..Default::default() };

@@ -287,29 +287,51 @@ pub(crate) fn shared_decompositions(store: &crate::model::WeightStore, cfg: &cra
         return Ok(out);
     }
     let full = crate::model::config::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let keep = 1.0 - opts.ratio;
-    for j in 0..7 {
-        if !(opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(&j)) {
-            continue;
-        }
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::lorap::LayerSetting::of(opts, i).dropped).collect();
+    let chosen: Vec<usize> = (0..7).filter(|j| opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(j)).collect();
+    // the centre is paid once, the outer cores once per layer
+    let total = |row_f: &[usize], col_f: &[usize], cap: usize| {
+        let b = bonds_for_cap(row_f, col_f, cap);
+        layers.len() * (row_f[0] * col_f[0] * b[0] + b[1] * row_f[2] * col_f[2]) + b[0] * row_f[1] * col_f[1] * b[1]
+    };
+    let shape = |j: usize| {
         let (rows, cols) = cfg.linear_shape(&full, j);
+        let (row_f, col_f) = (factorize(rows, 3), factorize(cols, 3));
+        let full_cap = *bonds_for_cap(&row_f, &col_f, usize::MAX).iter().max().unwrap_or(&1);
+        (rows, cols, row_f, col_f, full_cap)
+    };
+    if opts.mpo_max_bond.is_none() {
+        // sharing caps what can be kept: even at full bonds all layers keep one centre, so a
+        // smaller ratio than that cannot be honoured (checked before any work is done)
+        let least_removed = chosen
+            .iter()
+            .map(|&j| {
+                let (rows, cols, row_f, col_f, full_cap) = shape(j);
+                1.0 - total(&row_f, &col_f, full_cap) as f64 / (layers.len() * rows * cols) as f64
+            })
+            .fold(0.0f64, f64::max);
+        if opts.ratio + 0.01 < least_removed {
+            return Err(super::CompressError::BadArgument(format!(
+                "a centre shared by {} layers removes at least {:.1}% of the chosen matrices' parameters even at full bonds, more than the {:.1}% asked: use --ratio {:.2} or more, or give --mpo-max-bond",
+                layers.len(),
+                100.0 * least_removed,
+                100.0 * opts.ratio,
+                (least_removed * 100.0).floor() / 100.0
+            ))
+            .into());
+        }
+    }
+    for &j in &chosen {
+        let (rows, cols, row_f, col_f, full_cap) = shape(j);
         let mut mean = vec![0f64; rows * cols];
-        let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::lorap::LayerSetting::of(opts, i).dropped).collect();
         for &i in &layers {
             let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[rows, cols])?;
             mean.iter_mut().zip(&w).for_each(|(m, &x)| *m += x as f64 / layers.len() as f64);
         }
         let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
-        let (row_f, col_f) = (factorize(rows, 3), factorize(cols, 3));
-        // the centre is shared, so each layer's budget pays only for its outer cores
-        let cap = opts.mpo_max_bond.unwrap_or_else(|| {
-            let per_layer = (keep * (rows * cols) as f64) as usize;
-            (1..=4096).take_while(|&c| {
-                let b = bonds_for_cap(&row_f, &col_f, c);
-                let outer = row_f[0] * col_f[0] * b[0] + b[1] * row_f[2] * col_f[2];
-                outer + b[0] * row_f[1] * col_f[1] * b[1] / layers.len().max(1) <= per_layer
-            }).last().unwrap_or(1)
-        });
+        // the largest bond whose total over all layers fits this matrix's budget
+        let budget = ((1.0 - opts.ratio) * (layers.len() * rows * cols) as f64) as usize;
+        let cap = opts.mpo_max_bond.unwrap_or_else(|| (1..=full_cap).take_while(|&c| total(&row_f, &col_f, c) <= budget).last().unwrap_or(1));
         out.insert(j, Mpo::decompose(&mean, rows, cols, &row_f, &col_f, Some(cap)));
     }
     Ok(out)
