@@ -15,13 +15,24 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 assets="$(bash scripts/fetch-assets.sh | tail -n 1)"
 if [ -z "${BIN:-}" ]; then cargo build --release --quiet; fi
 bin="${BIN:-target/release/lorap-gpu}"
-scratch="${OUT:-$(mktemp -d)}"
+scratch="${OUT:-$(mktemp -d)}"; mkdir -p "$scratch"; rm -f "$scratch"/*.eval.json
 samples="${SAMPLES:-8}"; seq="${SEQ_LEN:-128}"; tokens="${TOKENS:-2048}"
 ratios=("$@"); [ ${#ratios[@]} -gt 0 ] || ratios=(0.2 0.3 0.5)
-ppl() { "$bin" --quiet eval --model "$1" --text "$assets/text/wiki.txt" --seq-len 512 --max-tokens "$tokens" --json | python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["perplexity"]["perplexity"])'; }
-echo "| ratio | variant | flags | held-out ppl | decoder removed |"
-echo "| --- | --- | --- | ---: | ---: |"
-echo "| 0 | dense | | $(ppl "$assets/smollm2-135m") | 0% |"
+# held-out perplexity of model $1; its per-window NLLs are kept in $2 (paired comparisons)
+ppl() { "$bin" --quiet eval --model "$1" --text "$assets/text/wiki.txt" --seq-len 512 --max-tokens "$tokens" --json > "$2"; python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["perplexity"]["perplexity"])' "$2"; }
+# paired against LoRAP at the same ratio: windows where $1 has the lower NLL, and the mean
+# NLL difference (row - LoRAP) with its standard error over windows
+paired() { [ -f "$2" ] && [ "$1" != "$2" ] || { echo "-"; return; }; python3 - "$1" "$2" <<'PY'
+import json, math, sys
+a, b = (json.load(open(f))["perplexity"]["window_mean_nll"] for f in sys.argv[1:3])
+d = [x - y for x, y in zip(a, b)]
+m = sum(d) / len(d); se = math.sqrt(sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d))
+print("%d/%d, %+.4f +- %.4f" % (sum(x < 0 for x in d), len(d), m, se))
+PY
+}
+echo "| ratio | variant | flags | held-out ppl | decoder removed | vs LoRAP: windows better, mean NLL diff |"
+echo "| --- | --- | --- | ---: | ---: | --- |"
+echo "| 0 | dense | | $(ppl "$assets/smollm2-135m" "$scratch/dense.eval.json") | 0% | - |"
 catalogue() {
   cat <<CATALOGUE
 lorap|lorap (fixed 3:1 ranks)|
@@ -30,6 +41,7 @@ uniform-ranks|uniform-ranks|--allocation uniform
 no-reserve|no-reserve|--no-reserve
 magnitude-ffn|magnitude-ffn|--magnitude-ffn
 spectrum|spectrum-allocation|--allocation spectrum
+relative|relative-spectrum allocation|--allocation relative
 sfsd|sfsd (feature-space, all linears)|--method sfsd
 sfsd-centred|sfsd, mean-centred covariance|--method sfsd --sfsd-centred
 mpo|mpo (3 cores, all linears)|--method mpo
@@ -47,7 +59,8 @@ for r in "${ratios[@]}"; do
     rep=$("$bin" --quiet compress --model "$assets/smollm2-135m" --ratio "$r" --calib "$assets/text/c4.txt" \
       --samples "$samples" --seq-len "$seq" --out "$out" --force --json $flags)
     removed=$(echo "$rep" | python3 -c 'import json,sys; print("%.2f%%" % (100*json.load(sys.stdin)["achieved_decoder_ratio"]))')
-    echo "| $r | $name | \`$flags\` | $(ppl "$out") | $removed |"
+    p=$(ppl "$out" "$scratch/$key-$r.eval.json")
+    echo "| $r | $name | \`$flags\` | $p | $removed | $(paired "$scratch/$key-$r.eval.json" "$scratch/lorap-$r.eval.json") |"
     rm -rf "$out"
   done
 done

@@ -11,9 +11,13 @@ fn smollm() -> Model {
     Model::open(&common::assets().join("smollm2-135m")).unwrap()
 }
 
-fn ppl(model: &Model, tokens: &[u32], window: usize) -> f64 {
+fn ppl_report(model: &Model, tokens: &[u32], window: usize) -> perplexity::PerplexityReport {
     let mut r = Runner::new(common::gpu(), model.cfg.clone(), model.store.clone(), true);
-    perplexity::perplexity(&mut r, tokens, window, &mut |_, _| {}).unwrap().perplexity
+    perplexity::perplexity(&mut r, tokens, window, &mut |_, _| {}).unwrap()
+}
+
+fn ppl(model: &Model, tokens: &[u32], window: usize) -> f64 {
+    ppl_report(model, tokens, window).perplexity
 }
 
 /// transformers (fp32) gives 19.084 on the first 4,096 Wikipedia tokens at L = 512.
@@ -22,8 +26,14 @@ fn perplexity_matches_transformers_on_4096_wikipedia_tokens() {
     let m = smollm();
     assert_eq!(m.cfg.total_params(), 134_515_008);
     let toks = common::tokenize(&m.dir, "wiki.txt");
-    let p = ppl(&m, perplexity::windows_of(&toks, 512, Some(4096)), 512);
+    let rep = ppl_report(&m, perplexity::windows_of(&toks, 512, Some(4096)), 512);
+    let p = rep.perplexity;
     assert!((p - 19.084).abs() < 0.02, "perplexity {p} (want 19.084 +- 0.02)");
+    // per-window means: one per window, every window scores the same count, so they
+    // average to the overall mean
+    assert_eq!(rep.window_mean_nll.len(), 8);
+    let avg = rep.window_mean_nll.iter().sum::<f64>() / 8.0;
+    assert!((avg - rep.mean_nll).abs() < 1e-9 && rep.window_mean_nll.iter().all(|x| x.is_finite() && *x > 0.0), "{:?}", rep.window_mean_nll);
 }
 
 #[test]

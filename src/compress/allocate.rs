@@ -1,5 +1,6 @@
 //! Rank allocation inside attention: the reference fixed 3:1 split, uniform ranks, and the
-//! spectrum-driven greedy allocation (weighted sigma^2 removed per parameter spent).
+//! spectrum-driven greedy allocations (weighted sigma^2 removed per parameter spent, in
+//! absolute terms or relative to each matrix's weighted energy).
 
 /// One attention matrix for allocation purposes.
 #[derive(Debug, Clone)]
@@ -8,6 +9,8 @@ pub struct MatrixSpec {
     pub inp: usize,
     /// Weighted singular values, descending (at least up to the break-even rank).
     pub sigma: Vec<f64>,
+    /// ||W S||_F^2, the whole weighted energy (sigma may stop at the break-even rank).
+    pub energy: f64,
 }
 
 impl MatrixSpec {
@@ -45,6 +48,10 @@ pub enum Allocation {
     Spectrum,
     /// LoRAP reference: params(v+o) : params(q+k) = 3 : 1 (default).
     Fixed31,
+    /// Greedy on the *relative* weighted error removed per parameter (sigma^2 / ||W S||^2):
+    /// each matrix's spectrum measured against its own energy, so q/k (large weights,
+    /// fast-decaying spectra) no longer outbid v/o by sheer scale.
+    Relative,
     /// The same rank for every factored matrix (a matrix reaching break-even stays dense).
     Uniform,
 }
@@ -55,7 +62,8 @@ pub fn allocate(specs: &[MatrixSpec], budget: usize, how: Allocation) -> Ranks {
     match how {
         Allocation::Uniform => uniform(specs, budget),
         Allocation::Fixed31 => fixed_split(specs, budget),
-        Allocation::Spectrum => greedy(specs, budget),
+        Allocation::Spectrum => greedy(specs, budget, |_| 1.0),
+        Allocation::Relative => greedy(specs, budget, |s| 1.0 / s.energy.max(f64::MIN_POSITIVE)),
     }
 }
 
@@ -93,9 +101,10 @@ fn fixed_split(specs: &[MatrixSpec], budget: usize) -> Ranks {
 }
 
 /// Repeatedly gives one more rank to the matrix whose next singular value removes the most
-/// weighted squared error per parameter, until the budget is spent; a matrix that reaches
-/// break-even turns dense (same cost) and stops growing.
-fn greedy(specs: &[MatrixSpec], budget: usize) -> Ranks {
+/// weighted squared error (times `weight` of the matrix) per parameter, until the budget is
+/// spent; a matrix that reaches break-even turns dense (same cost) and stops growing.
+fn greedy(specs: &[MatrixSpec], budget: usize, weight: impl Fn(&MatrixSpec) -> f64) -> Ranks {
+    let weights: Vec<f64> = specs.iter().map(&weight).collect();
     let mut r: Vec<usize> = vec![1; specs.len()];
     let mut dense = vec![false; specs.len()];
     let mut spent: usize = specs.iter().map(|s| s.per_rank()).sum();
@@ -110,7 +119,7 @@ fn greedy(specs: &[MatrixSpec], budget: usize) -> Ranks {
             if spent + step > budget {
                 continue;
             }
-            let gain = s.sigma.get(r[i]).map_or(0.0, |x| x * x) / s.per_rank() as f64;
+            let gain = weights[i] * s.sigma.get(r[i]).map_or(0.0, |x| x * x) / s.per_rank() as f64;
             if best.is_none_or(|(_, g, _)| gain > g) {
                 best = Some((i, gain, step));
             }
@@ -130,14 +139,15 @@ mod tests {
     use super::*;
 
     fn spec(out: usize, inp: usize, decay: f64) -> MatrixSpec {
-        MatrixSpec { out, inp, sigma: (0..out.min(inp)).map(|i| (-(i as f64) * decay).exp()).collect() }
+        let sigma: Vec<f64> = (0..out.min(inp)).map(|i| (-(i as f64) * decay).exp()).collect();
+        MatrixSpec { out, inp, energy: sigma.iter().map(|x| x * x).sum(), sigma }
     }
 
     #[test]
     fn every_allocation_respects_the_budget() {
         let specs = vec![spec(64, 64, 0.2), spec(16, 64, 0.2), spec(16, 64, 0.01), spec(64, 64, 0.01)];
         let full = cost(&specs, &vec![None; 4]);
-        for how in [Allocation::Spectrum, Allocation::Fixed31, Allocation::Uniform] {
+        for how in [Allocation::Spectrum, Allocation::Relative, Allocation::Fixed31, Allocation::Uniform] {
             for keep in [0.2, 0.5, 0.8] {
                 let b = (full as f64 * keep) as usize;
                 let r = allocate(&specs, b, how);
@@ -153,6 +163,25 @@ mod tests {
         let r = allocate(&specs, 64 * 64 * 2, Allocation::Spectrum);
         let rank = |x: Option<usize>| x.unwrap_or(32);
         assert!(rank(r[2]) > rank(r[0]) && rank(r[3]) > rank(r[1]), "{r:?}");
+    }
+
+    #[test]
+    fn relative_greedy_ignores_scale_and_follows_the_shape_of_the_spectrum() {
+        // q,k: 100x larger weights but fast-decaying spectra; v,o: small and flat
+        let scaled = |mut s: MatrixSpec, c: f64| {
+            s.sigma.iter_mut().for_each(|x| *x *= c);
+            s.energy *= c * c;
+            s
+        };
+        let specs = vec![scaled(spec(64, 64, 0.3), 100.0), scaled(spec(64, 64, 0.3), 100.0), spec(64, 64, 0.02), spec(64, 64, 0.02)];
+        let rank = |x: Option<usize>| x.unwrap_or(32);
+        let abs = allocate(&specs, 64 * 64 * 2, Allocation::Spectrum);
+        let rel = allocate(&specs, 64 * 64 * 2, Allocation::Relative);
+        assert!(rank(abs[0]) > rank(abs[2]), "absolute greedy follows the scale: {abs:?}");
+        assert!(rank(rel[2]) > rank(rel[0]) && rank(rel[3]) > rank(rel[1]), "relative greedy follows the shape: {rel:?}");
+        // a common scale changes nothing
+        let specs10: Vec<MatrixSpec> = specs.iter().cloned().map(|s| scaled(s, 10.0)).collect();
+        assert_eq!(allocate(&specs10, 64 * 64 * 2, Allocation::Relative), rel);
     }
 
     #[test]

@@ -717,7 +717,7 @@ fn lorap_layer(
         let spec_rank = out_dim * in_dim / (out_dim + in_dim);
         let g = gpu.upload(&ws)?;
         let dec = svd::randomized_svd(gpu, &g, out_dim, in_dim, spec_rank, opts.svd)?;
-        specs.push(MatrixSpec { out: out_dim, inp: in_dim, sigma: dec.sigma.clone() });
+        specs.push(MatrixSpec { out: out_dim, inp: in_dim, sigma: dec.sigma.clone(), energy: norms_sq[j] });
         decs.push((dec, w));
         used_scales.push(sc);
     }

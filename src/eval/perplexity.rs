@@ -13,6 +13,8 @@ pub struct PerplexityReport {
     pub perplexity: f64,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// Mean NLL of each window, in order (paired comparisons of two models).
+    pub window_mean_nll: Vec<f64>,
 }
 
 /// The first `max_windows` (all if None) windows of `tokens`.
@@ -27,6 +29,8 @@ pub fn perplexity(runner: &mut Runner, tokens: &[u32], window: usize, progress: 
     let nll = runner.window_nll(tokens, window, progress)?;
     let secs = t.elapsed().as_secs_f64();
     let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len().max(1) as f64;
+    // every window scores window - 1 tokens
+    let window_mean_nll = nll.chunks(window.saturating_sub(1).max(1)).map(|c| c.iter().map(|&x| x as f64).sum::<f64>() / c.len() as f64).collect();
     Ok(PerplexityReport {
         windows: tokens.len() / window,
         window_len: window,
@@ -35,5 +39,6 @@ pub fn perplexity(runner: &mut Runner, tokens: &[u32], window: usize, progress: 
         perplexity: mean.exp(),
         seconds: secs,
         tokens_per_second: tokens.len() as f64 / secs,
+        window_mean_nll,
     })
 }
