@@ -3,7 +3,7 @@
 # ratio, LoRAP and its ablations, held-out Wikipedia perplexity (the first TOKENS tokens of
 # wiki.txt; calibration uses C4 text, so no calibration window is evaluated).
 # Usage: bash scripts/results-table.sh [RATIOS...]   (default 0.2 0.3 0.5)
-# Env: SAMPLES (8), SEQ_LEN (128), TOKENS (2048), OUT (a scratch folder), BIN (a prebuilt
+# Env: SAMPLES (8), SEQ_LEN (128), TOKENS (2048), EVAL_LEN (512: held-out window length), OUT (a scratch folder), BIN (a prebuilt
 # lorap-gpu binary; default: build this checkout), VARIANTS (space-separated row names from
 # the catalogue below; default: LoRAP and its four ablations), EXTRA_VARIANTS=1 adds the
 # non-default allocation (spectrum). The related methods are rows too:
@@ -16,10 +16,10 @@ assets="$(bash scripts/fetch-assets.sh | tail -n 1)"
 if [ -z "${BIN:-}" ]; then cargo build --release --quiet; fi
 bin="${BIN:-target/release/lorap-gpu}"
 scratch="${OUT:-$(mktemp -d)}"; mkdir -p "$scratch"; rm -f "$scratch"/*.eval.json
-samples="${SAMPLES:-8}"; seq="${SEQ_LEN:-128}"; tokens="${TOKENS:-2048}"
+samples="${SAMPLES:-8}"; seq="${SEQ_LEN:-128}"; tokens="${TOKENS:-2048}"; eval_len="${EVAL_LEN:-512}"
 ratios=("$@"); [ ${#ratios[@]} -gt 0 ] || ratios=(0.2 0.3 0.5)
 # held-out perplexity of model $1; its per-window NLLs are kept in $2 (paired comparisons)
-ppl() { "$bin" --quiet eval --model "$1" --text "$assets/text/wiki.txt" --seq-len 512 --max-tokens "$tokens" --json > "$2"; python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["perplexity"]["perplexity"])' "$2"; }
+ppl() { "$bin" --quiet eval --model "$1" --text "$assets/text/wiki.txt" --seq-len "$eval_len" --max-tokens "$tokens" --json > "$2"; python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["perplexity"]["perplexity"])' "$2"; }
 # paired against LoRAP at the same ratio: windows where $1 has the lower NLL, and the mean
 # NLL difference (row - LoRAP) with its standard error over windows
 paired() { [ -f "$2" ] && [ "$1" != "$2" ] || { echo "-"; return; }; python3 - "$1" "$2" <<'PY'

@@ -96,6 +96,9 @@ pub struct SearchArgs {
     /// Never drop whole layers.
     #[arg(long)]
     pub no_drop: bool,
+    /// Attention rank allocation of the candidates (use the same in `compress --plan`).
+    #[arg(long, value_enum, default_value_t = crate::compress::lorap::LorapOptions::default().allocation)]
+    pub allocation: crate::compress::allocate::Allocation,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Output folder: search.json, front.md, front.svg, plan-best.json, plan-front-NN.json.
@@ -209,7 +212,7 @@ pub struct CompressArgs {
     pub resume: bool,
     /// Attention rank allocation. fixed31 is the default because it beat the greedy
     /// spectrum allocation on held-out perplexity (docs/results.md).
-    #[arg(long, value_enum, default_value_t = crate::compress::allocate::Allocation::Fixed31)]
+    #[arg(long, value_enum, default_value_t = crate::compress::lorap::LorapOptions::default().allocation)]
     pub allocation: crate::compress::allocate::Allocation,
     /// Ablation: plain SVD of W instead of the activation-weighted W S.
     #[arg(long)]
@@ -416,6 +419,7 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
         target_ratio: a.target_ratio,
         allow_drop: !a.no_drop,
         step: a.step,
+        allocation: a.allocation,
         seed: a.seed,
         ..Default::default()
     };

@@ -38,6 +38,9 @@ pub struct SearchOptions {
     pub step: f64,
     /// Fraction of the lowest-scored FFN channels reserved (LoRAP's 1%).
     pub reserve: f64,
+    /// Attention rank allocation of every candidate (`compress --plan` must use the same
+    /// to reproduce what the search scored; both default to LoRAP's).
+    pub allocation: Allocation,
     pub seed: u64,
     #[serde(skip)]
     pub svd: SvdOptions,
@@ -45,7 +48,7 @@ pub struct SearchOptions {
 
 impl Default for SearchOptions {
     fn default() -> Self {
-        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, seed: 1, svd: SvdOptions::default() }
+        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, allocation: lorap::LorapOptions::default().allocation, seed: 1, svd: SvdOptions::default() }
     }
 }
 
@@ -186,39 +189,39 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
 }
 
 /// The LoRAP plan of one layer at keep fractions: ranks and FFN width (what it costs).
-fn layer_shape(cfg: &ModelConfig, lib: &LayerLibrary, att_keep: f64, ffn_keep: f64, reserve: f64) -> (LayerPlan, Vec<usize>) {
+fn layer_shape(cfg: &ModelConfig, lib: &LayerLibrary, att_keep: f64, ffn_keep: f64, opts: &SearchOptions) -> (LayerPlan, Vec<usize>) {
     let f = cfg.intermediate_size;
     let mut plan = LayerPlan { ffn_width: f, ..Default::default() };
     if att_keep < 1.0 {
         let dense_att: usize = lib.specs.iter().map(|s| s.out * s.inp).sum();
-        let ranks = allocate::allocate(&lib.specs, (att_keep * dense_att as f64).round() as usize, Allocation::Fixed31);
+        let ranks = allocate::allocate(&lib.specs, (att_keep * dense_att as f64).round() as usize, opts.allocation);
         for (j, r) in ranks.into_iter().enumerate() {
             plan.set_rank(j, r);
         }
     }
     let remove = (((1.0 - ffn_keep) * f as f64).round() as usize).min(f - 1);
-    let kept = ffn::kept_channels(&lib.ffn_scores, remove, reserve);
+    let kept = ffn::kept_channels(&lib.ffn_scores, remove, opts.reserve);
     plan.ffn_width = kept.len();
     (plan, kept)
 }
 
 /// Decoder parameters of a plan.
-fn plan_params(cfg: &ModelConfig, lib: &Library, plan: &Plan, reserve: f64) -> usize {
+fn plan_params(cfg: &ModelConfig, lib: &Library, plan: &Plan, opts: &SearchOptions) -> usize {
     plan.layers
         .iter()
         .zip(&lib.layers)
         .filter(|(l, _)| !l.dropped)
-        .map(|(l, ll)| cfg.plan_params(&layer_shape(cfg, ll, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), reserve).0))
+        .map(|(l, ll)| cfg.plan_params(&layer_shape(cfg, ll, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), opts).0))
         .sum()
 }
 
 /// GPU weights of layer `i` under a plan entry (from the library and the dense FFN).
-fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanLayer, reserve: f64) -> Result<Option<LayerWeights>> {
+fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanLayer, opts: &SearchOptions) -> Result<Option<LayerWeights>> {
     if l.dropped {
         return Ok(None);
     }
     let cfg = &model.cfg;
-    let (plan, kept) = layer_shape(cfg, lib, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), reserve);
+    let (plan, kept) = layer_shape(cfg, lib, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), opts);
     let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
     let mut lin = Vec::new();
     for (j, (dec, sc)) in lib.decs.iter().enumerate() {
@@ -271,13 +274,14 @@ pub fn search(
     let h0 = runner.embed(search_tokens)?;
     let dense_params = cfg.decoder_params();
     let evaluate = |runner: &mut Runner, plan: &Plan| -> Result<(f64, f64)> {
-        let (nll, secs) = nll_from(runner, &table, &h0, 0, &mut |i| build_layer(gpu, model, &lib.layers[i], i, &plan.layers[i], opts.reserve), search_tokens, seq_len)?;
+        let (nll, secs) = nll_from(runner, &table, &h0, 0, &mut |i| build_layer(gpu, model, &lib.layers[i], i, &plan.layers[i], opts), search_tokens, seq_len)?;
         Ok((nll.exp(), secs / search_tokens.len() as f64))
     };
     let mut candidates: Vec<Candidate> = Vec::new();
-    let total = opts.uniform_ratios.len() + 1 + opts.evaluations;
+    // dense, the uniform plans, one sensitivity probe per layer, two guided plans, the moves
+    let total = opts.uniform_ratios.len() + 1 + n + 2 + opts.evaluations;
     let record = |origin: String, plan: Plan, ppl: f64, spt: f64, candidates: &mut Vec<Candidate>| -> usize {
-        let p = plan_params(cfg, &lib, &plan, opts.reserve);
+        let p = plan_params(cfg, &lib, &plan, opts);
         candidates.push(Candidate { origin, plan, decoder_params: p, decoder_ratio: 1.0 - p as f64 / dense_params as f64, calib_ppl: ppl, seconds_per_token: spt });
         candidates.len() - 1
     };
@@ -320,7 +324,7 @@ pub fn search(
         let probe = PlanLayer { attention_keep: Some(probe_keep), ffn_keep: Some(probe_keep), ..Default::default() };
         let (nll, _) = nll_from(&mut runner, &table, &entering[i], i, &mut |k| {
             if k == i {
-                build_layer(gpu, model, &lib.layers[k], k, &probe, opts.reserve)
+                build_layer(gpu, model, &lib.layers[k], k, &probe, opts)
             } else {
                 Ok(Some(LayerWeights::load(gpu, &model.store, cfg, k)?))
             }
@@ -329,21 +333,21 @@ pub fn search(
     }
     drop(entering);
     // guided plans: each layer removes a share inversely related to its sensitivity
-    for alpha in [0.5, 1.0] {
-        let Some(plan) = guided_plan(&sensitivity, alpha, |p| plan_params(cfg, &lib, p, opts.reserve), budget) else { continue };
+    for (k, alpha) in [0.5, 1.0].into_iter().enumerate() {
+        progress(opts.uniform_ratios.len() + 1 + n + k, total, "sensitivity-guided plans");
+        let Some(plan) = guided_plan(&sensitivity, alpha, |p| plan_params(cfg, &lib, p, opts), budget) else { continue };
         let (ppl, spt) = evaluate(&mut runner, &plan)?;
         record(format!("sensitivity-guided a={alpha}"), plan.clone(), ppl, spt, &mut candidates);
         if ppl < best.1 {
             best = (plan, ppl);
         }
     }
-    let total = total + n + 2;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let att_unit = (0..4).map(|j| cfg.linear_params(&LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() }, j)).sum::<usize>() as f64;
     let ffn_unit = (3 * cfg.hidden_size * cfg.intermediate_size) as f64;
     for step in 0..opts.evaluations {
         progress(opts.uniform_ratios.len() + 1 + n + 2 + step, total, "local search");
-        let Some(plan) = propose(&best.0, &mut rng, opts, att_unit, ffn_unit, |p| plan_params(cfg, &lib, p, opts.reserve), budget) else { continue };
+        let Some(plan) = propose(&best.0, &mut rng, opts, att_unit, ffn_unit, |p| plan_params(cfg, &lib, p, opts), budget) else { continue };
         let (ppl, spt) = evaluate(&mut runner, &plan)?;
         let better = ppl < best.1;
         record(format!("move {}", step + 1), plan.clone(), ppl, spt, &mut candidates);
