@@ -50,7 +50,8 @@ pub enum Allocation {
     Fixed31,
     /// Greedy on the *relative* weighted error removed per parameter (sigma^2 / ||W S||^2):
     /// each matrix's spectrum measured against its own energy, so q/k (large weights,
-    /// fast-decaying spectra) no longer outbid v/o by sheer scale.
+    /// fast-decaying spectra) no longer outbid v/o by sheer scale. Beats fixed31 on
+    /// SmolLM2-135M at 20% but not at 50%, so not the default.
     Relative,
     /// The same rank for every factored matrix (a matrix reaching break-even stays dense).
     Uniform,
