@@ -628,8 +628,17 @@ impl BuiltLayer {
     }
 }
 
+/// Truncated SVD of the activation-weighted W S (to the break-even rank) and what the rank
+/// allocation needs of it (spectrum and ||W S||_F^2). `scales` = S's diagonal.
+pub(crate) fn weighted_svd(gpu: &Gpu, w: &[f32], out: usize, inp: usize, scales: &[f32], svd_opts: svd::SvdOptions) -> Result<(svd::Svd, MatrixSpec)> {
+    let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(scales).map(|(a, b)| a * b)).collect();
+    let energy = ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    let dec = svd::randomized_svd(gpu, &gpu.upload(&ws)?, out, inp, out * inp / (out + inp), svd_opts)?;
+    let spec = MatrixSpec { out, inp, sigma: dec.sigma.clone(), energy };
+    Ok((dec, spec))
+}
+
 /// One statistics pass of the calibration states through the dense layer `dense`.
-#[allow(clippy::too_many_arguments)]
 /// `need_cov`: also the input covariances, mean-centred when `centred`, otherwise the
 /// uncentred second moments X^T X / n.
 #[allow(clippy::too_many_arguments)]
@@ -706,18 +715,13 @@ fn lorap_layer(
     let full = LayerPlan { ffn_width: f, ..Default::default() };
     let mut decs = Vec::new();
     let mut specs = Vec::new();
-    let mut norms_sq = Vec::new();
     let mut used_scales = Vec::new();
     for j in 0..4 {
         let (out_dim, in_dim) = cfg.linear_shape(&full, j);
         let w = store.f32(&name(&format!("{}.weight", LINEARS[j])), &[out_dim, in_dim])?;
         let sc: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; in_dim] };
-        let ws: Vec<f32> = w.chunks(in_dim).flat_map(|row| row.iter().zip(&sc).map(|(a, b)| a * b)).collect();
-        norms_sq.push(ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>());
-        let spec_rank = out_dim * in_dim / (out_dim + in_dim);
-        let g = gpu.upload(&ws)?;
-        let dec = svd::randomized_svd(gpu, &g, out_dim, in_dim, spec_rank, opts.svd)?;
-        specs.push(MatrixSpec { out: out_dim, inp: in_dim, sigma: dec.sigma.clone(), energy: norms_sq[j] });
+        let (dec, spec) = weighted_svd(gpu, &w, out_dim, in_dim, &sc, opts.svd)?;
+        specs.push(spec);
         decs.push((dec, w));
         used_scales.push(sc);
     }
@@ -735,7 +739,8 @@ fn lorap_layer(
             Some(r) => {
                 let (a, b) = factors(dec, *r, &used_scales[j]);
                 let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
-                built.errors[j] = ((norms_sq[j] - kept).max(0.0) / norms_sq[j].max(f64::MIN_POSITIVE)).sqrt();
+                let energy = specs[j].energy;
+                built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
                 built.low_rank(gpu, j, &a, &b, out_dim, *r, in_dim)?;
             }
         }

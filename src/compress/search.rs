@@ -173,9 +173,8 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
             let (out, inp) = cfg.linear_shape(&full, j);
             let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
             let sc = stats.scales[SITE_OF[j]].clone();
-            let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(&sc).map(|(a, b)| a * b)).collect();
-            let dec = svd::randomized_svd(gpu, &gpu.upload(&ws)?, out, inp, out * inp / (out + inp), opts.svd)?;
-            specs.push(MatrixSpec { out, inp, sigma: dec.sigma.clone(), energy: ws.iter().map(|&x| x as f64 * x as f64).sum() });
+            let (dec, spec) = lorap::weighted_svd(gpu, &w, out, inp, &sc, opts.svd)?;
+            specs.push(spec);
             decs.push((dec, sc));
         }
         let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
