@@ -2,6 +2,7 @@
 //! the binary turns into a distinct exit code, whatever module raised it.
 
 use crate::compress::CompressError;
+use crate::format::OutputError;
 use crate::gpu::GpuError;
 use crate::model::config::ConfigError;
 use crate::model::weights::WeightError;
@@ -24,8 +25,11 @@ pub enum ErrorClass {
     ShapeMismatch,
     /// Calibration text that is empty or too short for the windows asked for.
     CalibrationTooShort,
-    /// The output folder exists (without --force), or is the input folder.
+    /// The output folder exists (without --force), is not a folder, or is, contains or lies
+    /// inside an input.
     OutputExists,
+    /// Another run holds the lock on the same output folder.
+    OutputBusy,
     /// `--resume` found a partial output made with other inputs or options.
     ResumeMismatch,
     /// No space left on the output device.
@@ -58,6 +62,7 @@ impl ErrorClass {
             ErrorClass::GpuOutOfMemory => 12,
             ErrorClass::GpuLost => 13,
             ErrorClass::Gpu => 14,
+            ErrorClass::OutputBusy => 15,
         }
     }
 }
@@ -83,6 +88,13 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<CompressError>() {
             return e.class();
+        }
+        if let Some(e) = cause.downcast_ref::<OutputError>() {
+            return match e {
+                OutputError::Busy { .. } => ErrorClass::OutputBusy,
+                OutputError::Io { source, .. } => io_class(source),
+                OutputError::Exists(_) | OutputError::OverlapsInput { .. } | OutputError::NotAFolder(_) => ErrorClass::OutputExists,
+            };
         }
         if let Some(e) = cause.downcast_ref::<GpuError>() {
             return gpu_class(e);

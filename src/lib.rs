@@ -4,6 +4,7 @@ pub mod cli;
 pub mod compress;
 pub mod error;
 pub mod eval;
+pub mod format;
 pub mod gpu;
 pub mod model;
 pub mod report;

@@ -238,3 +238,120 @@ fn gpu_out_of_memory_and_device_loss_fail_cleanly() {
     assert_eq!(classify(&e), ErrorClass::GpuLost, "{e:#}");
     assert_no_output(dir.path(), "lost");
 }
+
+/// Runs the binary with `args`; returns the exit code and stderr (never a panic).
+fn run_cli(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lorap-gpu")).arg("--quiet").args(args).env("WGPU_BACKEND", "vulkan").output().expect("run lorap-gpu");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    (o.status.code().unwrap_or(-1), err)
+}
+
+/// `--out` (with `--force`) that is, contains or lies inside an input is refused before
+/// any work, for every command that writes, and nothing under the inputs changes.
+#[test]
+fn force_never_deletes_or_writes_into_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    std::fs::create_dir(&p).unwrap();
+    let (src, calib) = cli_case(&p);
+    let compressed = p.join("compressed");
+    let (code, err) = compress_cli(&src, &calib, &compressed, &[]);
+    assert_eq!(code, 0, "{err}");
+    let before = common::tree_listing(dir.path());
+    let os = |s: &Path| s.as_os_str().to_owned();
+    let refused = |what: &str, args: Vec<std::ffi::OsString>, mention: &str| {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = run_cli(&refs);
+        assert_eq!(code, ErrorClass::OutputExists.exit_code() as i32, "{what}: {err}");
+        assert!(err.contains(mention), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one error line expected: {err}");
+        assert_eq!(common::tree_listing(dir.path()), before, "{what}: files changed");
+    };
+    let compress = |out: &Path| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = ["compress", "--ratio", "0.3", "--samples", "2", "--seq-len", "8", "--force"].iter().map(|s| s.into()).collect();
+        v.extend(["--model".into(), os(&src), "--calib".into(), os(&calib), "--out".into(), os(out)]);
+        v
+    };
+    refused("compress into the folder holding the input", compress(&p), "contains the input");
+    refused("compress over the calibration text", compress(&calib), "is the input");
+    refused("compress below a missing folder inside the input", compress(&src.join("sub/out")), "lies inside the input");
+    refused("compress over an ancestor", compress(dir.path()), "contains the input");
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        let before_link = common::tree_listing(dir.path());
+        let refs: Vec<std::ffi::OsString> = compress(&link.join("out"));
+        let r: Vec<&std::ffi::OsStr> = refs.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = run_cli(&r);
+        assert_eq!(code, ErrorClass::OutputExists.exit_code() as i32, "through a symlink: {err}");
+        assert_eq!(common::tree_listing(dir.path()), before_link, "through a symlink: files changed");
+        std::fs::remove_file(&link).unwrap();
+    }
+    let export = |out: &Path| vec!["export".into(), "--model".into(), os(&compressed), "--out".into(), os(out), "--force".into()];
+    refused("export into the folder holding the input", export(&p), "contains the input");
+    refused("export over the input", export(&compressed), "is the input");
+    let search = |out: &Path| {
+        vec!["search".into(), "--model".into(), os(&src), "--calib".into(), os(&calib), "--out".into(), os(out), "--force".into(), "--samples".into(), "3".into(), "--search-windows".into(), "1".into(), "--seq-len".into(), "8".into()]
+    };
+    refused("search over the model", search(&src), "is the input");
+    refused("search into the folder holding the model", search(&p), "contains the input");
+    // a file or dangling symlink at --out: refused up front, even with --force, and kept
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "mine").unwrap();
+    let before = common::tree_listing(dir.path());
+    let (code, err) = compress_cli(&src, &calib, &file, &["--force"]);
+    assert_eq!(code, ErrorClass::OutputExists.exit_code() as i32, "{err}");
+    assert!(err.contains("not a folder"), "{err}");
+    assert_eq!(common::tree_listing(dir.path()), before);
+}
+
+/// Two runs on one `--out`: the second fails at once naming the holder and touches
+/// nothing of the first's work folder; two racing processes leave one whole model.
+#[test]
+fn concurrent_runs_on_one_output_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, calib) = cli_case(dir.path());
+    let out = dir.path().join("out");
+    // a run holds the output (as a running compress does) with a shard in its work folder
+    let held = lorap_gpu::format::OutputClaim::take(&out, &[src.as_path()], false).unwrap();
+    held.fresh_partial().unwrap();
+    std::fs::write(held.partial().join("model-00001-of-00002.safetensors"), "first run's shard").unwrap();
+    let before = common::tree_listing(dir.path());
+    for extra in [&["--force"][..], &["--resume"], &[]] {
+        let (code, err) = compress_cli(&src, &calib, &out, extra);
+        assert_eq!(code, ErrorClass::OutputBusy.exit_code() as i32, "{extra:?}: {err}");
+        assert!(err.contains("another run is writing") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(common::tree_listing(dir.path()), before, "{extra:?}: the first run's files changed");
+    }
+    drop(held);
+    assert!(!dir.path().join(".out.lock").exists());
+    let _ = std::fs::remove_dir_all(dir.path().join(".out.partial"));
+    // two real processes at once, different ratios: each ends 0 or busy, and what is left is
+    // one complete model whose shards match its config
+    let spawn = |ratio: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lorap-gpu"))
+            .args(["compress", "--quiet", "--force", "--samples", "2", "--seq-len", "8", "--ratio", ratio])
+            .arg("--model").arg(&src).arg("--calib").arg(&calib).arg("--out").arg(&out)
+            .env("WGPU_BACKEND", "vulkan")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0.2"), spawn("0.5"));
+    let mut ok = 0;
+    for child in [a, b] {
+        let o = child.wait_with_output().unwrap();
+        let code = o.status.code().unwrap_or(-1);
+        assert!(code == 0 || code == ErrorClass::OutputBusy.exit_code() as i32, "exit {code}: {}", String::from_utf8_lossy(&o.stderr));
+        ok += (code == 0) as usize;
+    }
+    assert!(ok >= 1);
+    let m = Model::open(&out).expect("a whole, consistent model");
+    let ratio = m.cfg.lorap.as_ref().unwrap().ratio;
+    assert!((ratio - 0.2).abs() < 0.05 || (ratio - 0.5).abs() < 0.05, "ratio {ratio}");
+    assert!(!dir.path().join(".out.lock").exists() && !dir.path().join(".out.partial").exists());
+}

@@ -350,9 +350,9 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         opts.plan = Some(crate::compress::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
     }
     lorap::validate(&model, &calib, a.seq_len, &opts)?;
-    if a.out.exists() && !a.force && !a.resume {
-        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
-    }
+    let mut inputs = vec![a.model.as_path(), a.calib.as_path()];
+    inputs.extend(a.plan.as_deref());
+    crate::format::claim::check_target(&a.out, &inputs, a.force)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     if let Some(v) = a.max_vram {
         anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
@@ -405,11 +405,10 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
 }
 
 fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
-    use crate::compress::{lorap, output, search, CompressError};
+    use crate::compress::{lorap, search};
     let model = Model::open(&a.model)?;
-    if a.out.exists() && !a.force {
-        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
-    }
+    // held from here: a second search on the same --out fails now, not after the search
+    let claim = crate::format::OutputClaim::take(&a.out, &[a.model.as_path(), a.calib.as_path()], a.force)?;
     let tok = model.tokenizer()?;
     let ids = tok.encode(read_text(&a.calib)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
@@ -430,15 +429,15 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
         pb.update(done, what)
     })?;
     pb.finish();
-    let partial = output::partial_path(&a.out)?;
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)?;
-    }
-    std::fs::create_dir_all(&partial)?;
+    claim.fresh_partial()?;
     for (file, text) in search::render(&res) {
-        std::fs::write(partial.join(&file), text).with_context(|| format!("{}: cannot write", partial.join(&file).display()))?;
+        let path = claim.partial().join(&file);
+        if let Err(e) = std::fs::write(&path, text) {
+            let _ = std::fs::remove_dir_all(claim.partial());
+            return Err(anyhow::Error::new(e).context(format!("{}: cannot write", path.display())));
+        }
     }
-    output::move_into_place(&partial, &a.out)?;
+    claim.move_into_place()?;
     print!("{}", search::front_table(&res));
     println!("wrote {} ({} candidates in {:.0} s on {})", a.out.display(), res.candidates.len(), res.seconds, res.adapter);
     Ok(())
@@ -465,6 +464,10 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
         }
     };
     let out = a.out.clone().unwrap_or_else(|| a.model.clone());
+    // the report goes beside the compressed model by default, never into what it reads
+    let mut inputs = vec![base.as_path()];
+    inputs.extend(a.ppl.text.as_deref());
+    crate::format::claim::check_no_overlap(&out, &inputs)?;
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     let name = base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     for (file, body) in crate::report::render(&rep, &name, ppl.as_ref()) {
@@ -484,12 +487,10 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
     if a.layers == Some(0) {
         return Err(CompressError::BadArgument("--layers must be at least 1".into()).into());
     }
-    if a.out.exists() && !a.force {
-        return Err(CompressError::OutputExists(a.out.display().to_string()).into());
-    }
     // built beside the target and renamed when complete, like compress
-    let partial = crate::compress::output::partial_path(&a.out)?;
-    let _ = std::fs::remove_dir_all(&partial);
+    let claim = crate::format::OutputClaim::take(&a.out, &[], a.force)?;
+    claim.fresh_partial()?;
+    let partial = claim.partial().to_path_buf();
     let cfg = a.preset.config(a.layers);
     let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
     let mut pb = Progress::new(layers + 1, "synth: shards", cli.quiet);
@@ -500,7 +501,8 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e.context(format!("{}: cannot write the synthetic model", a.out.display())));
     }
-    crate::compress::output::move_into_place(&partial, &a.out)?;
+    claim.move_into_place()?;
+    drop(claim);
     let m = Model::open(&a.out)?;
     println!("wrote {}: {:?}, {} layers, {} parameters (random f16 weights)", a.out.display(), a.preset, m.cfg.num_hidden_layers, m.cfg.total_params());
     Ok(())
@@ -508,6 +510,7 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
 
 fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
+    crate::format::claim::check_target(&a.out, &[a.model.as_path()], a.force)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
     let path = match a.format {

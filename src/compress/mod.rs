@@ -23,10 +23,6 @@ pub enum CompressError {
     BadArgument(String),
     #[error("calibration text has {tokens} tokens: fewer than {samples} windows of {seq_len} (lower --samples or --seq-len, or give more text)")]
     CalibrationTooShort { tokens: usize, samples: usize, seq_len: usize },
-    #[error("{0}: output folder exists (use --force to replace it)")]
-    OutputExists(String),
-    #[error("{0}: the output folder is the input model folder; choose another --out")]
-    OutputIsInput(String),
     #[error("{0}: this model is already compressed; compress the dense original")]
     AlreadyCompressed(String),
     #[error("{path}: cannot resume: {what} (run without --resume to start over)")]
@@ -40,7 +36,6 @@ impl CompressError {
         match self {
             CompressError::BadRatio(_) | CompressError::BadArgument(_) | CompressError::AlreadyCompressed(_) => ErrorClass::BadArgument,
             CompressError::CalibrationTooShort { .. } => ErrorClass::CalibrationTooShort,
-            CompressError::OutputExists(_) | CompressError::OutputIsInput(_) => ErrorClass::OutputExists,
             CompressError::ResumeMismatch { .. } => ErrorClass::ResumeMismatch,
             CompressError::Interrupted(_) => ErrorClass::Other,
         }

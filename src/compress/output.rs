@@ -1,7 +1,8 @@
 //! Writing a compressed model folder atomically: everything goes to a hidden `.NAME.partial`
 //! folder beside the target (one safetensors shard per decoder layer plus one for the
 //! embeddings and head, an index, config.json with the `lorap` section, the tokenizer, the
-//! report), renamed to the target only when complete. The input folder is never touched.
+//! report), renamed to the target only when complete, under an exclusive claim on the
+//! target (`format::claim`: no overlap with the input, one run per output).
 //! After each finished layer a checkpoint (`resume.json` plus a shard index) lets an
 //! interrupted run continue; a run that fails before its first checkpoint removes the
 //! partial folder, so bad input never leaves anything behind.
@@ -13,6 +14,7 @@ use anyhow::{Context, Result};
 use safetensors::{tensor::TensorView, Dtype};
 
 use super::CompressError;
+use crate::format::OutputClaim;
 
 /// Stored element type of written tensors.
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
@@ -39,24 +41,10 @@ impl OutTensor {
     }
 }
 
-/// `.NAME.partial` beside `target`: where an output is built before it is moved into place.
-pub fn partial_path(target: &Path) -> Result<PathBuf> {
-    let name = target.file_name().with_context(|| format!("{}: not a folder name", target.display()))?.to_string_lossy().to_string();
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(parent.join(format!(".{name}.partial")))
-}
-
-/// Replaces `target` (if any) with the finished `partial` folder.
-pub fn move_into_place(partial: &Path, target: &Path) -> Result<()> {
-    if target.exists() {
-        std::fs::remove_dir_all(target).with_context(|| format!("{}: cannot replace", target.display()))?;
-    }
-    std::fs::rename(partial, target).with_context(|| format!("{}: cannot move into place", target.display()))
-}
-
 /// Builds the output folder under a temporary name.
 pub struct OutputFolder {
-    target: PathBuf,
+    /// The checked, locked right to write the target; its partial folder is where files go.
+    claim: OutputClaim,
     partial: PathBuf,
     n_shards: usize,
     weight_map: BTreeMap<String, String>,
@@ -80,24 +68,22 @@ struct Checkpoint {
 const CHECKPOINT: &str = "resume.json";
 
 impl OutputFolder {
-    /// A fresh partial folder. Refuses an existing target unless `force`; refuses the input
-    /// folder itself.
+    /// A fresh partial folder. Refuses an existing target unless `force`, a target that
+    /// overlaps the input, and a target another run is writing.
     pub fn create(target: &Path, input: &Path, force: bool, n_shards: usize) -> Result<Self> {
-        let partial = Self::check_target(target, input, force)?;
-        if partial.exists() {
-            std::fs::remove_dir_all(&partial).with_context(|| format!("{}: cannot clear an earlier partial output", partial.display()))?;
-        }
-        std::fs::create_dir_all(&partial).with_context(|| format!("{}: cannot create", partial.display()))?;
-        Ok(Self::new(target, partial, n_shards))
+        let claim = OutputClaim::take(target, &[input], force)?;
+        claim.fresh_partial()?;
+        Ok(Self::new(claim, n_shards))
     }
 
     /// Reopens the partial folder of an interrupted run with its saved state; starts a
     /// fresh one (state None) when there is no checkpoint to continue from.
     pub fn resume(target: &Path, input: &Path, force: bool, n_shards: usize) -> Result<(Self, Option<serde_json::Value>)> {
-        let partial = Self::check_target(target, input, force)?;
-        let ck_path = partial.join(CHECKPOINT);
+        let claim = OutputClaim::take(target, &[input], force)?;
+        let ck_path = claim.partial().join(CHECKPOINT);
         if !ck_path.exists() {
-            return Ok((Self::create(target, input, force, n_shards)?, None));
+            claim.fresh_partial()?;
+            return Ok((Self::new(claim, n_shards), None));
         }
         let text = std::fs::read_to_string(&ck_path).with_context(|| format!("{}: cannot read", ck_path.display()))?;
         let ck: Checkpoint = serde_json::from_str(&text)
@@ -105,36 +91,16 @@ impl OutputFolder {
         if ck.n_shards != n_shards {
             return Err(CompressError::ResumeMismatch { path: ck_path.display().to_string(), what: format!("{} shards there, {n_shards} now", ck.n_shards) }.into());
         }
-        let mut f = Self::new(target, partial, n_shards);
+        let mut f = Self::new(claim, n_shards);
         f.weight_map = ck.weight_map;
         f.total_bytes = ck.total_bytes;
         f.keep_on_failure = true;
         Ok((f, Some(ck.state)))
     }
 
-    fn new(target: &Path, partial: PathBuf, n_shards: usize) -> Self {
-        OutputFolder { target: target.to_path_buf(), partial, n_shards, weight_map: BTreeMap::new(), total_bytes: 0, byte_limit: None, keep_on_failure: false, finished: false }
-    }
-
-    /// The partial folder's path, after checking the target may be written.
-    fn check_target(target: &Path, input: &Path, force: bool) -> Result<PathBuf> {
-        let canon_in = input.canonicalize().with_context(|| format!("{}: cannot resolve", input.display()))?;
-        if target.exists() {
-            if target.canonicalize().ok().as_deref() == Some(canon_in.as_path()) {
-                return Err(CompressError::OutputIsInput(target.display().to_string()).into());
-            }
-            if !force {
-                return Err(CompressError::OutputExists(target.display().to_string()).into());
-            }
-        }
-        let partial = partial_path(target)?;
-        let parent = partial.parent().unwrap_or(Path::new("."));
-        // writing inside the input folder would modify it
-        if parent.canonicalize().map(|p| p.starts_with(&canon_in)).unwrap_or(false) {
-            return Err(CompressError::OutputIsInput(target.display().to_string()).into());
-        }
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-        Ok(partial)
+    fn new(claim: OutputClaim, n_shards: usize) -> Self {
+        let partial = claim.partial().to_path_buf();
+        OutputFolder { claim, partial, n_shards, weight_map: BTreeMap::new(), total_bytes: 0, byte_limit: None, keep_on_failure: false, finished: false }
     }
 
     pub fn partial_dir(&self) -> &Path {
@@ -227,9 +193,9 @@ impl OutputFolder {
         if ck.exists() {
             std::fs::remove_file(&ck).with_context(|| format!("{}: cannot remove", ck.display()))?;
         }
-        move_into_place(&self.partial, &self.target)?;
+        let target = self.claim.move_into_place()?;
         self.finished = true;
-        Ok(self.target.clone())
+        Ok(target)
     }
 }
 

@@ -78,3 +78,29 @@ pub fn rewrite_dtype(dir: &std::path::Path, name: &str, dtype: safetensors::Dtyp
         owned.iter().map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
+
+/// Every file under `dir` (recursively, symlinks not followed) with its size and a content
+/// hash (FNV-1a), to assert that a run changed nothing there.
+pub fn tree_listing(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, (u64, u64)> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut std::collections::BTreeMap<std::path::PathBuf, (u64, u64)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if ft.is_dir() {
+                out.insert(rel, (0, 0));
+                walk(root, &p, out);
+            } else if ft.is_file() {
+                let bytes = std::fs::read(&p).unwrap();
+                let h = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+                out.insert(rel, (bytes.len() as u64, h));
+            } else {
+                out.insert(rel, (u64::MAX, 0));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
