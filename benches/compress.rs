@@ -11,7 +11,8 @@
 use std::time::Instant;
 
 use clap::ValueEnum;
-use lorap_gpu::compress::lorap::{self, LorapOptions, RunControl};
+use lorap_gpu::methods::LorapOptions;
+use lorap_gpu::pipeline::{self, Run, RunControl};
 use lorap_gpu::gpu::{matmul, Gpu, GpuOptions};
 use lorap_gpu::model::synthetic::{self, Preset};
 use lorap_gpu::model::Model;
@@ -61,7 +62,7 @@ fn main() {
     gpu.set_budget((max_vram * (1u64 << 30) as f64) as u64);
     let out = root.join(format!("{preset_name}-out"));
     let t = Instant::now();
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, seq, &LorapOptions { ratio: 0.2, ..Default::default() }, &out, &RunControl { force: true, ..Default::default() }, &mut |d, n, what| {
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, seq, &LorapOptions { ratio: 0.2, ..Default::default() }, &out).with_control(RunControl { force: true, ..Default::default() }), &mut |d, n, what| {
         eprint!("\r  layer {d}/{n}: {what:<24}")
     })
     .unwrap();

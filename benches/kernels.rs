@@ -92,12 +92,12 @@ fn main() {
     let (m, n) = if is_cpu || quick { (576, 576) } else { (4096, 4096) };
     let k = m * n / (m + n) / 2;
     let a = filled(&gpu, m * n);
-    let opts = lorap_gpu::compress::svd::SvdOptions::default();
+    let opts = lorap_gpu::methods::svd::SvdOptions::default();
     let l = k + opts.oversample;
     let t = Instant::now();
     let reps_svd = if is_cpu { 1 } else { 3 };
     for _ in 0..reps_svd {
-        lorap_gpu::compress::svd::randomized_svd(&gpu, &a, m, n, k, opts).unwrap();
+        lorap_gpu::methods::svd::randomized_svd(&gpu, &a, m, n, k, opts).unwrap();
     }
     let secs = t.elapsed().as_secs_f64() / reps_svd as f64;
     let products = (2 + 2 * opts.power_iters) as f64 * 2.0 * (m * n * l) as f64 + (2 * opts.power_iters + 1) as f64 * 2.0 * 2.0 * ((m + n) / 2 * l * l) as f64 * 2.0;
@@ -119,7 +119,7 @@ fn main() {
     let mut pair_secs = [0f64; 2];
     for (slot, exact_max) in [(0, usize::MAX), (1, 0)] {
         let t = Instant::now();
-        lorap_gpu::compress::sfsd::feature_pair_with(&gpu, &w, &sg, out, inp, r, opts, exact_max).unwrap();
+        lorap_gpu::methods::sfsd::feature_pair_with(&gpu, &w, &sg, out, inp, r, opts, exact_max).unwrap();
         pair_secs[slot] = t.elapsed().as_secs_f64();
     }
     println!(

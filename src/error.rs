@@ -1,12 +1,8 @@
 //! Error classes: every failure the tool reports falls in one class, which tests assert and
-//! the binary turns into a distinct exit code, whatever module raised it.
+//! the binary turns into a distinct exit code, whatever module raised it (`cli::classify`
+//! maps each module's errors to a class), and the argument errors every layer raises.
+//! A leaf: it imports nothing from the crate.
 
-use crate::compress::CompressError;
-use crate::format::OutputError;
-use crate::gpu::GpuError;
-use crate::model::config::ConfigError;
-use crate::model::weights::WeightError;
-use crate::model::ModelError;
 
 /// What kind of failure an error is, for tests and exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,84 +63,30 @@ impl ErrorClass {
     }
 }
 
-fn gpu_class(e: &GpuError) -> ErrorClass {
-    match e {
-        GpuError::OutOfMemory(_) | GpuError::OverBudget { .. } | GpuError::BufferTooLarge { .. } => ErrorClass::GpuOutOfMemory,
-        GpuError::DeviceLost(_) => ErrorClass::GpuLost,
-        _ => ErrorClass::Gpu,
-    }
+/// Failures of a compression run that are about its inputs, not the model files or GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    #[error("--ratio must be in (0, 1), got {0}")]
+    BadRatio(f64),
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("calibration text has {tokens} tokens: fewer than {samples} windows of {seq_len} (lower --samples or --seq-len, or give more text)")]
+    CalibrationTooShort { tokens: usize, samples: usize, seq_len: usize },
+    #[error("{0}: this model is already compressed; compress the dense original")]
+    AlreadyCompressed(String),
+    #[error("{path}: cannot resume: {what} (run without --resume to start over)")]
+    ResumeMismatch { path: String, what: String },
+    #[error("stopped after {0} layers as asked; `--resume` continues")]
+    Interrupted(usize),
 }
 
-fn io_class(e: &std::io::Error) -> ErrorClass {
-    match e.kind() {
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => ErrorClass::DiskFull,
-        std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
-        _ => ErrorClass::Other,
-    }
-}
-
-/// The class of the first error in the chain that has one.
-pub fn classify(err: &anyhow::Error) -> ErrorClass {
-    for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<CompressError>() {
-            return e.class();
+impl CompressError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            CompressError::BadRatio(_) | CompressError::BadArgument(_) | CompressError::AlreadyCompressed(_) => ErrorClass::BadArgument,
+            CompressError::CalibrationTooShort { .. } => ErrorClass::CalibrationTooShort,
+            CompressError::ResumeMismatch { .. } => ErrorClass::ResumeMismatch,
+            CompressError::Interrupted(_) => ErrorClass::Other,
         }
-        if let Some(e) = cause.downcast_ref::<OutputError>() {
-            return match e {
-                OutputError::Busy { .. } => ErrorClass::OutputBusy,
-                OutputError::Io { source, .. } => io_class(source),
-                OutputError::Exists(_) | OutputError::OverlapsInput { .. } | OutputError::NotAFolder(_) => ErrorClass::OutputExists,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<GpuError>() {
-            return gpu_class(e);
-        }
-        if let Some(e) = cause.downcast_ref::<crate::model::forward::ForwardError>() {
-            match e {
-                crate::model::forward::ForwardError::Gpu(g) => return gpu_class(g),
-                crate::model::forward::ForwardError::Weights(w) => return weight_class(w),
-                _ => return ErrorClass::BadArgument,
-            }
-        }
-        if let Some(e) = cause.downcast_ref::<ModelError>() {
-            return match e {
-                ModelError::NoDir(_) => ErrorClass::MissingInput,
-                ModelError::Config(c) => config_class(c),
-                ModelError::Weights(w) => weight_class(w),
-                ModelError::Tokenizer { .. } => ErrorClass::MissingInput,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<WeightError>() {
-            return weight_class(e);
-        }
-        if let Some(e) = cause.downcast_ref::<ConfigError>() {
-            return config_class(e);
-        }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-            let c = io_class(e);
-            if c != ErrorClass::Other {
-                return c;
-            }
-        }
-    }
-    ErrorClass::Other
-}
-
-fn weight_class(e: &WeightError) -> ErrorClass {
-    match e {
-        WeightError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
-        WeightError::Open { .. } => ErrorClass::Other,
-        WeightError::Corrupt { .. } | WeightError::Truncated { .. } | WeightError::Index { .. } => ErrorClass::CorruptWeights,
-        WeightError::Missing { .. } | WeightError::MissingTensor { .. } => ErrorClass::MissingInput,
-        WeightError::Dtype { .. } => ErrorClass::Unsupported,
-        WeightError::Shape { .. } => ErrorClass::ShapeMismatch,
-    }
-}
-
-fn config_class(e: &ConfigError) -> ErrorClass {
-    match e {
-        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
-        ConfigError::Unsupported { .. } => ErrorClass::Unsupported,
-        _ => ErrorClass::BadConfig,
     }
 }

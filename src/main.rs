@@ -14,7 +14,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // one line: the context chain, outermost first
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(lorap_gpu::error::classify(&e).exit_code())
+            std::process::ExitCode::from(lorap_gpu::cli::classify(&e).exit_code())
         }
     }
 }

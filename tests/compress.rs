@@ -4,7 +4,9 @@
 
 mod common;
 
-use lorap_gpu::compress::{lorap, svd};
+use lorap_gpu::methods::{self, svd};
+use lorap_gpu::pipeline::{self, Run};
+use lorap_gpu::calib;
 use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -22,8 +24,9 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
     let calib = tokens(8 * 16, 101, 1);
     for ratio in [0.2, 0.5] {
         let out = dir.path().join(format!("out{ratio}"));
-        let opts = lorap::LorapOptions { ratio, ..Default::default() };
-        let (path, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+        let opts = methods::LorapOptions { ratio, ..Default::default() };
+        let control = pipeline::RunControl { report_files: Some(lorap_gpu::report::compress_files), ..Default::default() };
+        let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out).with_control(control), &mut |_, _, _| {}).unwrap();
         assert_eq!(path, out);
         assert!((rep.achieved_decoder_ratio - ratio).abs() < 0.02, "asked {ratio}, got {}", rep.achieved_decoder_ratio);
         for f in ["config.json", "model.safetensors.index.json", "compression_report.json", "report.html", "report-ranks.svg", "report-spectrum-q_proj.svg"] {
@@ -48,7 +51,7 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
         let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
         assert!(e < 1e-4, "compressed forward GPU vs CPU: {e:e}");
         // existing output is refused without --force
-        let again = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {});
+        let again = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {});
         assert!(again.unwrap_err().to_string().contains("exists"));
     }
     // input folder untouched: still opens as the dense model
@@ -64,13 +67,13 @@ fn bad_ratios_and_short_calibration_are_refused() {
     let gpu = common::gpu();
     let calib = tokens(32, 50, 1);
     for ratio in [0.0, 1.0, -0.5, 1.5] {
-        let opts = lorap::LorapOptions { ratio, ..Default::default() };
+        let opts = methods::LorapOptions { ratio, ..Default::default() };
         let out = dir.path().join("never");
-        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap_err();
+        let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap_err();
         assert!(e.to_string().contains("ratio"), "{e}");
         assert!(!out.exists());
     }
-    let e = lorap::calibration_windows(&tokens(100, 50, 1), 10, 16).unwrap_err();
+    let e = calib::calibration_windows(&tokens(100, 50, 1), 10, 16).unwrap_err();
     assert!(e.to_string().contains("fewer than 10 windows"), "{e}");
 }
 
@@ -115,11 +118,11 @@ fn hf_dense_export_round_trips_through_eval() {
     let model = Model::open(&src).unwrap();
     let gpu = common::gpu();
     let out = dir.path().join("small");
-    let opts = lorap::LorapOptions { ratio: 0.4, ..Default::default() };
-    lorap::compress(&gpu, &model, &tokens(6 * 16, 101, 2), 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { ratio: 0.4, ..Default::default() };
+    pipeline::compress(&gpu, &Run::new(&model, &tokens(6 * 16, 101, 2), 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     let small = Model::open(&out).unwrap();
     let exported = dir.path().join("hf");
-    lorap_gpu::model::export::export_hf_dense(&gpu, &small, &exported, false, &mut |_, _| {}).unwrap();
+    lorap_gpu::export::export_hf_dense(&gpu, &small, &exported, false, &mut |_, _| {}).unwrap();
     let hf = Model::open(&exported).unwrap();
     assert!(hf.cfg.lorap.is_none());
     let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap()).unwrap();
@@ -133,8 +136,8 @@ fn hf_dense_export_round_trips_through_eval() {
     let e = lorap_gpu::gpu::rel_frobenius(&b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>());
     assert!(e < 1e-3, "exported vs compressed NLL relative error {e:e}: {a:?} {b:?}");
     // a dense model has nothing to export
-    let err = lorap_gpu::model::export::export_hf_dense(&gpu, &model, &dir.path().join("x"), false, &mut |_, _| {}).unwrap_err();
-    assert_eq!(lorap_gpu::error::classify(&err), lorap_gpu::error::ErrorClass::BadArgument);
+    let err = lorap_gpu::export::export_hf_dense(&gpu, &model, &dir.path().join("x"), false, &mut |_, _| {}).unwrap_err();
+    assert_eq!(lorap_gpu::cli::classify(&err), lorap_gpu::error::ErrorClass::BadArgument);
     assert!(!dir.path().join("x").exists());
 }
 
@@ -147,12 +150,12 @@ fn calibration_states_move_to_the_host_under_a_budget() {
     synthetic::write_random_model(&src, &synthetic::config_json("llama", 2, 64, 160, 4, 2, 101, true), 5).unwrap();
     let model = Model::open(&src).unwrap();
     let calib = tokens(128 * 16, 101, 3);
-    let opts = lorap::LorapOptions { ratio: 0.3, ..Default::default() };
+    let opts = methods::LorapOptions { ratio: 0.3, ..Default::default() };
     let run = |out: &str, budget: u64| {
         let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();
         gpu.set_budget(budget);
-        let control = lorap::RunControl { batch_tokens: Some(128), ..Default::default() };
-        lorap::compress(&gpu, &model, &calib, 16, &opts, &dir.path().join(out), &control, &mut |_, _, _| {}).unwrap().1
+        let control = pipeline::RunControl { batch_tokens: Some(128), ..Default::default() };
+        pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &dir.path().join(out)).with_control(control.clone()), &mut |_, _, _| {}).unwrap().1
     };
     let resident = run("resident", 0);
     let states = (calib.len() * 64 * 4) as u64;

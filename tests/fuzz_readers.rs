@@ -6,7 +6,8 @@ mod common;
 
 use std::sync::OnceLock;
 
-use lorap_gpu::error::{classify, ErrorClass};
+use lorap_gpu::cli::classify;
+use lorap_gpu::error::ErrorClass;
 use lorap_gpu::model::{config::ModelConfig, synthetic, Model, WeightStore};
 use proptest::prelude::*;
 

@@ -4,7 +4,11 @@
 
 mod common;
 
-use lorap_gpu::compress::{lorap, plan, search, sfsd, svd::SvdOptions};
+use lorap_gpu::format::plan;
+use lorap_gpu::methods::{self, sfsd, svd::SvdOptions};
+use lorap_gpu::pipeline::{self, Run};
+use lorap_gpu::search::{self, surgical};
+
 use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
 use nalgebra::{DMatrix, SymmetricEigen};
 
@@ -102,8 +106,8 @@ fn sfsd_compresses_every_linear_to_the_ratio_and_runs() {
     let gpu = common::gpu();
     let calib = tokens(8 * 16, 101, 1);
     let out = dir.path().join("sfsd");
-    let opts = lorap::LorapOptions { method: lorap::Method::Sfsd, ratio: 0.3, ..Default::default() };
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { method: methods::Method::Sfsd, ratio: 0.3, ..Default::default() };
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     assert!((rep.achieved_decoder_ratio - 0.3).abs() < 0.03, "{}", rep.achieved_decoder_ratio);
     let small = Model::open(&out).unwrap();
     let sec = small.cfg.lorap.as_ref().unwrap();
@@ -129,8 +133,8 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     // full bonds: the cores hold W exactly up to their f16 storage (the model is f16), so
     // the model computes the same function to f16 rounding
     let exact = dir.path().join("mpo-exact");
-    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.01, mpo_max_bond: Some(1 << 16), mpo_matrices: vec![0, 6], ..Default::default() };
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &exact, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.01, mpo_max_bond: Some(1 << 16), mpo_matrices: vec![0, 6], ..Default::default() };
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &exact), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&exact).unwrap();
     let sec = m.cfg.lorap.as_ref().unwrap();
     assert!(sec.layers.iter().all(|l| l.mpo.len() == 2 && l.mpo.contains_key("self_attn.q_proj") && l.mpo.contains_key("mlp.down_proj")), "{sec:?}");
@@ -141,8 +145,8 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(d < 1e-3, "full-bond MPO differs from the dense model: {d:e}");
     // one shared centre per linear: stored once, every layer refitted around it
     let shared = dir.path().join("mpo-shared");
-    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.4, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &shared, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.4, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &shared), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&shared).unwrap();
     let names: Vec<String> = m.store.names().map(String::from).collect();
     assert!(names.contains(&"model.mpo_shared.self_attn.q_proj.mpo_core_1".to_string()) && names.contains(&"model.mpo_shared.mlp.gate_proj.mpo_core_1".to_string()), "{names:?}");
@@ -154,14 +158,14 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(e < 1e-4, "shared-centre model GPU vs CPU: {e:e}");
     // a ratio below what one shared centre removes at full bonds is refused, not overshot
     let too_little = dir.path().join("mpo-shared-10");
-    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.1, mpo_share_centre: true, mpo_matrices: vec![0], ..Default::default() };
-    let err = lorap::compress(&gpu, &model, &calib, 16, &opts, &too_little, &Default::default(), &mut |_, _, _| {}).unwrap_err().to_string();
+    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.1, mpo_share_centre: true, mpo_matrices: vec![0], ..Default::default() };
+    let err = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &too_little), &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("removes at least 37.5%"), "{err}");
     assert!(!too_little.exists());
     // truncated bonds: smaller, still runs, error grows
     let cut = dir.path().join("mpo-cut");
-    let opts = lorap::LorapOptions { method: lorap::Method::Mpo, ratio: 0.5, ..Default::default() };
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &cut, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.5, ..Default::default() };
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &cut), &mut |_, _, _| {}).unwrap();
     assert!(rep.achieved_decoder_ratio > 0.4 && rep.achieved_decoder_ratio < 0.55, "{}", rep.achieved_decoder_ratio);
     let m = Model::open(&cut).unwrap();
     assert_eq!(m.cfg.decoder_params(), rep.decoder_params_after);
@@ -180,8 +184,8 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
     p.layers[2].attention_keep = Some(0.5);
     p.layers[2].ffn_keep = Some(0.25);
     let out = dir.path().join("planned");
-    let opts = lorap::LorapOptions { plan: Some(p.clone()), ratio: 0.0, ..Default::default() };
-    let (_, rep) = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { plan: Some(p.clone()), ratio: 0.0, ..Default::default() };
+    let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&out).unwrap();
     assert_eq!(m.cfg.num_hidden_layers, 2);
     let sec = m.cfg.lorap.as_ref().unwrap();
@@ -201,8 +205,8 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
     // bad plans are refused before any output
     for bad in [plan::Plan::uniform(2, 0.5), plan::Plan { layers: vec![plan::PlanLayer { dropped: true, ..Default::default() }; 3], note: String::new() }, plan::Plan::uniform(3, 1.5)] {
         let o = dir.path().join("never");
-        let opts = lorap::LorapOptions { plan: Some(bad), ratio: 0.0, ..Default::default() };
-        let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &o, &Default::default(), &mut |_, _, _| {}).unwrap_err();
+        let opts = methods::LorapOptions { plan: Some(bad), ratio: 0.0, ..Default::default() };
+        let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &o), &mut |_, _, _| {}).unwrap_err();
         assert!(e.to_string().contains("plan"), "{e}");
         assert!(!o.exists());
     }
@@ -229,13 +233,13 @@ fn search_returns_a_front_whose_plans_compress_to_their_parameter_counts() {
     }
     let best = res.best_at_target.expect("the uniform plan at the target is a candidate");
     assert!(res.candidates[best].calib_ppl <= res.candidates[res.uniform_at_target.unwrap()].calib_ppl);
-    let files = search::render(&res);
+    let files = lorap_gpu::report::search::render(&res);
     assert!(files.iter().any(|(f, s)| f == "front.svg" && s.matches("<circle").count() >= res.candidates.len()));
     for k in [best, res.front[0]] {
         let c = &res.candidates[k];
         let out = dir.path().join(format!("applied-{k}"));
-        let o = lorap::LorapOptions { plan: Some(c.plan.clone()), ratio: 0.0, ..Default::default() };
-        let (_, rep) = lorap::compress(&gpu, &model, &calib[..8 * 16], 16, &o, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+        let o = methods::LorapOptions { plan: Some(c.plan.clone()), ratio: 0.0, ..Default::default() };
+        let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib[..8 * 16], 16, &o, &out), &mut |_, _, _| {}).unwrap();
         assert_eq!(rep.decoder_params_after, c.decoder_params, "{}", c.origin);
     }
 }
@@ -247,22 +251,22 @@ fn surgical_search_respects_its_bound_and_its_plan_applies() {
     let gpu = common::gpu();
     let calib = tokens(10 * 16, 101, 1);
     // a bound nothing can break: every considered linear goes to the smallest rank
-    let loose = sfsd::SurgicalOptions { skip_first: 1, tolerance: 1e9, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
-    let (plan, rep) = sfsd::surgical(&gpu, &model, &calib, 16, 2, &loose, &mut |_, _, _| {}).unwrap();
+    let loose = surgical::SurgicalOptions { skip_first: 1, tolerance: 1e9, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
+    let (plan, rep) = surgical::surgical(&gpu, &model, &calib, 16, 2, &loose, &mut |_, _, _| {}).unwrap();
     assert_eq!(rep.steps.len(), 14, "two layers of seven linears");
     assert!(rep.steps.iter().all(|s| s.keep == Some(0.2)));
     assert!(plan.layers[0].module_keep.values().all(|&k| k >= 1.0), "skipped layer stays dense");
     let out = dir.path().join("surgical");
-    let o = lorap::LorapOptions { method: lorap::Method::Sfsd, plan: Some(plan), ratio: 0.0, ..Default::default() };
-    let (_, crep) = lorap::compress(&gpu, &model, &calib[..8 * 16], 16, &o, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let o = methods::LorapOptions { method: methods::Method::Sfsd, plan: Some(plan), ratio: 0.0, ..Default::default() };
+    let (_, crep) = pipeline::compress(&gpu, &Run::new(&model, &calib[..8 * 16], 16, &o, &out), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&out).unwrap();
     let sec = m.cfg.lorap.as_ref().unwrap();
     assert!((0..7).all(|j| sec.layers[0].rank(j).is_none()));
     assert!((1..3).all(|i| (0..7).all(|j| sec.layers[i].rank(j).is_some())));
     assert!(crep.achieved_decoder_ratio > 0.3);
     // a tight bound: every decision stays within it
-    let tight = sfsd::SurgicalOptions { skip_first: 1, tolerance: 0.001, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
-    let (_, rep) = sfsd::surgical(&gpu, &model, &calib, 16, 2, &tight, &mut |_, _, _| {}).unwrap();
+    let tight = surgical::SurgicalOptions { skip_first: 1, tolerance: 0.001, grid: vec![0.2, 0.5, 0.8], ..Default::default() };
+    let (_, rep) = surgical::surgical(&gpu, &model, &calib, 16, 2, &tight, &mut |_, _, _| {}).unwrap();
     assert!(rep.steps.iter().all(|s| s.ppl <= s.allowed * (1.0 + 1e-12)), "{:?}", rep.steps);
     assert!(rep.final_ppl <= rep.base_ppl * 1.001f64.powi(14) * (1.0 + 1e-12));
 }

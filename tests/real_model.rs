@@ -1,9 +1,13 @@
 //! The real SmolLM2-135M (from the PyPI wheel, via scripts/fetch-assets.sh): perplexity
 //! matches transformers, greedy generation, and LoRAP on a few calibration windows.
+//! Slow: only with `--features real-model` (scripts/test.sh, CI).
+#![cfg(feature = "real-model")]
 
 mod common;
 
-use lorap_gpu::compress::lorap;
+use lorap_gpu::methods;
+use lorap_gpu::pipeline::{self, Run};
+use lorap_gpu::calib;
 use lorap_gpu::eval::perplexity;
 use lorap_gpu::model::{forward::Runner, Model};
 
@@ -55,11 +59,11 @@ fn greedy_capital_of_france_is_paris() {
 fn lorap_on_the_real_model_keeps_perplexity_bounded() {
     let m = smollm();
     let calib_tokens = common::tokenize(&m.dir, "c4.txt");
-    let calib = lorap::calibration_windows(&calib_tokens, 8, 128).unwrap();
+    let calib = calib::calibration_windows(&calib_tokens, 8, 128).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm-lorap-0.2");
-    let opts = lorap::LorapOptions { ratio: 0.2, ..Default::default() };
-    let (_, rep) = lorap::compress(&common::gpu(), &m, &calib, 128, &opts, &out, &Default::default(), &mut |_, _, _| {}).unwrap();
+    let opts = methods::LorapOptions { ratio: 0.2, ..Default::default() };
+    let (_, rep) = pipeline::compress(&common::gpu(), &Run::new(&m, &calib, 128, &opts, &out), &mut |_, _, _| {}).unwrap();
     assert!((rep.achieved_decoder_ratio - 0.2).abs() < 0.01, "achieved {}", rep.achieved_decoder_ratio);
     let wiki = common::tokenize(&m.dir, "wiki.txt");
     let held_out = perplexity::windows_of(&wiki, 512, Some(1024));

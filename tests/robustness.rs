@@ -7,8 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lorap_gpu::compress::lorap::{self, LorapOptions, RunControl};
-use lorap_gpu::error::{classify, ErrorClass};
+use lorap_gpu::methods::LorapOptions;
+use lorap_gpu::pipeline::{self, Run, RunControl};
+use lorap_gpu::cli::classify;
+use lorap_gpu::error::ErrorClass;
 use lorap_gpu::model::{synthetic, Model};
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -27,9 +29,9 @@ fn assert_no_output(parent: &Path, name: &str) {
     assert!(!parent.join(format!(".{name}.partial")).exists(), "partial folder of {name} left behind");
 }
 
-fn compress_lib(model: &Model, out: &Path, opts: &LorapOptions, control: &RunControl) -> anyhow::Result<lorap::CompressionReport> {
+fn compress_lib(model: &Model, out: &Path, opts: &LorapOptions, control: &RunControl) -> anyhow::Result<pipeline::CompressionReport> {
     let calib = tokens(6 * 16, 101, 1);
-    lorap::compress(&common::gpu(), model, &calib, 16, opts, out, control, &mut |_, _, _| {}).map(|(_, r)| r)
+    pipeline::compress(&common::gpu(), &Run::new(model, &calib, 16, opts, out).with_control(control.clone()), &mut |_, _, _| {}).map(|(_, r)| r)
 }
 
 /// Runs the binary's `compress` on `model` with a tiny calibration text; returns the exit
@@ -219,7 +221,7 @@ fn gpu_out_of_memory_and_device_loss_fail_cleanly() {
     let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();
     gpu.set_budget(16 << 10);
     let out = dir.path().join("oom");
-    let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &RunControl::default(), &mut |_, _, _| {}).unwrap_err();
+    let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap_err();
     assert_eq!(classify(&e), ErrorClass::GpuOutOfMemory, "{e:#}");
     assert!(e.to_string().contains("--max-vram") || format!("{e:#}").contains("--max-vram"), "{e:#}");
     assert_no_output(dir.path(), "oom");
@@ -228,7 +230,7 @@ fn gpu_out_of_memory_and_device_loss_fail_cleanly() {
     let out = dir.path().join("lost");
     let dev = gpu.clone();
     let mut calls = 0;
-    let e = lorap::compress(&gpu, &model, &calib, 16, &opts, &out, &RunControl::default(), &mut |_, _, _| {
+    let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {
         calls += 1;
         if calls == 2 {
             dev.device.destroy();

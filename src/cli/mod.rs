@@ -1,5 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands, thin over the library.
 
+pub mod classify;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -8,6 +10,8 @@ use clap::{Parser, Subcommand};
 use crate::eval::{perplexity, zeroshot};
 use crate::gpu::{self, GpuOptions};
 use crate::model::{forward::Runner, Model};
+
+pub use classify::classify;
 
 #[derive(Parser, Debug)]
 #[command(name = "lorap-gpu", version, about = "Compress LLaMA-family models with LoRAP on any GPU (wgpu)")]
@@ -97,8 +101,8 @@ pub struct SearchArgs {
     #[arg(long)]
     pub no_drop: bool,
     /// Attention rank allocation of the candidates (use the same in `compress --plan`).
-    #[arg(long, value_enum, default_value_t = crate::compress::lorap::LorapOptions::default().allocation)]
-    pub allocation: crate::compress::allocate::Allocation,
+    #[arg(long, value_enum, default_value_t = crate::methods::LorapOptions::default().allocation)]
+    pub allocation: crate::methods::allocate::Allocation,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Output folder: search.json, front.md, front.svg, plan-best.json, plan-front-NN.json.
@@ -132,8 +136,8 @@ pub struct ExportArgs {
     /// A model folder written by `compress`.
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, value_enum, default_value_t = crate::model::export::ExportFormat::HfDense)]
-    pub format: crate::model::export::ExportFormat,
+    #[arg(long, value_enum, default_value_t = crate::export::ExportFormat::HfDense)]
+    pub format: crate::export::ExportFormat,
     /// Output folder (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -153,8 +157,8 @@ pub struct CompressArgs {
     pub ratio: Option<f64>,
     /// Compression method: lorap (low-rank attention + pruned FFN), sfsd (feature-space
     /// decomposition of every linear), mpo (MPO cores of every linear).
-    #[arg(long, value_enum, default_value_t = crate::compress::lorap::Method::Lorap)]
-    pub method: crate::compress::lorap::Method,
+    #[arg(long, value_enum, default_value_t = crate::methods::Method::Lorap)]
+    pub method: crate::methods::Method,
     /// Per-layer plan (JSON, as `search` writes): dropped layers and keep fractions.
     #[arg(long)]
     pub plan: Option<PathBuf>,
@@ -212,8 +216,8 @@ pub struct CompressArgs {
     pub resume: bool,
     /// Attention rank allocation. fixed31 is the default: on held-out perplexity it beat the
     /// greedy spectrum allocation, and the relative one at 50% (docs/results.md).
-    #[arg(long, value_enum, default_value_t = crate::compress::lorap::LorapOptions::default().allocation)]
-    pub allocation: crate::compress::allocate::Allocation,
+    #[arg(long, value_enum, default_value_t = crate::methods::LorapOptions::default().allocation)]
+    pub allocation: crate::methods::allocate::Allocation,
     /// Ablation: plain SVD of W instead of the activation-weighted W S.
     #[arg(long)]
     pub plain_svd: bool,
@@ -316,19 +320,21 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
-    use crate::compress::{lorap, svd::SvdOptions, CompressError};
+    use crate::error::CompressError;
+    use crate::methods::{self as lorap, svd::SvdOptions};
+    use crate::pipeline::{self, Run, RunControl};
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let text = read_text(&a.calib)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-    let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let calib = crate::calib::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
     let short = ["q", "k", "v", "o", "gate", "up", "down"];
     let mut mpo_matrices = Vec::new();
     for m in &a.mpo_matrices {
         let j = short.iter().position(|s| s == m).ok_or_else(|| CompressError::BadArgument(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
         mpo_matrices.push(j);
     }
-    let plan = a.plan.as_deref().map(crate::compress::plan::Plan::load).transpose()?;
+    let plan = a.plan.as_deref().map(crate::format::plan::Plan::load).transpose()?;
     let opts = lorap::LorapOptions {
         method: a.method,
         mpo_cores: a.mpo_cores,
@@ -347,9 +353,9 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     let mut opts = opts;
     if a.surgical {
         anyhow::ensure!(a.method == lorap::Method::Sfsd && a.plan.is_none(), CompressError::BadArgument("--surgical goes with --method sfsd and no --plan".into()));
-        opts.plan = Some(crate::compress::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
+        opts.plan = Some(crate::format::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
     }
-    lorap::validate(&model, &calib, a.seq_len, &opts)?;
+    pipeline::validate(&model, &calib, a.seq_len, &opts)?;
     let mut inputs = vec![a.model.as_path(), a.calib.as_path()];
     inputs.extend(a.plan.as_deref());
     crate::format::claim::check_target(&a.out, &inputs, a.force)?;
@@ -361,7 +367,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     let mut surgical_report = None;
     let mut calib = calib;
     if a.surgical {
-        let sopts = crate::compress::sfsd::SurgicalOptions {
+        let sopts = crate::search::surgical::SurgicalOptions {
             skip_first: a.surgical_skip_first,
             last_layers: a.surgical_last_layers,
             tolerance: a.surgical_tolerance,
@@ -369,7 +375,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             ..Default::default()
         };
         let mut pb = Progress::new(model.cfg.num_hidden_layers, "surgical search", cli.quiet);
-        let (plan, rep) = crate::compress::sfsd::surgical(&gpu, &model, &calib, a.seq_len, a.search_windows, &sopts, &mut |d, t, what| {
+        let (plan, rep) = crate::search::surgical::surgical(&gpu, &model, &calib, a.seq_len, a.search_windows, &sopts, &mut |d, t, what| {
             pb.set_total(t);
             pb.update(d, what)
         })?;
@@ -382,9 +388,9 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         calib.truncate(calib.len() - a.search_windows * a.seq_len);
         surgical_report = Some(rep);
     }
-    let control = lorap::RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), ..Default::default() };
+    let control = RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), report_files: Some(crate::report::compress_files) , ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
-    let (path, rep) = lorap::compress(&gpu, &model, &calib, a.seq_len, &opts, &a.out, &control, &mut |done, _, what| pb.update(done, what))?;
+    let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what))?;
     pb.finish();
     if let (Some(sr), Some(plan)) = (&surgical_report, &opts.plan) {
         // beside the finished model: what the search decided, and the plan to re-apply it
@@ -405,13 +411,14 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
 }
 
 fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
-    use crate::compress::{lorap, search};
+    use crate::report::search::{front_table, render};
+    use crate::search;
     let model = Model::open(&a.model)?;
     // held from here: a second search on the same --out fails now, not after the search
     let claim = crate::format::OutputClaim::take(&a.out, &[a.model.as_path(), a.calib.as_path()], a.force)?;
     let tok = model.tokenizer()?;
     let ids = tok.encode(read_text(&a.calib)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-    let calib = lorap::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let calib = crate::calib::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
     let opts = search::SearchOptions {
         uniform_ratios: a.ratios.clone(),
         evaluations: a.evaluations,
@@ -430,7 +437,7 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
     })?;
     pb.finish();
     claim.fresh_partial()?;
-    for (file, text) in search::render(&res) {
+    for (file, text) in render(&res) {
         let path = claim.partial().join(&file);
         if let Err(e) = std::fs::write(&path, text) {
             let _ = std::fs::remove_dir_all(claim.partial());
@@ -438,13 +445,13 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
         }
     }
     claim.move_into_place()?;
-    print!("{}", search::front_table(&res));
+    print!("{}", front_table(&res));
     println!("wrote {} ({} candidates in {:.0} s on {})", a.out.display(), res.candidates.len(), res.seconds, res.adapter);
     Ok(())
 }
 
 fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
-    use crate::compress::lorap::CompressionReport;
+    use crate::pipeline::CompressionReport;
     let path = a.model.join("compression_report.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this a folder written by `compress`?)", path.display()))?;
     let rep: CompressionReport = serde_json::from_str(&text).with_context(|| format!("{}: not a compression report", path.display()))?;
@@ -482,7 +489,7 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
 }
 
 fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
-    use crate::compress::CompressError;
+    use crate::error::CompressError;
     use crate::model::synthetic;
     if a.layers == Some(0) {
         return Err(CompressError::BadArgument("--layers must be at least 1".into()).into());
@@ -514,7 +521,7 @@ fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
     let path = match a.format {
-        crate::model::export::ExportFormat::HfDense => crate::model::export::export_hf_dense(&gpu, &model, &a.out, a.force, &mut |d, _| pb.update(d, "multiplying factors"))?,
+        crate::export::ExportFormat::HfDense => crate::export::export_hf_dense(&gpu, &model, &a.out, a.force, &mut |d, _| pb.update(d, "multiplying factors"))?,
     };
     pb.finish();
     println!("wrote {} (hf-dense: {} parameters, loads in Hugging Face transformers)", path.display(), Model::open(&path)?.cfg.total_params());
@@ -594,7 +601,7 @@ fn read_text(path: &std::path::Path) -> Result<String> {
 /// Perplexity of `model` on the text of `p` (which must name one), with progress.
 fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityArgs, label: &str) -> Result<perplexity::PerplexityReport> {
     let text_path = p.text.as_ref().context("no --text given")?;
-    anyhow::ensure!(p.seq_len >= 2, crate::compress::CompressError::BadArgument("--seq-len must be at least 2".into()));
+    anyhow::ensure!(p.seq_len >= 2, crate::error::CompressError::BadArgument("--seq-len must be at least 2".into()));
     let tok = model.tokenizer()?;
     let ids = tok.encode(read_text(text_path)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     let toks = perplexity::windows_of(&ids, p.seq_len, p.max_tokens);
@@ -606,7 +613,7 @@ fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityAr
 }
 
 fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
-    anyhow::ensure!(a.ppl.text.is_some() || a.task.is_some(), crate::compress::CompressError::BadArgument("nothing to evaluate: give --text and/or --task".into()));
+    anyhow::ensure!(a.ppl.text.is_some() || a.task.is_some(), crate::error::CompressError::BadArgument("nothing to evaluate: give --text and/or --task".into()));
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let mut r = runner(cli, &model, &a.mem)?;

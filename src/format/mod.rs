@@ -1,6 +1,16 @@
-//! On-disk formats and output folders: what a written model looks like and how it is
-//! written safely (the claim on an output folder: input checks and an exclusive lock).
+//! On-disk formats and output folders: the safetensors weight store, the linears' names,
+//! stored dtypes, plans and the `lorap` config section, MPO cores, and how an output folder
+//! is written safely (the claim: input checks and an exclusive lock; the atomic,
+//! checkpointed writer).
 
 pub mod claim;
+pub mod dtype;
+pub mod linear;
+pub mod mpo;
+pub mod names;
+pub mod output;
+pub mod plan;
+pub mod weights;
 
 pub use claim::{OutputClaim, OutputError};
+pub use weights::WeightStore;

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use crate::gpu::{attention, context::Result as GpuResult, elementwise, loss, matmul, norms, rope, Gpu, GpuBuf};
-use crate::model::config::{LayerPlan, LinearRepr, ModelConfig, MpoShape};
-use crate::model::weights::{WeightError, WeightStore};
+use crate::format::plan::{LayerPlan, LinearRepr, MpoShape};
+use crate::model::config::ModelConfig;
+use crate::format::weights::{WeightError, WeightStore};
 
 /// Weights of one linear layer y = x W^T (+ bias), W [out, inp] or W ~ A B.
 pub enum LinearKind {
@@ -48,8 +49,7 @@ impl GpuLinear {
     }
 }
 
-/// Names of the seven linears of a decoder layer, in the order `LayerWeights` keeps them.
-pub const LINEARS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+pub use crate::format::linear::LINEARS;
 
 /// Where a linear's input comes from, for observers collecting activation statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,15 +100,14 @@ pub fn mpo_dense(store: &WeightStore, base: &str, shape: &MpoShape) -> std::resu
     let mut cores = Vec::new();
     for (k, s) in shape.core_shapes().iter().enumerate() {
         let name = if shape.is_shared(k) {
-            let linear = base.splitn(4, '.').nth(3).unwrap_or(base);
-            format!("model.mpo_shared.{linear}.mpo_core_{k}")
+            crate::format::names::shared_mpo_core(crate::format::names::within_layer(base).unwrap_or(base), k)
         } else {
-            format!("{base}.mpo_core_{k}")
+            crate::format::names::mpo_core(base, k)
         };
         let data = store.f32(&name, s)?;
-        cores.push(crate::compress::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
+        cores.push(crate::format::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
     }
-    let m = crate::compress::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };
+    let m = crate::format::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };
     Ok(m.reconstruct().iter().map(|&x| x as f32).collect())
 }
 
@@ -116,7 +115,7 @@ pub fn mpo_dense(store: &WeightStore, base: &str, shape: &MpoShape) -> std::resu
 /// into a dense matrix: the format is about size on disk, the forward pass runs dense).
 fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, j: usize) -> Result<GpuLinear> {
     let (out, inp) = cfg.linear_shape(p, j);
-    let name = format!("model.layers.{layer}.{}", LINEARS[j]);
+    let name = crate::format::names::linear_base(layer, j);
     let kind = match p.repr(j) {
         LinearRepr::Dense => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
         LinearRepr::LowRank(r) => LinearKind::LowRank {
@@ -135,7 +134,7 @@ impl LayerWeights {
     pub fn load(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<Self> {
         let p = cfg.layer_plan(i);
         let d = cfg.hidden_size;
-        let n = |s: &str| format!("model.layers.{i}.{s}");
+        let n = |s: &str| crate::format::names::layer(i, s);
         let lin = |j: usize| load_linear(gpu, store, cfg, &p, i, j);
         Ok(LayerWeights {
             q: lin(0)?,
@@ -252,8 +251,8 @@ pub struct Head {
 impl Head {
     pub fn load(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig) -> Result<Self> {
         let d = cfg.hidden_size;
-        let name = if cfg.tie_word_embeddings || !store.contains("lm_head.weight") { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        Ok(Head { norm: gpu.upload(&store.f32("model.norm.weight", &[d])?)?, lm_head: gpu.upload(&store.f32(name, &[cfg.vocab_size, d])?)? })
+        let name = if cfg.tie_word_embeddings || !store.contains(crate::format::names::LM_HEAD) { crate::format::names::EMBED } else { crate::format::names::LM_HEAD };
+        Ok(Head { norm: gpu.upload(&store.f32(crate::format::names::FINAL_NORM, &[d])?)?, lm_head: gpu.upload(&store.f32(name, &[cfg.vocab_size, d])?)? })
     }
 }
 
@@ -307,7 +306,7 @@ impl Runner {
             if t as usize >= self.cfg.vocab_size {
                 return Err(ForwardError::TokenOutOfRange { id: t, vocab: self.cfg.vocab_size });
             }
-            h.extend(self.store.rows_f32("model.embed_tokens.weight", t as usize, t as usize + 1)?);
+            h.extend(self.store.rows_f32(crate::format::names::EMBED, t as usize, t as usize + 1)?);
         }
         Ok(self.gpu.upload(&h)?)
     }

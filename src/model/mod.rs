@@ -1,17 +1,15 @@
 //! Models: config.json, memory-mapped safetensors weights, tokenizer, and the GPU forward pass.
 
 pub mod config;
-pub mod export;
 pub mod forward;
 pub mod reference;
 pub mod synthetic;
-pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::ModelConfig;
-pub use weights::WeightStore;
+pub use crate::format::weights::{self, WeightStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -65,16 +63,16 @@ fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::W
         Ok(())
     };
     let d = cfg.hidden_size;
-    expect("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-    expect("model.norm.weight", &[d])?;
+    expect(crate::format::names::EMBED, &[cfg.vocab_size, d])?;
+    expect(crate::format::names::FINAL_NORM, &[d])?;
     if !cfg.tie_word_embeddings {
-        expect("lm_head.weight", &[cfg.vocab_size, d])?;
+        expect(crate::format::names::LM_HEAD, &[cfg.vocab_size, d])?;
     }
     for i in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(i);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         for (j, lin) in forward::LINEARS.iter().enumerate() {
-            for (name, shape) in cfg.stored_tensors(&p, j, &format!("model.layers.{i}.{lin}")) {
+            for (name, shape) in cfg.stored_tensors(&p, j, &crate::format::names::layer(i, lin)) {
                 expect(&name, &shape)?;
             }
         }
@@ -84,11 +82,11 @@ fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::W
                 expect(&m.core_name(i, lin, c), &m.core_shapes()[c])?;
             }
         }
-        expect(&format!("model.layers.{i}.input_layernorm.weight"), &[d])?;
-        expect(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[d])?;
+        expect(&crate::format::names::layer(i, "input_layernorm.weight"), &[d])?;
+        expect(&crate::format::names::layer(i, "post_attention_layernorm.weight"), &[d])?;
         if cfg.qkv_bias() {
             for (n, out) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
-                expect(&format!("model.layers.{i}.self_attn.{n}.bias"), &[out])?;
+                expect(&crate::format::names::layer(i, &format!("self_attn.{n}.bias")), &[out])?;
             }
         }
     }

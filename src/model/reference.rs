@@ -1,8 +1,9 @@
 //! CPU reference forward pass in f64 (slow; for tests on tiny models): the same maths as
 //! the GPU pass, from the same weight files, dense or compressed.
 
-use super::config::{LayerPlan, LinearRepr, ModelConfig};
-use super::weights::{WeightError, WeightStore};
+use super::config::ModelConfig;
+use crate::format::plan::{LayerPlan, LinearRepr};
+use crate::format::weights::{WeightError, WeightStore};
 
 /// A linear layer as an f64 function.
 struct RefLinear {
@@ -22,7 +23,7 @@ impl RefLinear {
     /// Linear `j` of layer `l` as plan `p` stores it (MPO cores contracted on the CPU).
     fn load(store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, l: usize, j: usize) -> Result<Self, WeightError> {
         let (out, inp) = cfg.linear_shape(p, j);
-        let name = format!("model.layers.{l}.{}", super::forward::LINEARS[j]);
+        let name = crate::format::names::linear_base(l, j);
         let bias = if j < 3 && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
         Ok(match p.repr(j) {
             LinearRepr::Dense => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
@@ -60,7 +61,7 @@ pub fn window_nll_ref(cfg: &ModelConfig, store: &WeightStore, tokens: &[u32]) ->
     let (d, n, eps) = (cfg.hidden_size, tokens.len(), cfg.rms_norm_eps);
     let (nh, nkv, hd) = (cfg.n_heads(), cfg.n_kv_heads(), cfg.head_dim());
     let inv = cfg.inv_freq();
-    let mut h: Vec<Vec<f64>> = tokens.iter().map(|&t| store.rows_f32("model.embed_tokens.weight", t as usize, t as usize + 1).map(f64v)).collect::<Result<_, _>>()?;
+    let mut h: Vec<Vec<f64>> = tokens.iter().map(|&t| store.rows_f32(crate::format::names::EMBED, t as usize, t as usize + 1).map(f64v)).collect::<Result<_, _>>()?;
     let rope = |x: &mut [f64], heads: usize, pos: usize| {
         for hh in 0..heads {
             for (i, &f) in inv.iter().enumerate() {
@@ -74,7 +75,7 @@ pub fn window_nll_ref(cfg: &ModelConfig, store: &WeightStore, tokens: &[u32]) ->
     };
     for l in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(l);
-        let nm = |s: &str| format!("model.layers.{l}.{s}");
+        let nm = |s: &str| crate::format::names::layer(l, s);
         let lin = |j: usize| RefLinear::load(store, cfg, &p, l, j);
         let (q, k, v, o, g, u, dn) = (lin(0)?, lin(1)?, lin(2)?, lin(3)?, lin(4)?, lin(5)?, lin(6)?);
         let w_in = f64v(store.f32(&nm("input_layernorm.weight"), &[d])?);
@@ -109,8 +110,8 @@ pub fn window_nll_ref(cfg: &ModelConfig, store: &WeightStore, tokens: &[u32]) ->
             x.iter_mut().zip(dn.apply(&a)).for_each(|(a, b)| *a += b);
         }
     }
-    let norm = f64v(store.f32("model.norm.weight", &[d])?);
-    let head_name = if cfg.tie_word_embeddings || !store.contains("lm_head.weight") { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let norm = f64v(store.f32(crate::format::names::FINAL_NORM, &[d])?);
+    let head_name = if cfg.tie_word_embeddings || !store.contains(crate::format::names::LM_HEAD) { crate::format::names::EMBED } else { crate::format::names::LM_HEAD };
     let head = f64v(store.f32(head_name, &[cfg.vocab_size, d])?);
     Ok((0..n - 1)
         .map(|t| {

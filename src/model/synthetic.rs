@@ -43,13 +43,13 @@ fn random_tensor_groups(cfg: &ModelConfig, seed: u64, sink: &mut dyn FnMut(usize
     };
     let d = cfg.hidden_size;
     let s = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    let mut head = vec![mat("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], 1.0, 0.0, &mut rng), mat("model.norm.weight".into(), vec![d], 0.1, 1.0, &mut rng)];
+    let mut head = vec![mat(crate::format::names::EMBED.into(), vec![cfg.vocab_size, d], 1.0, 0.0, &mut rng), mat(crate::format::names::FINAL_NORM.into(), vec![d], 0.1, 1.0, &mut rng)];
     if !cfg.tie_word_embeddings {
-        head.push(mat("lm_head.weight".into(), vec![cfg.vocab_size, d], s(d), 0.0, &mut rng));
+        head.push(mat(crate::format::names::LM_HEAD.into(), vec![cfg.vocab_size, d], s(d), 0.0, &mut rng));
     }
     sink(0, head)?;
     for i in 0..cfg.num_hidden_layers {
-        let p = |n: &str| format!("model.layers.{i}.{n}");
+        let p = |n: &str| crate::format::names::layer(i, n);
         let f = cfg.intermediate_size;
         let mut group = Vec::new();
         for (n, out, inp) in [

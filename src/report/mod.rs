@@ -2,11 +2,12 @@
 //! kept FFN widths, weighted singular-value spectra and reconstruction errors, plus the
 //! perplexity before and after when it was measured.
 
+pub mod search;
 pub mod svg;
 
 use std::fmt::Write;
 
-use crate::compress::lorap::CompressionReport;
+use crate::pipeline::CompressionReport;
 use svg::{bar_chart, esc, line_chart, Chart, Series};
 
 /// Held-out perplexity of the dense and the compressed model on the same tokens.
@@ -23,6 +24,12 @@ const MATS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
 /// The report's files: (file name, contents). `report.html` embeds the charts inline, and
 /// each chart is also written as its own `.svg`.
+/// The report files `compress` writes into its output (no perplexities yet).
+pub fn compress_files(rep: &CompressionReport, model_name: &str) -> Vec<(String, String)> {
+    render(rep, model_name, None)
+}
+
+/// report.html and each chart as an SVG file, from a compression report.
 pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexities>) -> Vec<(String, String)> {
     let layers = &rep.layers;
     let mut charts: Vec<(String, String, String)> = Vec::new(); // (file, caption, svg)

@@ -13,17 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use safetensors::{tensor::TensorView, Dtype};
 
-use super::CompressError;
+use crate::error::CompressError;
 use crate::format::OutputClaim;
-
-/// Stored element type of written tensors.
-pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
 
 /// A tensor ready to be written.
 pub struct OutTensor {
@@ -35,7 +26,7 @@ pub struct OutTensor {
 
 impl OutTensor {
     /// The tensor `name` of `store`, copied byte for byte (dtype and shape kept).
-    pub fn copied(store: &crate::model::WeightStore, name: &str) -> Result<Self> {
+    pub fn copied(store: &crate::format::WeightStore, name: &str) -> Result<Self> {
         let (dtype, shape, bytes) = store.raw(name)?;
         Ok(OutTensor { name: name.into(), dtype, shape: shape.to_vec(), bytes: bytes.to_vec() })
     }

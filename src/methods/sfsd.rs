@@ -5,18 +5,15 @@
 //! mean (the mean-centred covariance, `--sfsd-centred`, loses it; on SmolLM2 that wrecks
 //! the model, docs/results.md).
 //! The surgical search that picks which linears to decompose, and at what rank, lives in
-//! `surgical`, which uses the search's evaluator.
+//! `search::surgical`.
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
-use super::lorap::{BuiltLayer, LayerSetting, LayerStats, SITE_OF};
-use super::plan::{Plan, PlanLayer};
 use super::svd::{self, SvdOptions};
+use super::{BuiltLayer, LayerInput, LayerMethod, StatsNeed};
+use crate::calib::stats::SITE_OF;
 use crate::gpu::{context::Result as GpuResult, matmul, Gpu, GpuBuf};
-use crate::model::config::LayerPlan;
-use crate::model::forward::LINEARS;
-use crate::model::{ModelConfig, WeightStore};
+use crate::format::plan::LayerPlan;
 
 /// C = W Sigma W^T [out, out] on the GPU; W [out, inp], Sigma [inp, inp] symmetric.
 pub fn output_covariance(gpu: &Gpu, w: &GpuBuf, sigma: &GpuBuf, out: usize, inp: usize) -> GpuResult<GpuBuf> {
@@ -183,26 +180,36 @@ pub fn rank_for(keep: f64, out: usize, inp: usize) -> Option<usize> {
 
 /// Feature-space decomposition of one layer: every linear with a keep fraction becomes a
 /// feature pair at that fraction of its break-even rank; the FFN keeps its width.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sfsd_layer(
-    gpu: &Gpu,
-    store: &WeightStore,
-    cfg: &ModelConfig,
-    i: usize,
-    stats: &LayerStats,
-    setting: &LayerSetting,
-    opts: SvdOptions,
-    built: &mut BuiltLayer,
-    progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<()> {
-    progress(i, cfg.num_hidden_layers, "feature-space decomposition");
+pub struct Sfsd {
+    pub svd: SvdOptions,
+    /// Mean-centred output covariance (an ablation; the default is the second moment).
+    pub centred: bool,
+}
+
+impl LayerMethod for Sfsd {
+    fn name(&self) -> &'static str {
+        "sfsd"
+    }
+
+    fn stats_need(&self) -> StatsNeed {
+        StatsNeed::Covariance { centred: self.centred }
+    }
+
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        sfsd_layer(input, self.svd, built, progress)
+    }
+}
+
+fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let LayerInput { gpu, store, cfg, layer: i, stats, setting, .. } = *input;
+    progress("feature-space decomposition");
     let cov = stats.cov.as_ref().context("feature-space decomposition needs the input covariances")?;
     let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
     let mut sigma: [Option<GpuBuf>; 4] = Default::default();
     for j in 0..7 {
         let (out, inp) = cfg.linear_shape(&full, j);
-        let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
+        let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
         match setting.module_keep[j].and_then(|k| rank_for(k, out, inp)) {
             None => built.dense(gpu, j, &w, out, inp)?,
             Some(r) => {
@@ -223,176 +230,3 @@ pub(crate) fn sfsd_layer(
     Ok(())
 }
 
-/// Settings of the surgical search.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SurgicalOptions {
-    /// Leading decoder layers never decomposed (the reference skips 4).
-    pub skip_first: usize,
-    /// Consider only the last this-many layers (default: all after `skip_first`).
-    pub last_layers: Option<usize>,
-    /// Per-module loosening of the allowed perplexity: base x (1 + tolerance)^modules visited.
-    pub tolerance: f64,
-    /// Candidate keep fractions of the break-even rank, ascending.
-    pub grid: Vec<f64>,
-    #[serde(skip)]
-    pub svd: SvdOptions,
-}
-
-impl Default for SurgicalOptions {
-    fn default() -> Self {
-        SurgicalOptions { skip_first: 4, last_layers: None, tolerance: 0.005, grid: (1..=9).map(|k| k as f64 / 10.0).collect(), svd: SvdOptions::default() }
-    }
-}
-
-/// What the surgical search decided, module by module.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SurgicalStep {
-    pub layer: usize,
-    pub linear: String,
-    /// Chosen keep fraction of the break-even rank (`None`: stays dense).
-    pub keep: Option<f64>,
-    pub ppl: f64,
-    pub allowed: f64,
-    pub evaluations: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SurgicalReport {
-    pub options: SurgicalOptions,
-    pub base_ppl: f64,
-    pub final_ppl: f64,
-    pub steps: Vec<SurgicalStep>,
-    pub seconds: f64,
-}
-
-/// Surgical feature-space search on the dense model: walks the linears from the last layer
-/// backwards and gives each the smallest rank on the grid whose perplexity on the search
-/// windows (the last `search_windows` windows of `calib`, never used for statistics) stays
-/// within the allowed bound, or leaves it dense. Returns the plan for `compress --plan`.
-#[allow(clippy::too_many_arguments)]
-pub fn surgical(
-    gpu: &std::sync::Arc<Gpu>,
-    model: &crate::model::Model,
-    calib: &[u32],
-    seq_len: usize,
-    search_windows: usize,
-    opts: &SurgicalOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<(Plan, SurgicalReport)> {
-    use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner};
-    let t0 = std::time::Instant::now();
-    let cfg = &model.cfg;
-    let n = cfg.num_hidden_layers;
-    let (stats_tokens, search_tokens) = super::search::split_search_windows(calib, seq_len, search_windows)?;
-    anyhow::ensure!(
-        !opts.grid.is_empty() && opts.grid.iter().all(|&k| k > 0.0 && k < 1.0) && opts.grid.windows(2).all(|w| w[0] < w[1]) && opts.tolerance >= 0.0,
-        super::CompressError::BadArgument("the rank grid must be ascending fractions in (0, 1) and the tolerance non-negative".into())
-    );
-    let first = opts.skip_first.max(n.saturating_sub(opts.last_layers.unwrap_or(n)));
-    anyhow::ensure!(first < n, super::CompressError::BadArgument(format!("no layer to decompose: the model has {n} layers, {first} skipped")));
-
-    // dense statistics: covariances of every layer's inputs, and the states entering each
-    // layer for the search windows
-    let runner_stats = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
-    let mut batches = super::states::CalibStates::embed(&runner_stats, stats_tokens, seq_len, runner_stats.batch_tokens, false)?;
-    let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
-    let mut runner = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
-    let mut entering = vec![runner.embed(search_tokens)?];
-    let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let mut pairs: Vec<Vec<Option<FeaturePair>>> = Vec::new();
-    for i in 0..n {
-        progress(i, n, "statistics");
-        let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
-        let mut layer_pairs = Vec::new();
-        if i >= first {
-            let stats = super::lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, stats_tokens.len() / seq_len, true, false)?;
-            let cov = stats.cov.as_ref().context("covariances")?;
-            let sig: Vec<GpuBuf> = cov.iter().map(|c| gpu.upload(c)).collect::<GpuResult<_>>()?;
-            for j in 0..7 {
-                let (out, inp) = cfg.linear_shape(&full, j);
-                let w = model.store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
-                let top = rank_for(opts.grid[opts.grid.len() - 1], out, inp);
-                layer_pairs.push(match top {
-                    Some(r) => Some(feature_pair(gpu, &w, &sig[SITE_OF[j]], out, inp, r, opts.svd)?),
-                    None => None,
-                });
-            }
-        }
-        pairs.push(layer_pairs);
-        if i + 1 < n {
-            super::lorap::propagate(gpu, cfg, &dense, &table, &mut batches, seq_len)?;
-            let mut enc = gpu.encoder();
-            let next = forward::layer_forward(gpu, &mut enc, cfg, &dense, &table, &entering[i], search_tokens.len(), seq_len, None)?;
-            gpu.submit(enc);
-            entering.push(next);
-        }
-    }
-    drop(batches);
-
-    // layer weights with the keeps decided so far (plus one candidate)
-    let build = |i: usize, keeps: &[Option<f64>; 7]| -> Result<LayerWeights> {
-        let mut lw = LayerWeights::load(gpu, &model.store, cfg, i)?;
-        for j in 0..7 {
-            let (Some(k), Some(Some(pair))) = (keeps[j], pairs[i].get(j)) else { continue };
-            let (out, inp) = cfg.linear_shape(&full, j);
-            let Some(r) = rank_for(k, out, inp) else { continue };
-            let (a, b) = pair.truncated(r, out, inp);
-            lw.replace_linear(j, GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
-        }
-        Ok(lw)
-    };
-    let mut keeps: Vec<[Option<f64>; 7]> = vec![[None; 7]; n];
-    let (base_nll, _) = super::search::nll_from(&mut runner, &table, &entering[0], 0, &mut |k| Ok(Some(build(k, &keeps[k])?)), search_tokens, seq_len)?;
-    let base = base_nll.exp();
-    let modules: Vec<(usize, usize)> = (first..n).rev().flat_map(|i| (0..7).rev().map(move |j| (i, j))).collect();
-    let mut steps = Vec::new();
-    let mut current = base;
-    for (visited, &(i, j)) in modules.iter().enumerate() {
-        progress(visited, modules.len(), "surgical search");
-        let allowed = base * (1.0 + opts.tolerance).powi(visited as i32 + 1);
-        if pairs[i][j].is_none() {
-            continue;
-        }
-        // binary search for the smallest passing keep (perplexity falls as the rank grows)
-        let (mut lo, mut hi) = (0usize, opts.grid.len()); // answer in [lo, hi]; hi = dense
-        let mut best_ppl = current;
-        let mut evaluations = 0;
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let mut trial = keeps.clone();
-            trial[i][j] = Some(opts.grid[mid]);
-            let (nll, _) = super::search::nll_from(&mut runner, &table, &entering[i], i, &mut |k| Ok(Some(build(k, &trial[k])?)), search_tokens, seq_len)?;
-            evaluations += 1;
-            let ppl = nll.exp();
-            if ppl <= allowed {
-                hi = mid;
-                best_ppl = ppl;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        let keep = (hi < opts.grid.len()).then(|| opts.grid[hi]);
-        if keep.is_some() {
-            keeps[i][j] = keep;
-            current = best_ppl;
-        }
-        steps.push(SurgicalStep { layer: i, linear: LINEARS[j].into(), keep, ppl: current, allowed, evaluations });
-    }
-    progress(modules.len(), modules.len(), "done");
-    let mut plan = Plan { layers: Vec::new(), note: format!("surgical feature-space search: search-window ppl {base:.3} -> {current:.3}") };
-    for k in &keeps {
-        let mut l = PlanLayer::default();
-        for j in 0..7 {
-            if let Some(x) = k[j] {
-                l.module_keep.insert(LINEARS[j].to_string(), x);
-            }
-        }
-        // a layer with nothing decomposed lists one dense-equivalent keep so it is not read
-        // as "uniform ratio"
-        if l.module_keep.is_empty() {
-            l.module_keep.insert(LINEARS[0].to_string(), 1.0);
-        }
-        plan.layers.push(l);
-    }
-    Ok((plan, SurgicalReport { options: opts.clone(), base_ppl: base, final_ppl: current, steps, seconds: t0.elapsed().as_secs_f64() }))
-}

@@ -7,25 +7,7 @@
 
 use nalgebra::DMatrix;
 
-/// One core: [left bond, row factor, column factor, right bond], row-major.
-#[derive(Debug, Clone)]
-pub struct Core {
-    pub left: usize,
-    pub i: usize,
-    pub j: usize,
-    pub right: usize,
-    pub data: Vec<f64>,
-}
-
-/// A matrix as a chain of cores.
-#[derive(Debug, Clone)]
-pub struct Mpo {
-    pub rows: usize,
-    pub cols: usize,
-    pub cores: Vec<Core>,
-    /// Singular values discarded at each cut (their root-sum-square bounds the error).
-    pub discarded: Vec<f64>,
-}
+pub use crate::format::mpo::{Core, Mpo};
 
 /// Splits `n` into `parts` factors (product exactly n), as balanced as its prime factors
 /// allow, largest first.
@@ -152,59 +134,6 @@ impl Mpo {
         }
     }
 
-    /// Parameters stored in the cores.
-    pub fn params(&self) -> usize {
-        self.cores.iter().map(|c| c.data.len()).sum()
-    }
-
-    /// The dense [rows, cols] matrix the cores represent.
-    pub fn reconstruct(&self) -> Vec<f64> {
-        // contract left to right: acc [(i1 j1 .. ik jk), r_k]
-        let mut acc = vec![1f64];
-        let mut acc_rows = 1usize;
-        for c in &self.cores {
-            let next_rows = acc_rows * c.i * c.j;
-            let mut next = vec![0f64; next_rows * c.right];
-            for a in 0..acc_rows {
-                for l in 0..c.left {
-                    let av = acc[a * c.left + l];
-                    if av == 0.0 {
-                        continue;
-                    }
-                    for ij in 0..c.i * c.j {
-                        let src = &c.data[(l * c.i * c.j + ij) * c.right..(l * c.i * c.j + ij + 1) * c.right];
-                        let dst = &mut next[(a * c.i * c.j + ij) * c.right..(a * c.i * c.j + ij + 1) * c.right];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d += av * s;
-                        }
-                    }
-                }
-            }
-            acc = next;
-            acc_rows = next_rows;
-        }
-        // un-permute (i1, j1, ..., in, jn) -> [rows, cols]
-        let n = self.cores.len();
-        let row_f: Vec<usize> = self.cores.iter().map(|c| c.i).collect();
-        let col_f: Vec<usize> = self.cores.iter().map(|c| c.j).collect();
-        let mut w = vec![0f64; self.rows * self.cols];
-        for (idx, &v) in acc.iter().enumerate() {
-            let mut x = idx;
-            let (mut r, mut c, mut rm, mut cm) = (0usize, 0usize, 1usize, 1usize);
-            for k in (0..n).rev() {
-                let j = x % col_f[k];
-                x /= col_f[k];
-                let i = x % row_f[k];
-                x /= row_f[k];
-                r += i * rm;
-                c += j * cm;
-                rm *= row_f[k];
-                cm *= col_f[k];
-            }
-            w[r * self.cols + c] = v;
-        }
-        w
-    }
 }
 
 /// Least-squares fit of the two outer cores of a 3-core MPO to `w` with the central core
@@ -280,14 +209,14 @@ pub fn refit_outer(w: &[f32], shared: &Mpo, sweeps: usize) -> Mpo {
 
 /// The shared decompositions for `--mpo-share-centre`: per chosen linear, the MPO of the
 /// mean of that linear's weights over all layers (its centre is the shared core).
-pub(crate) fn shared_decompositions(store: &crate::model::WeightStore, cfg: &crate::model::ModelConfig, opts: &super::lorap::LorapOptions) -> anyhow::Result<std::collections::BTreeMap<usize, Mpo>> {
-    use crate::model::forward::LINEARS;
+pub(crate) fn shared_decompositions(store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig, opts: &super::LorapOptions) -> anyhow::Result<std::collections::BTreeMap<usize, Mpo>> {
+    
     let mut out = std::collections::BTreeMap::new();
     if !opts.mpo_share_centre {
         return Ok(out);
     }
-    let full = crate::model::config::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::lorap::LayerSetting::of(opts, i).dropped).collect();
+    let full = crate::format::plan::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::LayerSetting::of(opts, i).dropped).collect();
     let chosen: Vec<usize> = (0..7).filter(|j| opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(j)).collect();
     // the centre is paid once, the outer cores once per layer
     let total = |row_f: &[usize], col_f: &[usize], cap: usize| {
@@ -311,7 +240,7 @@ pub(crate) fn shared_decompositions(store: &crate::model::WeightStore, cfg: &cra
             })
             .fold(0.0f64, f64::max);
         if opts.ratio + 0.01 < least_removed {
-            return Err(super::CompressError::BadArgument(format!(
+            return Err(crate::error::CompressError::BadArgument(format!(
                 "a centre shared by {} layers removes at least {:.1}% of the chosen matrices' parameters even at full bonds, more than the {:.1}% asked: use --ratio {:.2} or more, or give --mpo-max-bond",
                 layers.len(),
                 100.0 * least_removed,
@@ -325,7 +254,7 @@ pub(crate) fn shared_decompositions(store: &crate::model::WeightStore, cfg: &cra
         let (rows, cols, row_f, col_f, full_cap) = shape(j);
         let mut mean = vec![0f64; rows * cols];
         for &i in &layers {
-            let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[rows, cols])?;
+            let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[rows, cols])?;
             mean.iter_mut().zip(&w).for_each(|(m, &x)| *m += x as f64 / layers.len() as f64);
         }
         let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
@@ -383,26 +312,56 @@ pub fn cap_for_budget(row_f: &[usize], col_f: &[usize], budget: usize) -> usize 
 /// `mpo_cores` cores with the largest bond keeping its share of parameters (or the given
 /// bond); with a bond derived from the ratio, a linear whose cores would not be smaller stays dense. Plain (unweighted) weights,
 /// as the MPO paper decomposes them.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mpo_layer(
-    gpu: &crate::gpu::Gpu,
-    store: &crate::model::WeightStore,
-    cfg: &crate::model::ModelConfig,
-    i: usize,
-    opts: &super::lorap::LorapOptions,
-    shared: &std::collections::BTreeMap<usize, Mpo>,
-    built: &mut super::lorap::BuiltLayer,
-    progress: &mut dyn FnMut(usize, usize, &str),
-) -> anyhow::Result<()> {
-    use crate::model::forward::LINEARS;
-    progress(i, cfg.num_hidden_layers, "MPO decomposition");
-    let setting = super::lorap::LayerSetting::of(opts, i);
-    let full = crate::model::config::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+pub struct MpoMethod {
+    pub cores: usize,
+    pub max_bond: Option<usize>,
+    /// Indices into `LINEARS` of the linears decomposed (empty: all seven).
+    pub matrices: Vec<usize>,
+    /// The shared decompositions per linear (`--mpo-share-centre`), fitted once per run.
+    pub shared: std::collections::BTreeMap<usize, Mpo>,
+}
+
+impl MpoMethod {
+    pub fn new(opts: &super::LorapOptions, store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig) -> anyhow::Result<Self> {
+        Ok(MpoMethod { cores: opts.mpo_cores, max_bond: opts.mpo_max_bond, matrices: opts.mpo_matrices.clone(), shared: shared_decompositions(store, cfg, opts)? })
+    }
+}
+
+impl super::LayerMethod for MpoMethod {
+    fn name(&self) -> &'static str {
+        "mpo"
+    }
+
+    fn compress_layer(&self, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+        mpo_layer(self, input, built, progress)
+    }
+
+    /// The shared centres, rounded as the layers used them.
+    fn model_tensors(&self, dtype: safetensors::Dtype) -> Vec<crate::format::output::OutTensor> {
+        use crate::format::dtype::{encode, round_trip};
+        self.shared
+            .iter()
+            .map(|(&j, m)| {
+                let c = &m.cores[m.cores.len() / 2];
+                let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), dtype);
+                let name = crate::format::names::shared_mpo_core(crate::format::linear::LINEARS[j], m.cores.len() / 2);
+                crate::format::output::OutTensor { name, dtype, bytes: encode(&v, dtype), shape: vec![c.left, c.i, c.j, c.right] }
+            })
+            .collect()
+    }
+}
+
+fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    
+    let super::LayerInput { gpu, store, cfg, layer: i, setting, .. } = *input;
+    let shared = &opts.shared;
+    progress("MPO decomposition");
+    let full = crate::format::plan::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
     for j in 0..7 {
         let (out, inp) = cfg.linear_shape(&full, j);
-        let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
-        let chosen = opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(&j);
+        let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
+        let chosen = opts.matrices.is_empty() || opts.matrices.contains(&j);
         let keep = setting.module_keep[j].filter(|&k| chosen && k < 1.0);
         let Some(keep) = keep else {
             built.dense(gpu, j, &w, out, inp)?;
@@ -416,11 +375,11 @@ pub(crate) fn mpo_layer(
             built.mpo(gpu, j, &m, true)?;
             continue;
         }
-        let (row_f, col_f) = (factorize(out, opts.mpo_cores), factorize(inp, opts.mpo_cores));
-        let cap = opts.mpo_max_bond.unwrap_or_else(|| cap_for_budget(&row_f, &col_f, (keep * (out * inp) as f64) as usize));
+        let (row_f, col_f) = (factorize(out, opts.cores), factorize(inp, opts.cores));
+        let cap = opts.max_bond.unwrap_or_else(|| cap_for_budget(&row_f, &col_f, (keep * (out * inp) as f64) as usize));
         // bonds derived from the ratio: cores that would not be smaller are pointless; a
         // bond the user gave is honoured as given
-        if opts.mpo_max_bond.is_none() && params_for(&row_f, &col_f, &bonds_for_cap(&row_f, &col_f, cap)) >= out * inp {
+        if opts.max_bond.is_none() && params_for(&row_f, &col_f, &bonds_for_cap(&row_f, &col_f, cap)) >= out * inp {
             built.dense(gpu, j, &w, out, inp)?;
             continue;
         }

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use crate::compress::output::{encode, OutTensor, OutputFolder};
-use crate::compress::CompressError;
+use crate::format::dtype::encode;
+use crate::format::output::{OutTensor, OutputFolder};
+use crate::error::CompressError;
 use crate::gpu::{matmul, Gpu};
-use crate::model::config::LinearRepr;
+use crate::format::plan::LinearRepr;
 use crate::model::forward::{mpo_dense, LINEARS};
 use safetensors::Dtype;
 use crate::model::Model;
@@ -44,7 +45,7 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
     for i in 0..n {
         progress(i, n);
         let plan = cfg.layer_plan(i);
-        let name = |s: &str| format!("model.layers.{i}.{s}");
+        let name = |s: &str| crate::format::names::layer(i, s);
         let mut tensors = Vec::new();
         let f_kept = plan.ffn_width;
         let dtype = store.dtype(&name("input_layernorm.weight"))?;
@@ -95,7 +96,7 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
         folder.write_shard(i, &tensors)?;
     }
     let mut rest = Vec::new();
-    for t in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+    for t in [crate::format::names::EMBED, crate::format::names::FINAL_NORM, crate::format::names::LM_HEAD] {
         if store.contains(t) {
             rest.push(OutTensor::copied(store, t)?);
         }

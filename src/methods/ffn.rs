@@ -36,8 +36,8 @@ pub fn kept_channels(scores: &[f64], remove: usize, reserve: f64) -> Vec<usize> 
 
 /// gate, up [kept, d] and down [d, kept] of decoder layer `layer` restricted to the `kept`
 /// channels, read from the dense model.
-pub fn pruned_weights(store: &crate::model::WeightStore, layer: usize, d: usize, f: usize, kept: &[usize]) -> Result<[Vec<f32>; 3], crate::model::weights::WeightError> {
-    let name = |s: &str| format!("model.layers.{layer}.mlp.{s}.weight");
+pub fn pruned_weights(store: &crate::format::WeightStore, layer: usize, d: usize, f: usize, kept: &[usize]) -> Result<[Vec<f32>; 3], crate::format::weights::WeightError> {
+    let name = |s: &str| crate::format::names::layer(layer, &format!("mlp.{s}.weight"));
     Ok([
         gather_rows(&store.f32(&name("gate_proj"), &[f, d])?, d, kept),
         gather_rows(&store.f32(&name("up_proj"), &[f, d])?, d, kept),

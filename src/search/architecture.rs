@@ -11,15 +11,18 @@ use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::allocate::{self, Allocation, MatrixSpec};
-use super::ffn;
-use super::lorap::{self, SITE_OF};
-use super::plan::{Plan, PlanLayer};
-use super::states::CalibStates;
-use super::svd::{self, SvdOptions};
-use crate::gpu::{Gpu, GpuBuf};
-use crate::model::config::LayerPlan;
-use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner, LINEARS};
+use super::evaluator::nll_from;
+use crate::calib::split_search_windows;
+use crate::calib::stats::StatsNeed;
+use crate::calib::walker::Walker;
+use crate::calib::stats::SITE_OF;
+use crate::format::plan::{Plan, PlanLayer};
+use crate::methods::allocate::{self, Allocation, MatrixSpec};
+use crate::methods::svd::{self, SvdOptions};
+use crate::methods::{self as lorap, ffn};
+use crate::gpu::Gpu;
+use crate::format::plan::LayerPlan;
+use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner};
 use crate::model::{Model, ModelConfig};
 
 /// Settings of a search.
@@ -94,52 +97,6 @@ pub fn pareto_front(points: &[[f64; 3]]) -> Vec<usize> {
     front
 }
 
-/// Splits calibration windows of `seq_len` into statistics windows and the last
-/// `search_windows` scoring windows (never used for statistics).
-pub(crate) fn split_search_windows(calib: &[u32], seq_len: usize, search_windows: usize) -> Result<(&[u32], &[u32]), super::CompressError> {
-    let windows = calib.len() / seq_len;
-    if search_windows == 0 || windows <= search_windows {
-        return Err(super::CompressError::BadArgument(format!("need more calibration windows ({windows}) than search windows ({search_windows}), and at least one of each")));
-    }
-    Ok(calib.split_at((windows - search_windows) * seq_len))
-}
-
-/// Mean NLL from hidden states `h` entering layer `from`, with layers `from..` given by
-/// `layer(i)` (`None` = dropped), and the forward time.
-pub(crate) fn nll_from(
-    runner: &mut Runner,
-    table: &crate::gpu::rope::RopeTable,
-    h: &GpuBuf,
-    from: usize,
-    layer: &mut dyn FnMut(usize) -> Result<Option<LayerWeights>>,
-    tokens: &[u32],
-    window: usize,
-) -> Result<(f64, f64)> {
-    let gpu = runner.gpu.clone();
-    let cfg = runner.cfg.clone();
-    let n = tokens.len();
-    // a copy: the cached states stay as they are
-    let mut cur = gpu.alloc(n * cfg.hidden_size)?;
-    let mut enc = gpu.encoder();
-    enc.copy_buffer_to_buffer(h.raw(), 0, cur.raw(), 0, (n * cfg.hidden_size * 4) as u64);
-    gpu.submit(enc);
-    let mut seconds = 0.0;
-    for i in from..cfg.num_hidden_layers {
-        let Some(lw) = layer(i)? else { continue };
-        gpu.wait()?;
-        let t = Instant::now();
-        let mut enc = gpu.encoder();
-        cur = forward::layer_forward(&gpu, &mut enc, &cfg, &lw, table, &cur, n, window, None)?;
-        gpu.submit(enc);
-        gpu.wait()?;
-        seconds += t.elapsed().as_secs_f64();
-    }
-    let t = Instant::now();
-    let nll = runner.head_nll(vec![(cur, n)], tokens, window)?;
-    seconds += t.elapsed().as_secs_f64();
-    Ok((nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len().max(1) as f64, seconds))
-}
-
 /// LoRAP's building blocks for one layer, from dense-model statistics.
 struct LayerLibrary {
     /// Weighted SVD and the scale of q, k, v, o.
@@ -156,24 +113,21 @@ struct Library {
 fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_len: usize, opts: &SearchOptions, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<Library> {
     let cfg = &model.cfg;
     let store = &model.store;
-    let runner = Runner::new(gpu.clone(), cfg.clone(), store.clone(), false);
-    let mut batches = CalibStates::embed(&runner, calib, seq_len, runner.batch_tokens, false)?;
-    let table = crate::gpu::rope::RopeTable::from_inv_freq(gpu, seq_len.next_power_of_two(), &cfg.inv_freq())?;
-    let windows = calib.len() / seq_len;
+    let mut walker = Walker::start(gpu, model, calib, seq_len, None, false)?;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let full = LayerPlan { ffn_width: f, ..Default::default() };
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         progress(i, cfg.num_hidden_layers, "importance");
         let dense = LayerWeights::load(gpu, store, cfg, i)?;
-        let stats = lorap::collect_stats(gpu, cfg, &dense, &table, &mut batches, seq_len, windows, false, false)?;
+        let stats = walker.stats(&dense, StatsNeed::Scales)?;
         let mut decs = Vec::new();
         let mut specs = Vec::new();
         for j in 0..4 {
             let (out, inp) = cfg.linear_shape(&full, j);
-            let w = store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp])?;
+            let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
             let sc = stats.scales[SITE_OF[j]].clone();
-            let (dec, spec) = lorap::weighted_svd(gpu, &w, out, inp, &sc, opts.svd)?;
+            let (dec, spec) = crate::methods::lorap::weighted_svd(gpu, &w, out, inp, &sc, opts.svd)?;
             specs.push(spec);
             decs.push((dec, sc));
         }
@@ -181,7 +135,7 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
             anyhow::bail!("layer {i}: FFN is not dense (search needs the dense model)");
         };
         let ffn_scores = ffn::channel_scores(gpu, wg, wu, wd, &gpu.upload(&stats.scales[2])?, &stats.scales[3], d, f)?;
-        lorap::propagate(gpu, cfg, &dense, &table, &mut batches, seq_len)?;
+        walker.advance(&dense)?;
         layers.push(LayerLibrary { decs, specs, ffn_scores });
     }
     Ok(Library { layers })
@@ -227,7 +181,7 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
         lin.push(match plan.rank(j) {
             None => None,
             Some(r) => {
-                let (a, b) = lorap::factors(dec, r, sc);
+                let (a, b) = crate::methods::lorap::factors(dec, r, sc);
                 Some(GpuLinear { out: dec.m, inp: dec.n, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None })
             }
         });
@@ -263,9 +217,9 @@ pub fn search(
 ) -> Result<SearchResult> {
     let cfg = &model.cfg;
     let n = cfg.num_hidden_layers;
-    anyhow::ensure!(cfg.lorap.is_none(), super::CompressError::AlreadyCompressed(model.dir.display().to_string()));
+    anyhow::ensure!(cfg.lorap.is_none(), crate::error::CompressError::AlreadyCompressed(model.dir.display().to_string()));
     let (stats_tokens, search_tokens) = split_search_windows(calib, seq_len, search_windows)?;
-    anyhow::ensure!(opts.uniform_ratios.iter().all(|r| (0.0..1.0).contains(r)) && opts.step > 0.0 && opts.step < 1.0, super::CompressError::BadArgument("uniform ratios must be in [0, 1) and the step in (0, 1)".into()));
+    anyhow::ensure!(opts.uniform_ratios.iter().all(|r| (0.0..1.0).contains(r)) && opts.step > 0.0 && opts.step < 1.0, crate::error::CompressError::BadArgument("uniform ratios must be in [0, 1) and the step in (0, 1)".into()));
     let t0 = Instant::now();
     let lib = build_library(gpu, model, stats_tokens, seq_len, opts, progress)?;
     let mut runner = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
@@ -451,50 +405,6 @@ fn propose(plan: &Plan, rng: &mut StdRng, opts: &SearchOptions, att_unit: f64, f
         }
     }
     None
-}
-
-/// The front as a Markdown table.
-pub fn front_table(res: &SearchResult) -> String {
-    let mut s = String::from("| point | origin | decoder removed | parameters | calib ppl | ms / token | dropped layers |\n| --- | --- | ---: | ---: | ---: | ---: | --- |\n");
-    for (k, &i) in res.front.iter().enumerate() {
-        let c = &res.candidates[i];
-        let dropped: Vec<String> = c.plan.layers.iter().enumerate().filter(|(_, l)| l.dropped).map(|(i, _)| i.to_string()).collect();
-        s += &format!("| {k:02} | {} | {:.2}% | {} | {:.3} | {:.3} | {} |\n", c.origin, 100.0 * c.decoder_ratio, c.decoder_params, c.calib_ppl, 1e3 * c.seconds_per_token, dropped.join(" "));
-    }
-    if let (Some(b), Some(u)) = (res.best_at_target, res.uniform_at_target) {
-        let (b, u) = (&res.candidates[b], &res.candidates[u]);
-        s += &format!(
-            "\nAt the target ({:.2}% removed): best searched plan ({}) {:.3} vs uniform {:.3} calibration perplexity; dense {:.3}.\n",
-            100.0 * res.options.target_ratio.unwrap_or(0.0), b.origin, b.calib_ppl, u.calib_ppl, res.dense_ppl
-        );
-    }
-    s
-}
-
-/// The files `search` writes: search.json (every candidate), front.md, front.svg,
-/// plan-best.json (the best plan at the target) and plan-front-NN.json per front point.
-pub fn render(res: &SearchResult) -> Vec<(String, String)> {
-    use crate::report::svg::{scatter_chart, Chart, Series};
-    let mut files = vec![("search.json".to_string(), serde_json::to_string_pretty(res).unwrap_or_default()), ("front.md".to_string(), front_table(res))];
-    let pt = |c: &Candidate| (100.0 * c.decoder_ratio, c.calib_ppl);
-    let series = vec![
-        Series { name: "evaluated".into(), points: res.candidates.iter().map(pt).collect() },
-        Series { name: "Pareto front".into(), points: res.front.iter().map(|&i| pt(&res.candidates[i])).collect() },
-        Series { name: "uniform plans".into(), points: res.candidates.iter().filter(|c| c.origin.starts_with("uniform") || c.origin == "dense").map(pt).collect() },
-    ];
-    let chart = Chart { title: "Search: calibration perplexity vs parameters removed", x_label: "decoder parameters removed (%)", y_label: "calibration perplexity", log_y: true };
-    files.push(("front.svg".into(), scatter_chart(&chart, &series, &[false, true, false])));
-    if let Some(b) = res.best_at_target {
-        let mut plan = res.candidates[b].plan.clone();
-        plan.note = format!("search: best at {:.2}% removed, calibration ppl {:.3}", 100.0 * res.candidates[b].decoder_ratio, res.candidates[b].calib_ppl);
-        files.push(("plan-best.json".into(), serde_json::to_string_pretty(&plan).unwrap_or_default()));
-    }
-    for (k, &i) in res.front.iter().enumerate() {
-        let mut plan = res.candidates[i].plan.clone();
-        plan.note = format!("search front point {k:02}: {}, {:.2}% removed, calibration ppl {:.3}", res.candidates[i].origin, 100.0 * res.candidates[i].decoder_ratio, res.candidates[i].calib_ppl);
-        files.push((format!("plan-front-{k:02}.json"), serde_json::to_string_pretty(&plan).unwrap_or_default()));
-    }
-    files
 }
 
 #[cfg(test)]

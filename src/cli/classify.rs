@@ -1,0 +1,91 @@
+//! Maps every module's error types to an `ErrorClass` (the exit code): the one place that
+//! knows them all, at the top of the dependency order.
+
+use crate::error::{CompressError, ErrorClass};
+use crate::format::weights::WeightError;
+use crate::format::OutputError;
+use crate::gpu::GpuError;
+use crate::model::config::ConfigError;
+use crate::model::ModelError;
+
+fn gpu_class(e: &GpuError) -> ErrorClass {
+    match e {
+        GpuError::OutOfMemory(_) | GpuError::OverBudget { .. } | GpuError::BufferTooLarge { .. } => ErrorClass::GpuOutOfMemory,
+        GpuError::DeviceLost(_) => ErrorClass::GpuLost,
+        _ => ErrorClass::Gpu,
+    }
+}
+
+fn io_class(e: &std::io::Error) -> ErrorClass {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => ErrorClass::DiskFull,
+        std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
+        _ => ErrorClass::Other,
+    }
+}
+
+/// The class of the first error in the chain that has one.
+pub fn classify(err: &anyhow::Error) -> ErrorClass {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<CompressError>() {
+            return e.class();
+        }
+        if let Some(e) = cause.downcast_ref::<OutputError>() {
+            return match e {
+                OutputError::Busy { .. } => ErrorClass::OutputBusy,
+                OutputError::Io { source, .. } => io_class(source),
+                OutputError::Exists(_) | OutputError::OverlapsInput { .. } | OutputError::NotAFolder(_) => ErrorClass::OutputExists,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<GpuError>() {
+            return gpu_class(e);
+        }
+        if let Some(e) = cause.downcast_ref::<crate::model::forward::ForwardError>() {
+            match e {
+                crate::model::forward::ForwardError::Gpu(g) => return gpu_class(g),
+                crate::model::forward::ForwardError::Weights(w) => return weight_class(w),
+                _ => return ErrorClass::BadArgument,
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<ModelError>() {
+            return match e {
+                ModelError::NoDir(_) => ErrorClass::MissingInput,
+                ModelError::Config(c) => config_class(c),
+                ModelError::Weights(w) => weight_class(w),
+                ModelError::Tokenizer { .. } => ErrorClass::MissingInput,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<WeightError>() {
+            return weight_class(e);
+        }
+        if let Some(e) = cause.downcast_ref::<ConfigError>() {
+            return config_class(e);
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            let c = io_class(e);
+            if c != ErrorClass::Other {
+                return c;
+            }
+        }
+    }
+    ErrorClass::Other
+}
+
+fn weight_class(e: &WeightError) -> ErrorClass {
+    match e {
+        WeightError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
+        WeightError::Open { .. } => ErrorClass::Other,
+        WeightError::Corrupt { .. } | WeightError::Truncated { .. } | WeightError::Index { .. } => ErrorClass::CorruptWeights,
+        WeightError::Missing { .. } | WeightError::MissingTensor { .. } => ErrorClass::MissingInput,
+        WeightError::Dtype { .. } => ErrorClass::Unsupported,
+        WeightError::Shape { .. } => ErrorClass::ShapeMismatch,
+    }
+}
+
+fn config_class(e: &ConfigError) -> ErrorClass {
+    match e {
+        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
+        ConfigError::Unsupported { .. } => ErrorClass::Unsupported,
+        _ => ErrorClass::BadConfig,
+    }
+}

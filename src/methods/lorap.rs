@@ -1,0 +1,138 @@
+//! LoRAP for one layer: activation-weighted low-rank q/k/v/o (randomized SVD of W S, the
+//! attention budget allocated across the four matrices) and gradient-free FFN channel
+//! pruning with the 1% reservation (method.md section 1).
+
+use anyhow::{bail, Result};
+
+use super::allocate::{self, MatrixSpec};
+use super::ffn;
+use super::svd;
+use super::{BuiltLayer, LayerInput, LayerMethod, LorapOptions};
+use crate::calib::stats::SITE_OF;
+use crate::format::plan::LayerPlan;
+use crate::gpu::Gpu;
+use crate::model::forward::{LinearKind, LINEARS};
+
+/// Factors of one attention matrix: A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T S^-1.
+pub fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (m, n, k) = (dec.m, dec.n, dec.rank());
+    let mut a = vec![0f32; m * r];
+    let mut b = vec![0f32; r * n];
+    for c in 0..r {
+        let sq = dec.sigma[c].sqrt();
+        for i in 0..m {
+            a[i * r + c] = (dec.u[i * k + c] as f64 * sq) as f32;
+        }
+        for j in 0..n {
+            b[c * n + j] = (dec.vt[c * n + j] as f64 * sq / scale[j] as f64) as f32;
+        }
+    }
+    (a, b)
+}
+
+/// Truncated SVD of the activation-weighted W S (to the break-even rank) and what the rank
+/// allocation needs of it (spectrum and ||W S||_F^2). `scales` = S's diagonal.
+pub fn weighted_svd(gpu: &Gpu, w: &[f32], out: usize, inp: usize, scales: &[f32], svd_opts: svd::SvdOptions) -> Result<(svd::Svd, MatrixSpec)> {
+    let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(scales).map(|(a, b)| a * b)).collect();
+    let energy = ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    let dec = svd::randomized_svd(gpu, &gpu.upload(&ws)?, out, inp, out * inp / (out + inp), svd_opts)?;
+    let spec = MatrixSpec { out, inp, sigma: dec.sigma.clone(), energy };
+    Ok((dec, spec))
+}
+
+/// LoRAP's settings (the ablation switches default to LoRAP itself).
+pub struct Lorap {
+    pub allocation: super::allocate::Allocation,
+    /// Activation-weighted SVD (false: plain SVD of W).
+    pub weighted_svd: bool,
+    /// Fraction of lowest-scored FFN channels kept (the paper's 1%).
+    pub reserve: f64,
+    /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
+    pub ffn_activation_scores: bool,
+    pub svd: svd::SvdOptions,
+}
+
+impl Lorap {
+    pub fn from_options(o: &LorapOptions) -> Self {
+        Lorap { allocation: o.allocation, weighted_svd: o.weighted_svd, reserve: o.reserve, ffn_activation_scores: o.ffn_activation_scores, svd: o.svd }
+    }
+}
+
+impl LayerMethod for Lorap {
+    fn name(&self) -> &'static str {
+        "lorap"
+    }
+
+    /// Activation-weighted SVD of q/k/v/o with the attention budget allocated across them,
+    /// then FFN channel pruning with the reservation.
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        attention(self, input, built, progress)?;
+        ffn_channels(self, input, built, progress)
+    }
+}
+
+fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let LayerInput { gpu, store, cfg, layer: i, stats, setting, .. } = *input;
+    let f = cfg.intermediate_size;
+    progress("attention SVD");
+    let name = |s: &str| crate::format::names::layer(i, s);
+    let full = LayerPlan { ffn_width: f, ..Default::default() };
+    let mut decs = Vec::new();
+    let mut specs = Vec::new();
+    let mut used_scales = Vec::new();
+    for j in 0..4 {
+        let (out_dim, in_dim) = cfg.linear_shape(&full, j);
+        let w = store.f32(&name(&format!("{}.weight", LINEARS[j])), &[out_dim, in_dim])?;
+        let sc: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; in_dim] };
+        let (dec, spec) = weighted_svd(gpu, &w, out_dim, in_dim, &sc, opts.svd)?;
+        specs.push(spec);
+        decs.push((dec, w));
+        used_scales.push(sc);
+    }
+    let dense_att: usize = specs.iter().map(|s| s.out * s.inp).sum();
+    let ranks = if setting.attention_keep >= 1.0 {
+        vec![None; 4]
+    } else {
+        let budget = (setting.attention_keep * dense_att as f64).round() as usize;
+        allocate::allocate(&specs, budget, opts.allocation)
+    };
+    for (j, ((dec, w), r)) in decs.iter().zip(&ranks).enumerate() {
+        let (out_dim, in_dim) = (dec.m, dec.n);
+        match r {
+            None => built.dense(gpu, j, w, out_dim, in_dim)?,
+            Some(r) => {
+                let (a, b) = factors(dec, *r, &used_scales[j]);
+                let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
+                let energy = specs[j].energy;
+                built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
+                built.low_rank(gpu, j, &a, &b, out_dim, *r, in_dim)?;
+            }
+        }
+    }
+    built.spectra = [0, 1, 2, 3].map(|j| decs[j].0.sigma.clone());
+    Ok(())
+}
+
+fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let LayerInput { gpu, store, cfg, layer: i, dense, stats, setting } = *input;
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    progress("FFN pruning");
+    let ones_d = vec![1f32; d];
+    let ones_f = vec![1f32; f];
+    let (sx, sh) = if opts.ffn_activation_scores { (&stats.scales[2], &stats.scales[3]) } else { (&ones_d, &ones_f) };
+    let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
+        bail!("layer {i}: FFN is not dense");
+    };
+    let sxg = gpu.upload(sx)?;
+    let scores = ffn::channel_scores(gpu, wg, wu, wd, &sxg, sh, d, f)?;
+    let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
+    let kept = ffn::kept_channels(&scores, remove, opts.reserve);
+    let [gate, up, down] = ffn::pruned_weights(store, i, d, f, &kept)?;
+    let fk = kept.len();
+    built.plan.ffn_width = fk;
+    built.dense(gpu, 4, &gate, fk, d)?;
+    built.dense(gpu, 5, &up, fk, d)?;
+    built.dense(gpu, 6, &down, d, fk)?;
+    Ok(())
+}
+

@@ -1,0 +1,268 @@
+//! Compression methods, each a small unit over one decoder layer: it gets the dense layer,
+//! its activation statistics and its setting, and fills a `BuiltLayer` (the tensors to
+//! write and the GPU linears calibration continues with). The pipeline names no method; it
+//! calls `run_layer`.
+
+pub mod allocate;
+pub mod ffn;
+pub mod lorap;
+pub mod mpo;
+pub mod sfsd;
+pub mod svd;
+
+use anyhow::{Context, Result};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+use self::allocate::Allocation;
+use self::svd::SvdOptions;
+use crate::format::dtype::{encode, round_trip};
+use crate::format::output::OutTensor;
+use crate::format::plan::{LayerPlan, Plan};
+use crate::format::weights::WeightStore;
+pub use crate::calib::stats::StatsNeed;
+use crate::calib::stats::LayerStats;
+use crate::gpu::Gpu;
+use crate::model::forward::{GpuLinear, LayerWeights, LinearKind, LINEARS};
+use crate::model::ModelConfig;
+
+/// What a method gets for one decoder layer.
+pub struct LayerInput<'a> {
+    pub gpu: &'a Gpu,
+    pub store: &'a WeightStore,
+    pub cfg: &'a ModelConfig,
+    /// Index of the layer in the dense model.
+    pub layer: usize,
+    /// The dense layer on the GPU.
+    pub dense: &'a LayerWeights,
+    /// Statistics of its inputs, from states that went through the compressed layers before.
+    pub stats: &'a LayerStats,
+    /// The layer's share of the run's ratio or plan.
+    pub setting: &'a LayerSetting,
+}
+
+/// One compression method, over one layer at a time (the seam the pipeline calls).
+pub trait LayerMethod {
+    /// Name written to config.json's `lorap.method` and the report.
+    fn name(&self) -> &'static str;
+    /// What the statistics pass must collect for `compress_layer`.
+    fn stats_need(&self) -> StatsNeed {
+        StatsNeed::Scales
+    }
+    /// Fills `built` with the seven linears of the layer, in `LINEARS` order.
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()>;
+    /// Tensors stored once per model, after the layers (e.g. a shared MPO centre).
+    fn model_tensors(&self, _dtype: Dtype) -> Vec<OutTensor> {
+        Vec::new()
+    }
+}
+
+/// The method `opts` selects (done once per run: the shared MPO centres are fitted here).
+pub fn for_options(opts: &LorapOptions, store: &WeightStore, cfg: &ModelConfig) -> Result<Box<dyn LayerMethod>> {
+    Ok(match opts.method {
+        Method::Lorap => Box::new(lorap::Lorap::from_options(opts)),
+        Method::Sfsd => Box::new(sfsd::Sfsd { svd: opts.svd, centred: opts.sfsd_centred }),
+        Method::Mpo => Box::new(mpo::MpoMethod::new(opts, store, cfg)?),
+    })
+}
+
+/// The per-layer compression method.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Low-rank attention (activation-weighted SVD) + pruned FFN channels.
+    #[default]
+    Lorap,
+    /// Feature-space decomposition: W' = U_k U_k^T W with U_k the top eigenvectors of the
+    /// output covariance, for all seven linears.
+    Sfsd,
+    /// Matrix product operator (tensor-train) cores of every chosen linear.
+    Mpo,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lorap => "lorap",
+            Method::Sfsd => "sfsd",
+            Method::Mpo => "mpo",
+        }
+    }
+}
+
+/// What `compress` does; the ablation switches default to LoRAP itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LorapOptions {
+    #[serde(default)]
+    pub method: Method,
+    /// Fraction of decoder-layer parameters to remove, in (0, 1).
+    pub ratio: f64,
+    pub allocation: Allocation,
+    /// Activation-weighted SVD (false: plain SVD of W).
+    pub weighted_svd: bool,
+    /// Fraction of lowest-scored FFN channels kept (the paper's 1%).
+    pub reserve: f64,
+    /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
+    pub ffn_activation_scores: bool,
+    /// SFSD: mean-centred output covariance (the projection then has no bias to carry the
+    /// outputs' mean; an ablation).
+    #[serde(default)]
+    pub sfsd_centred: bool,
+    /// MPO: cores per matrix.
+    #[serde(default = "default_mpo_cores")]
+    pub mpo_cores: usize,
+    /// MPO: largest bond dimension (default: the largest that keeps 1 - ratio of each
+    /// matrix's parameters).
+    #[serde(default)]
+    pub mpo_max_bond: Option<usize>,
+    /// MPO: one central core shared by all layers per linear (3 cores), each layer's outer
+    /// cores refitted to its own weights by least squares.
+    #[serde(default)]
+    pub mpo_share_centre: bool,
+    /// MPO: the linears decomposed (indices into `forward::LINEARS`; empty = all seven).
+    #[serde(default)]
+    pub mpo_matrices: Vec<usize>,
+    /// Per-layer settings overriding the uniform ratio (`--plan`).
+    #[serde(default)]
+    pub plan: Option<Plan>,
+    #[serde(skip)]
+    pub svd: SvdOptions,
+}
+
+fn default_mpo_cores() -> usize {
+    3
+}
+
+impl Default for LorapOptions {
+    fn default() -> Self {
+        LorapOptions {
+            method: Method::Lorap,
+            ratio: 0.2,
+            allocation: Allocation::Fixed31,
+            weighted_svd: true,
+            reserve: 0.01,
+            ffn_activation_scores: true,
+            sfsd_centred: false,
+            mpo_cores: default_mpo_cores(),
+            mpo_max_bond: None,
+            mpo_share_centre: false,
+            mpo_matrices: Vec::new(),
+            plan: None,
+            svd: SvdOptions::default(),
+        }
+    }
+}
+
+/// What one layer gets: the run's uniform ratio unless the plan says otherwise.
+pub struct LayerSetting {
+    pub dropped: bool,
+    /// Fraction of the attention parameters kept (LoRAP).
+    pub attention_keep: f64,
+    /// Fraction of the FFN channels kept (LoRAP).
+    pub ffn_keep: f64,
+    /// Fraction of each linear's break-even rank kept (feature-space decomposition);
+    /// `None` = dense.
+    pub module_keep: [Option<f64>; 7],
+}
+
+impl LayerSetting {
+    pub fn of(opts: &LorapOptions, i: usize) -> Self {
+        let keep = 1.0 - opts.ratio;
+        match opts.plan.as_ref().and_then(|p| p.layers.get(i)) {
+            None => LayerSetting { dropped: false, attention_keep: keep, ffn_keep: keep, module_keep: [Some(keep); 7] },
+            Some(l) => LayerSetting {
+                dropped: l.dropped,
+                attention_keep: l.attention_keep.unwrap_or(keep),
+                ffn_keep: l.ffn_keep.unwrap_or(keep),
+                module_keep: std::array::from_fn(|j| if l.module_keep.is_empty() { Some(keep) } else { l.module_keep.get(LINEARS[j]).copied() }),
+            },
+        }
+    }
+}
+
+/// A compressed layer as a method builds it: the tensors to write (named for the output
+/// layer index), the GPU linears that calibration continues with, and what the report shows.
+pub struct BuiltLayer {
+    pub dtype: Dtype,
+    /// Layer index in the output model (dropped layers renumber the rest).
+    pub out_index: usize,
+    pub tensors: Vec<OutTensor>,
+    /// The seven linears in `LINEARS` order.
+    pub linears: Vec<GpuLinear>,
+    pub plan: LayerPlan,
+    /// Relative (weighted where the method weights) error of q, k, v, o.
+    pub errors: [f64; 4],
+    pub spectra: [Vec<f64>; 4],
+}
+
+impl BuiltLayer {
+    pub fn new(dtype: Dtype, out_index: usize) -> Self {
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default() }
+    }
+
+    fn name(&self, j: usize, suffix: &str) -> String {
+        crate::format::names::linear(self.out_index, j, suffix)
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
+        self.tensors.push(OutTensor { name, dtype: self.dtype, bytes: encode(v, self.dtype), shape });
+    }
+
+    /// Copies tensor `name` of the input (`model.layers.{i}.x`) under the output index.
+    pub fn push_copy(&mut self, store: &WeightStore, name: &str) -> Result<()> {
+        let mut t = OutTensor::copied(store, name)?;
+        let rest = crate::format::names::within_layer(name).context("not a layer tensor")?;
+        t.name = crate::format::names::layer(self.out_index, rest);
+        self.tensors.push(t);
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) stays a dense [out, inp] matrix.
+    pub fn dense(&mut self, gpu: &Gpu, j: usize, w: &[f32], out: usize, inp: usize) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        self.push(self.name(j, "weight"), vec![out, inp], w);
+        let w = round_trip(w, self.dtype);
+        self.linears.push(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) becomes the pair A [out, r] B [r, inp].
+    #[allow(clippy::too_many_arguments)]
+    pub fn low_rank(&mut self, gpu: &Gpu, j: usize, a: &[f32], b: &[f32], out: usize, r: usize, inp: usize) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        // the GPU layer uses the values as stored, so calibration sees what eval will
+        let (a, b) = (round_trip(a, self.dtype), round_trip(b, self.dtype));
+        self.push(self.name(j, "factor_a"), vec![out, r], &a);
+        self.push(self.name(j, "factor_b"), vec![r, inp], &b);
+        self.plan.set_rank(j, Some(r));
+        self.linears.push(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+        Ok(())
+    }
+
+    /// Linear `j` (next in order) is stored as MPO cores; calibration continues with the
+    /// matrix the stored (rounded) cores give.
+    /// With `shared`, the central core is not written here (it is stored once per model).
+    pub fn mpo(&mut self, gpu: &Gpu, j: usize, m: &crate::format::mpo::Mpo, shared: bool) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), j);
+        let mut rounded = m.clone();
+        let centre = m.cores.len() / 2;
+        for (k, c) in rounded.cores.iter_mut().enumerate() {
+            let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), self.dtype);
+            if !(shared && k == centre) {
+                self.push(self.name(j, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
+            }
+            c.data = v.iter().map(|&x| x as f64).collect();
+        }
+        let shape = crate::format::plan::MpoShape {
+            row_factors: m.cores.iter().map(|c| c.i).collect(),
+            col_factors: m.cores.iter().map(|c| c.j).collect(),
+            bonds: m.cores[..m.cores.len() - 1].iter().map(|c| c.right).collect(),
+            shared_centre: shared,
+        };
+        self.plan.mpo.insert(LINEARS[j].to_string(), shape);
+        let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();
+        self.linears.push(GpuLinear { out: m.rows, inp: m.cols, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        Ok(())
+    }
+}
+

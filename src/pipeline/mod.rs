@@ -1,0 +1,316 @@
+//! The compression pipeline: sequential layer-by-layer calibration on the GPU (each layer
+//! sees the outputs of the already compressed layers), the per-layer method (LoRAP:
+//! activation-weighted low-rank q/k/v/o with rank allocation and FFN channel pruning with
+//! the 1% reservation; or feature-space decomposition, or MPO), an optional per-layer plan
+//! (`--plan`: keep fractions, dropped layers), and the compressed model written as it goes.
+
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+pub use summary::{CompressionReport, LayerReport};
+
+use crate::calib::walker::Walker;
+use crate::error::CompressError;
+use crate::format::dtype::round_trip;
+use crate::format::output::{OutTensor, OutputFolder};
+use crate::format::plan::{CompressionSection, LayerPlan};
+use crate::gpu::Gpu;
+use crate::methods::{self, BuiltLayer, LayerInput, LayerMethod, LayerSetting, LorapOptions, Method};
+use crate::model::forward::{LayerWeights, LINEARS};
+use crate::model::{Model, WeightStore};
+
+/// How a compression run treats its output folder, beyond what it computes.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Replace an existing output folder.
+    pub force: bool,
+    /// Continue an interrupted run from its last finished layer (same inputs and options).
+    pub resume: bool,
+    /// Stop with `CompressError::Interrupted` after this many layers, as an interruption
+    /// would (tests of `resume`).
+    pub stop_after_layers: Option<usize>,
+    /// Fail writes with "disk full" after this many bytes (tests of the disk-full path).
+    pub output_byte_limit: Option<u64>,
+    /// Calibration tokens per GPU batch (default: the runner's 4096).
+    pub batch_tokens: Option<usize>,
+    /// Extra files (name, text) written into the output from its report before it is moved
+    /// into place (the CLI passes the HTML report's renderer).
+    pub report_files: Option<ReportFiles>,
+}
+
+/// Renders files from a finished run's report and the source model's folder name.
+pub type ReportFiles = fn(&CompressionReport, &str) -> Vec<(String, String)>;
+
+/// One compression run: what is compressed, on which calibration tokens, with which
+/// options, and where it goes.
+pub struct Run<'a> {
+    pub model: &'a Model,
+    /// Calibration tokens, whole windows of `seq_len`.
+    pub calib: &'a [u32],
+    pub seq_len: usize,
+    pub opts: &'a LorapOptions,
+    pub out: &'a Path,
+    pub control: RunControl,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(model: &'a Model, calib: &'a [u32], seq_len: usize, opts: &'a LorapOptions, out: &'a Path) -> Self {
+        Run { model, calib, seq_len, opts, out, control: RunControl::default() }
+    }
+
+    pub fn with_control(self, control: RunControl) -> Self {
+        Run { control, ..self }
+    }
+}
+
+/// What a checkpoint records: enough to check a resumed run is the same run, and the
+/// finished layers' results.
+#[derive(Serialize, Deserialize)]
+struct ResumeState {
+    fingerprint: String,
+    layers_done: usize,
+    /// One entry per finished original layer; `None` = dropped.
+    plans: Vec<Option<LayerPlan>>,
+    reports: Vec<LayerReport>,
+    seconds_before: f64,
+}
+
+/// Records the finished layers in the partial folder, for `--resume`.
+fn checkpoint(folder: &mut OutputFolder, fingerprint: &str, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
+    let state = ResumeState { fingerprint: fingerprint.into(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
+    folder.checkpoint(serde_json::to_value(&state)?)
+}
+
+/// Identifies a run: model config, options, calibration tokens and window length.
+fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    calib.hash(&mut h);
+    let v = serde_json::json!({
+        "config": serde_json::Value::Object(model.cfg.raw.clone()),
+        "options": opts,
+        "svd": [opts.svd.power_iters, opts.svd.oversample, opts.svd.seed as usize],
+        "calibration": [calib.len(), seq_len, h.finish() as usize],
+    });
+    Ok(serde_json::to_string(&v)?)
+}
+
+/// Checks everything about a run that can be checked before any GPU work or output.
+pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<()> {
+    match &opts.plan {
+        None if !(opts.ratio > 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
+        Some(_) if !(opts.ratio >= 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
+        Some(p) => p.validate(model.cfg.num_hidden_layers)?,
+        None => {}
+    }
+    if opts.method == Method::Mpo && !(2..=8).contains(&opts.mpo_cores) {
+        return Err(CompressError::BadArgument(format!("--mpo-cores must be in 2..=8, got {}", opts.mpo_cores)).into());
+    }
+    if opts.mpo_share_centre && (opts.method != Method::Mpo || opts.mpo_cores != 3 || opts.plan.is_some()) {
+        return Err(CompressError::BadArgument("--mpo-share-centre needs --method mpo with 3 cores and no --plan".into()).into());
+    }
+    if opts.mpo_max_bond == Some(0) || opts.mpo_matrices.iter().any(|&j| j >= LINEARS.len()) {
+        return Err(CompressError::BadArgument("--mpo-max-bond must be positive and --mpo-matrices name linears of the layer".into()).into());
+    }
+    if !(0.0..1.0).contains(&opts.reserve) {
+        return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", opts.reserve)).into());
+    }
+    if model.cfg.lorap.is_some() {
+        return Err(CompressError::AlreadyCompressed(model.dir.display().to_string()).into());
+    }
+    if seq_len < 2 || calib.is_empty() || calib.len() % seq_len != 0 {
+        return Err(CompressError::BadArgument(format!("calibration must be whole windows of at least 2 tokens ({} tokens, windows of {seq_len})", calib.len())).into());
+    }
+    Ok(())
+}
+
+/// Compresses the run's model with the method its options select.
+pub fn compress(gpu: &std::sync::Arc<Gpu>, run: &Run, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<(PathBuf, CompressionReport)> {
+    validate(run.model, run.calib, run.seq_len, run.opts)?;
+    let method = methods::for_options(run.opts, &run.model.store, &run.model.cfg)?;
+    compress_with(gpu, run, method.as_ref(), progress)
+}
+
+/// Compresses the run's model layer by layer with `method`: each layer's statistics come
+/// from states that went through the already compressed layers.
+pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMethod, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<(PathBuf, CompressionReport)> {
+    let Run { model, calib, seq_len, opts, out, ref control } = *run;
+    validate(model, calib, seq_len, opts)?;
+    let cfg = &model.cfg;
+    let store = &model.store;
+    let n_layers = cfg.num_hidden_layers;
+    let windows = calib.len() / seq_len;
+    let t_start = Instant::now();
+    gpu.reset_peak();
+    let print = fingerprint(model, calib, seq_len, opts)?;
+    let (mut folder, saved) = if control.resume {
+        OutputFolder::resume(out, &model.dir, control.force, n_layers + 1)?
+    } else {
+        (OutputFolder::create(out, &model.dir, control.force, n_layers + 1)?, None)
+    };
+    if let Some(limit) = control.output_byte_limit {
+        folder.set_byte_limit(limit);
+    }
+    let mut plans = Vec::new();
+    let mut layer_reports = Vec::new();
+    let mut seconds_before = 0.0;
+    if let Some(state) = saved {
+        let ck = folder.partial_dir().display().to_string();
+        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: format!("unreadable state: {e}") })?;
+        if st.fingerprint != print {
+            return Err(CompressError::ResumeMismatch { path: ck, what: "it was made from another model, calibration text or options".into() }.into());
+        }
+        plans = st.plans;
+        layer_reports = st.reports;
+        seconds_before = st.seconds_before;
+        tracing::info!(layers_done = st.layers_done, "resuming");
+    }
+    let first_layer = plans.len();
+
+    let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
+    let on_host = crate::calib::states::keep_on_host(gpu, state_bytes);
+    if on_host {
+        tracing::info!(state_bytes, "calibration states kept on the host (over half the GPU budget)");
+    }
+    let mut walker = Walker::start(gpu, model, calib, seq_len, control.batch_tokens, on_host)?;
+    if first_layer > 0 {
+        // rebuild the calibration states: the finished layers, as stored, run again
+        let done = WeightStore::open(folder.partial_dir()).context("reading the finished layers of the interrupted run")?;
+        let mut c2 = cfg.clone();
+        c2.lorap = Some(plan_section(cfg, opts, method.name(), &plans));
+        for (j, _) in plans.iter().flatten().enumerate() {
+            progress(j, n_layers, "replaying finished layer");
+            let layer = LayerWeights::load(gpu, &done, &c2, j)?;
+            walker.advance(&layer)?;
+        }
+    }
+
+    let dtype_of = store.dtype(&format!("model.layers.0.{}.weight", LINEARS[0]))?;
+    let out_dtype = if matches!(dtype_of, Dtype::F16 | Dtype::BF16) { dtype_of } else { Dtype::F32 };
+    for i in first_layer..n_layers {
+        let t_layer = Instant::now();
+        let setting = LayerSetting::of(opts, i);
+        if setting.dropped {
+            // a dropped layer is the identity: the states go on unchanged
+            plans.push(None);
+            checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
+            progress(i + 1, n_layers, "dropped");
+            continue;
+        }
+        let out_index = plans.iter().flatten().count();
+        progress(i, n_layers, "statistics");
+        let dense = LayerWeights::load(gpu, store, cfg, i)?;
+        let stats = walker.stats(&dense, method.stats_need())?;
+        let mut built = BuiltLayer::new(out_dtype, out_index);
+        let input = LayerInput { gpu, store, cfg, layer: i, dense: &dense, stats: &stats, setting: &setting };
+        method.compress_layer(&input, &mut built, &mut |what| progress(i, n_layers, what))?;
+        let name = |s: &str| crate::format::names::layer(i, s);
+        if cfg.qkv_bias() {
+            for j in 0..3 {
+                let bias = store.f32(&name(&format!("{}.bias", LINEARS[j])), &[built.linears[j].out])?;
+                built.linears[j].bias = Some(gpu.upload(&round_trip(&bias, out_dtype))?);
+                built.push_copy(store, &name(&format!("{}.bias", LINEARS[j])))?;
+            }
+        }
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            built.push_copy(store, &name(n))?;
+        }
+        let BuiltLayer { tensors, linears, plan, errors, spectra, .. } = built;
+        let mut it = linears.into_iter();
+        let mut next = || it.next().context("a method built fewer than seven linears");
+        let compressed = LayerWeights { q: next()?, k: next()?, v: next()?, o: next()?, gate: next()?, up: next()?, down: next()?, in_norm: dense.in_norm, post_norm: dense.post_norm };
+        progress(i, n_layers, "writing");
+        folder.write_shard(i, &tensors)?;
+        drop(tensors);
+
+        progress(i, n_layers, "propagating");
+        walker.advance(&compressed)?;
+        layer_reports.push(LayerReport {
+            layer: i,
+            ranks: [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank],
+            ffn_kept: plan.ffn_width,
+            ffn_total: cfg.intermediate_size,
+            weighted_rel_error: errors,
+            spectra,
+            params_before: cfg.layer_params(i),
+            params_after: cfg.plan_params(&plan),
+            seconds: t_layer.elapsed().as_secs_f64(),
+        });
+        plans.push(Some(plan));
+        checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
+        progress(i + 1, n_layers, "done");
+        if control.stop_after_layers == Some(i + 1) && i + 1 < n_layers {
+            return Err(CompressError::Interrupted(i + 1).into());
+        }
+    }
+    drop(walker);
+
+    // embeddings, final norm, untied head: copied exactly
+    let mut rest = Vec::new();
+    for n in [crate::format::names::EMBED, crate::format::names::FINAL_NORM, crate::format::names::LM_HEAD] {
+        if n == crate::format::names::LM_HEAD && (cfg.tie_word_embeddings || !store.contains(n)) {
+            continue;
+        }
+        rest.push(OutTensor::copied(store, n)?);
+    }
+    rest.extend(method.model_tensors(out_dtype));
+    folder.write_shard(n_layers, &rest)?;
+    drop(rest);
+
+    let mut new_cfg = cfg.clone();
+    let mut section = plan_section(cfg, opts, method.name(), &plans);
+    new_cfg.num_hidden_layers = section.layers.len();
+    new_cfg.lorap = Some(section.clone());
+    section.ratio = 1.0 - new_cfg.decoder_params() as f64 / cfg.decoder_params() as f64;
+    new_cfg.lorap = Some(section);
+    let mut raw = cfg.raw.clone();
+    raw.insert("num_hidden_layers".into(), new_cfg.num_hidden_layers.into());
+    raw.insert("lorap".into(), serde_json::to_value(new_cfg.lorap.as_ref().unwrap())?);
+    folder.write_json("config.json", &serde_json::Value::Object(raw))?;
+    folder.copy_side_files(&model.dir)?;
+    let (before, after) = (cfg.decoder_params(), new_cfg.decoder_params());
+    let (tb, ta) = (cfg.total_params(), new_cfg.total_params());
+    let report = CompressionReport {
+        method: method.name().into(),
+        source_model: model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone()).display().to_string(),
+        options: opts.clone(),
+        calibration_windows: windows,
+        calibration_seq_len: seq_len,
+        decoder_params_before: before,
+        decoder_params_after: after,
+        achieved_decoder_ratio: 1.0 - after as f64 / before as f64,
+        total_params_before: tb,
+        total_params_after: ta,
+        achieved_total_ratio: 1.0 - ta as f64 / tb as f64,
+        peak_gpu_bytes: gpu.memory_stats().1,
+        seconds: seconds_before + t_start.elapsed().as_secs_f64(),
+        adapter: gpu.info.name.clone(),
+        layers: layer_reports,
+    };
+    folder.write_json("compression_report.json", &serde_json::to_value(&report)?)?;
+    if let Some(render) = control.report_files {
+        let name = model.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        for (file, text) in render(&report, &name) {
+            folder.write_file(&file, text.as_bytes())?;
+        }
+    }
+    let path = folder.finish().context("finishing the output folder")?;
+    Ok((path, report))
+}
+
+/// The `lorap` config section for the finished `plans` (`None` = dropped layer); the
+/// layers still to do are listed dense unless the run's plan drops them.
+fn plan_section(cfg: &crate::model::ModelConfig, opts: &LorapOptions, method: &str, plans: &[Option<LayerPlan>]) -> CompressionSection {
+    let dense = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    let later = (plans.len()..cfg.num_hidden_layers).filter(|&i| !LayerSetting::of(opts, i).dropped).map(|_| dense.clone());
+    let layers = plans.iter().flatten().cloned().chain(later).collect();
+    let dropped_layers = (0..cfg.num_hidden_layers).filter(|&i| LayerSetting::of(opts, i).dropped).collect();
+    CompressionSection { format_version: 1, method: method.into(), ratio: opts.ratio, layers, dropped_layers }
+}
+

@@ -1,0 +1,46 @@
+//! What a compression run reports: per layer and in total (compression_report.json, the
+//! `--json` output, the HTML report's data).
+
+use serde::{Deserialize, Serialize};
+
+use crate::methods::LorapOptions;
+
+/// Per-layer outcome, as written to compression_report.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    /// q, k, v, o ranks (null = dense).
+    pub ranks: [Option<usize>; 4],
+    pub ffn_kept: usize,
+    pub ffn_total: usize,
+    /// Relative weighted reconstruction error ||(W - AB) S||_F / ||W S||_F of q, k, v, o.
+    pub weighted_rel_error: [f64; 4],
+    /// Weighted singular values of q, k, v, o (as many as were computed).
+    pub spectra: [Vec<f64>; 4],
+    pub params_before: usize,
+    pub params_after: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompressionReport {
+    pub method: String,
+    /// The dense model folder it was made from.
+    #[serde(default)]
+    pub source_model: String,
+    pub options: LorapOptions,
+    pub calibration_windows: usize,
+    pub calibration_seq_len: usize,
+    pub decoder_params_before: usize,
+    pub decoder_params_after: usize,
+    /// 1 - after/before over all decoder layers (norms included).
+    pub achieved_decoder_ratio: f64,
+    pub total_params_before: usize,
+    pub total_params_after: usize,
+    pub achieved_total_ratio: f64,
+    pub peak_gpu_bytes: u64,
+    pub seconds: f64,
+    pub adapter: String,
+    pub layers: Vec<LayerReport>,
+}
+
