@@ -656,7 +656,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
     let mut r = runner(cli, &model, &a.mem)?;
     let ids = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     anyhow::ensure!(!ids.is_empty(), "the prompt tokenizes to nothing");
-    let eos = model.cfg.eos_token_id.as_ref().and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())).map(|x| x as u32);
+    let eos = model.cfg.eos_token_id.as_ref().and_then(|e| e.first());
     let new = r.generate(&ids, a.max_new, eos)?;
     let text = tok.decode(&new, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     println!("{}{}", a.prompt, text);

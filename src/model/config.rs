@@ -19,11 +19,53 @@ pub enum ConfigError {
     Invalid { path: String, what: String },
 }
 
+/// The architectures the forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// Rope frequency schemes the forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeType {
+    Default,
+    Llama3,
+}
+
+/// FFN activations the forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Silu,
+}
+
+/// End-of-sequence token ids (config.json gives one id or a list).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokens {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosTokens {
+    /// The first id: where generation stops.
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            EosTokens::One(t) => Some(*t),
+            EosTokens::Many(v) => v.first().copied(),
+        }
+    }
+}
+
 /// Llama-3 style rope frequency scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RopeScaling {
     #[serde(alias = "type")]
-    pub rope_type: String,
+    pub rope_type: RopeType,
     #[serde(default)]
     pub factor: Option<f64>,
     #[serde(default)]
@@ -36,7 +78,7 @@ pub struct RopeScaling {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelConfig {
-    pub model_type: String,
+    pub model_type: ModelType,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -57,11 +99,11 @@ pub struct ModelConfig {
     #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
-    pub hidden_act: Option<String>,
+    pub hidden_act: Option<Activation>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<EosTokens>,
     #[serde(default)]
     pub lorap: Option<CompressionSection>,
     /// Every field, kept so a compressed model's config keeps the original ones.
@@ -86,16 +128,20 @@ impl ModelConfig {
 
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
         let raw: serde_json::Value = serde_json::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        // what the typed fields cannot hold is unsupported, not malformed: said as such
+        let text_of = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+        if let Some(t) = text_of(raw.get("model_type")).filter(|t| !matches!(t.as_str(), "llama" | "mistral" | "qwen2")) {
+            return Err(ConfigError::Unsupported { path: path.into(), model_type: t });
+        }
+        if let Some(act) = text_of(raw.get("hidden_act")).filter(|a| a != "silu") {
+            return Err(ConfigError::Invalid { path: path.into(), what: format!("hidden_act {act:?} (only silu)") });
+        }
+        let scaling = raw.get("rope_scaling");
+        if let Some(t) = text_of(scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type")))).filter(|t| !matches!(t.as_str(), "llama3" | "default")) {
+            return Err(ConfigError::Invalid { path: path.into(), what: format!("rope_scaling type {t:?} not supported (llama3, default)") });
+        }
         let mut c: ModelConfig = serde_json::from_value(raw.clone()).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         c.raw = raw.as_object().cloned().unwrap_or_default();
-        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "qwen2") {
-            return Err(ConfigError::Unsupported { path: path.into(), model_type: c.model_type });
-        }
-        if let Some(act) = &c.hidden_act {
-            if act != "silu" {
-                return Err(ConfigError::Invalid { path: path.into(), what: format!("hidden_act {act:?} (only silu)") });
-            }
-        }
         let bad = |what: String| Err(ConfigError::Invalid { path: path.into(), what });
         if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
             return bad("a size is zero".into());
@@ -115,11 +161,6 @@ impl ModelConfig {
         }
         if c.head_dim() % 4 != 0 || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
             return bad(format!("head_dim {} must be a multiple of 4 and at most {}", c.head_dim(), crate::gpu::attention::MAX_HEAD_DIM));
-        }
-        if let Some(s) = &c.rope_scaling {
-            if !matches!(s.rope_type.as_str(), "llama3" | "default") {
-                return bad(format!("rope_scaling type {:?} not supported (llama3, default)", s.rope_type));
-            }
         }
         if let Some(l) = &c.lorap {
             if l.layers.len() != c.num_hidden_layers {
@@ -166,7 +207,7 @@ impl ModelConfig {
     }
     /// q/k/v carry biases (qwen2 always; llama/mistral when attention_bias is set).
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+        self.attention_bias.unwrap_or(self.model_type == ModelType::Qwen2)
     }
     /// Shapes of layer `i` (dense unless the lorap section says otherwise).
     pub fn layer_plan(&self, i: usize) -> LayerPlan {
@@ -179,7 +220,7 @@ impl ModelConfig {
     /// Rope inverse frequencies, with llama3 scaling where configured.
     pub fn inv_freq(&self) -> Vec<f32> {
         let base = crate::gpu::rope::inv_freq(self.head_dim(), self.rope_theta);
-        let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else { return base };
+        let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == RopeType::Llama3) else { return base };
         let factor = s.factor.unwrap_or(8.0);
         let lo = s.low_freq_factor.unwrap_or(1.0);
         let hi = s.high_freq_factor.unwrap_or(4.0);
@@ -263,5 +304,28 @@ impl ModelConfig {
     pub fn total_params(&self) -> usize {
         let emb = self.vocab_size * self.hidden_size;
         self.decoder_params() + emb + if self.tie_word_embeddings { 0 } else { emb } + self.hidden_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> String {
+        format!(r#"{{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10{extra}}}"#)
+    }
+
+    #[test]
+    fn typed_vocabulary_parses_and_refuses_what_the_forward_pass_lacks() {
+        let c = ModelConfig::parse(&config(r#", "eos_token_id": [7, 9], "rope_scaling": {"type": "llama3", "factor": 8.0}"#), "c").unwrap();
+        assert_eq!((c.model_type, c.eos_token_id.as_ref().and_then(EosTokens::first)), (ModelType::Llama, Some(7)));
+        assert_eq!(c.rope_scaling.unwrap().rope_type, RopeType::Llama3);
+        let c = ModelConfig::parse(&config(r#", "eos_token_id": 2, "hidden_act": "silu""#), "c").unwrap();
+        assert_eq!((c.eos_token_id.unwrap().first(), c.hidden_act), (Some(2), Some(Activation::Silu)));
+        let qwen = config("").replace("llama", "qwen2");
+        assert!(ModelConfig::parse(&qwen, "c").unwrap().qkv_bias());
+        assert!(matches!(ModelConfig::parse(&config("").replace("llama", "gpt_neox"), "c"), Err(ConfigError::Unsupported { .. })));
+        assert!(matches!(ModelConfig::parse(&config(r#", "hidden_act": "gelu""#), "c"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(ModelConfig::parse(&config(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#), "c"), Err(ConfigError::Invalid { .. })));
     }
 }
