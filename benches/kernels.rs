@@ -119,7 +119,7 @@ fn main() {
     let mut pair_secs = [0f64; 2];
     for (slot, exact_max) in [(0, usize::MAX), (1, 0)] {
         let t = Instant::now();
-        lorap_gpu::methods::sfsd::feature_pair_with(&gpu, &w, &sg, out, inp, r, opts, exact_max).unwrap();
+        lorap_gpu::methods::sfsd::feature_pair_with(&gpu, &w, &sg, inp, r, opts, exact_max).unwrap();
         pair_secs[slot] = t.elapsed().as_secs_f64();
     }
     println!(

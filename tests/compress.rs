@@ -17,7 +17,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 fn lorap_compresses_a_random_model_to_the_requested_ratio() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("dense");
-    let cfg = synthetic::config_json("llama", 3, 64, 160, 4, 2, 101, true);
+    let cfg = synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 3, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true });
     synthetic::write_random_model(&src, &cfg, 7).unwrap();
     let model = Model::open(&src).unwrap();
     let gpu = common::gpu();
@@ -62,7 +62,7 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
 fn bad_ratios_and_short_calibration_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("dense");
-    synthetic::write_random_model(&src, &synthetic::config_json("llama", 1, 32, 64, 2, 1, 50, true), 3).unwrap();
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 1, hidden: 32, ffn: 64, heads: 2, kv_heads: 1, vocab: 50, tied: true }), 3).unwrap();
     let model = Model::open(&src).unwrap();
     let gpu = common::gpu();
     let calib = tokens(32, 50, 1);
@@ -101,8 +101,8 @@ fn randomized_svd_is_near_optimal() {
         let dec = svd::randomized_svd(&gpu, &g, m, n, k, svd::SvdOptions::default()).unwrap();
         let err = svd::truncation_error(&a, &dec, k);
         assert!(err <= 1.02 * optimal, "{m}x{n} rank {k}: error {err} vs optimal {optimal}");
-        for c in 0..k {
-            assert!((dec.sigma[c] - exact[c]).abs() <= 0.02 * exact[c], "sigma {c}: {} vs {}", dec.sigma[c], exact[c]);
+        for (c, (got, want)) in dec.sigma.iter().zip(&exact).take(k).enumerate() {
+            assert!((got - want).abs() <= 0.02 * want, "sigma {c}: {got} vs {want}");
         }
     }
 }
@@ -113,7 +113,7 @@ fn randomized_svd_is_near_optimal() {
 fn hf_dense_export_round_trips_through_eval() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("dense");
-    let cfg = synthetic::config_json("qwen2", 2, 64, 160, 4, 2, 101, false);
+    let cfg = synthetic::config_json(synthetic::Shape { model_type: "qwen2", layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: false });
     synthetic::write_random_model(&src, &cfg, 9).unwrap();
     let model = Model::open(&src).unwrap();
     let gpu = common::gpu();
@@ -147,7 +147,7 @@ fn hf_dense_export_round_trips_through_eval() {
 fn calibration_states_move_to_the_host_under_a_budget() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("dense");
-    synthetic::write_random_model(&src, &synthetic::config_json("llama", 2, 64, 160, 4, 2, 101, true), 5).unwrap();
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 5).unwrap();
     let model = Model::open(&src).unwrap();
     let calib = tokens(128 * 16, 101, 3);
     let opts = methods::LorapOptions { ratio: 0.3, ..Default::default() };

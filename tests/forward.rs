@@ -6,7 +6,7 @@ mod common;
 use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
 
 fn tiny(dir: &std::path::Path, model_type: &str, layers: usize, tied: bool, seed: u64) -> Model {
-    let cfg = synthetic::config_json(model_type, layers, 48, 80, 6, 2, 97, tied);
+    let cfg = synthetic::config_json(synthetic::Shape { model_type, layers, hidden: 48, ffn: 80, heads: 6, kv_heads: 2, vocab: 97, tied });
     synthetic::write_random_model(dir, &cfg, seed).unwrap();
     Model::open(dir).unwrap()
 }
@@ -48,7 +48,7 @@ fn qwen2_biases_and_untied_head_match_cpu_reference() {
 #[test]
 fn streaming_keeps_one_layer_resident() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = synthetic::config_json("llama", 12, 256, 1024, 4, 2, 64, true);
+    let cfg = synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 12, hidden: 256, ffn: 1024, heads: 4, kv_heads: 2, vocab: 64, tied: true });
     synthetic::write_random_model(dir.path(), &cfg, 5).unwrap();
     let m = Model::open(dir.path()).unwrap();
     let gpu = common::gpu_with_binding(1 << 20);
@@ -113,7 +113,7 @@ fn zero_shot_scores_choices_by_log_likelihood() {
 fn bad_model_folders_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let cfg = synthetic::config_json("llama", 1, 16, 32, 2, 1, 20, true);
+    let cfg = synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 1, hidden: 16, ffn: 32, heads: 2, kv_heads: 1, vocab: 20, tied: true });
     synthetic::write_random_model(p, &cfg, 1).unwrap();
     // truncated safetensors
     let st = p.join("model.safetensors");

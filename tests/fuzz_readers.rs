@@ -16,7 +16,7 @@ fn valid() -> &'static (String, Vec<u8>) {
     static V: OnceLock<(String, Vec<u8>)> = OnceLock::new();
     V.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        synthetic::write_random_model(dir.path(), &synthetic::config_json("llama", 1, 16, 32, 2, 1, 20, true), 4).unwrap();
+        synthetic::write_random_model(dir.path(), &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 1, hidden: 16, ffn: 32, heads: 2, kv_heads: 1, vocab: 20, tied: true }), 4).unwrap();
         (std::fs::read_to_string(dir.path().join("config.json")).unwrap(), std::fs::read(dir.path().join("model.safetensors")).unwrap())
     })
 }

@@ -30,7 +30,7 @@ fn gpu_vs_reference(gpu: &std::sync::Arc<lorap_gpu::gpu::Gpu>, model: &Model, to
 
 fn small_model(dir: &std::path::Path, layers: usize) -> Model {
     let src = dir.join("dense");
-    synthetic::write_random_model(&src, &synthetic::config_json("llama", layers, 64, 160, 4, 2, 101, true), 11).unwrap();
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 11).unwrap();
     Model::open(&src).unwrap()
 }
 
@@ -81,7 +81,7 @@ fn feature_pair_case(out: usize, inp: usize, r: usize, exact_max: usize) {
         }
     }
     let sg = gpu.upload(&sigma).unwrap();
-    let pair = sfsd::feature_pair_with(&gpu, &w, &sg, out, inp, r, SvdOptions::default(), exact_max).unwrap();
+    let pair = sfsd::feature_pair_with(&gpu, &w, &sg, inp, r, SvdOptions::default(), exact_max).unwrap();
     let c = sfsd::output_covariance_ref(&w, &sigma, out, inp);
     let eig = SymmetricEigen::new(DMatrix::from_row_slice(out, out, &c));
     let mut ev: Vec<f64> = eig.eigenvalues.iter().copied().collect();

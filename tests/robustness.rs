@@ -19,7 +19,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 fn small_model(dir: &Path, layers: usize) -> PathBuf {
     let src = dir.join("dense");
-    synthetic::write_random_model(&src, &synthetic::config_json("llama", layers, 64, 160, 4, 2, 101, true), 11).unwrap();
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 11).unwrap();
     src
 }
 

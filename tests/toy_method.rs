@@ -54,7 +54,7 @@ impl LayerMethod for MagnitudeFfn {
 fn a_toy_method_in_one_file_runs_through_the_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("dense");
-    synthetic::write_random_model(&src, &synthetic::config_json("llama", 2, 64, 160, 4, 2, 101, true), 3).unwrap();
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 3).unwrap();
     let model = Model::open(&src).unwrap();
     let calib: Vec<u32> = (0..4 * 16).map(|i| (i * 37 % 101) as u32).collect();
     let opts = LorapOptions { ratio: 0.5, ..Default::default() };

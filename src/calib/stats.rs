@@ -66,6 +66,15 @@ pub fn scales(sumsq: &[f32], windows: usize) -> Vec<f32> {
     sumsq.iter().map(|&v| (v as f64 / windows as f64).sqrt() as f32).map(|s| if s > 0.0 { s } else { 1e-4 }).collect()
 }
 
+/// The calibration states a statistics pass reads (and leaves as they were).
+pub(super) struct StatesView<'a> {
+    pub table: &'a crate::gpu::rope::RopeTable,
+    pub states: &'a mut CalibStates,
+    pub seq_len: usize,
+    /// Calibration windows (the scales are means over windows).
+    pub windows: usize,
+}
+
 /// The statistics a method needs beyond the activation scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsNeed {
@@ -77,17 +86,8 @@ pub enum StatsNeed {
 
 /// One statistics pass of the calibration states through the dense layer `dense` (the
 /// walker's; its states are read, not changed).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn collect_stats(
-    gpu: &Gpu,
-    cfg: &crate::model::ModelConfig,
-    dense: &LayerWeights,
-    table: &crate::gpu::rope::RopeTable,
-    batches: &mut CalibStates,
-    seq_len: usize,
-    windows: usize,
-    need: StatsNeed,
-) -> Result<LayerStats> {
+pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, states: StatesView, need: StatsNeed) -> Result<LayerStats> {
+    let StatesView { table, states: batches, seq_len, windows } = states;
     let (need_cov, centred) = match need {
         StatsNeed::Scales => (false, false),
         StatsNeed::Covariance { centred } => (true, centred),
@@ -103,7 +103,7 @@ pub(super) fn collect_stats(
     batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
         // the layer's output is discarded: the next inputs come from the compressed layer
-        forward::layer_forward(gpu, &mut enc, cfg, dense, table, h, tokens, seq_len, Some(&mut stats))?;
+        forward::layer_forward(gpu, &mut enc, cfg, dense, table, forward::Batch { h, tokens, window: seq_len }, Some(&mut stats))?;
         gpu.submit(enc);
         Ok(None)
     })?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::states::CalibStates;
-use super::stats::{collect_stats, LayerStats, StatsNeed};
+use super::stats::{collect_stats, LayerStats, StatesView, StatsNeed};
 use crate::gpu::rope::RopeTable;
 use crate::gpu::Gpu;
 use crate::model::forward::{self, LayerWeights, Runner};
@@ -41,7 +41,7 @@ impl<'a> Walker<'a> {
 
     /// Statistics of `layer`'s linear inputs over every calibration token (the states stay).
     pub fn stats(&mut self, layer: &LayerWeights, need: StatsNeed) -> Result<LayerStats> {
-        collect_stats(self.gpu, self.cfg, layer, &self.table, &mut self.states, self.seq_len, self.windows, need)
+        collect_stats(self.gpu, self.cfg, layer, StatesView { table: &self.table, states: &mut self.states, seq_len: self.seq_len, windows: self.windows }, need)
     }
 
     /// Drops the states, keeping the rope table (for scoring after the walk).
@@ -54,7 +54,7 @@ impl<'a> Walker<'a> {
         let (gpu, cfg, table, seq_len) = (self.gpu, self.cfg, &self.table, self.seq_len);
         self.states.for_each(gpu, |h, tokens| {
             let mut enc = gpu.encoder();
-            let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, h, tokens, seq_len, None)?;
+            let next = forward::layer_forward(gpu, &mut enc, cfg, layer, table, forward::Batch { h, tokens, window: seq_len }, None)?;
             gpu.submit(enc);
             Ok(Some(next))
         })?;

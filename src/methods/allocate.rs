@@ -75,7 +75,7 @@ fn uniform(specs: &[MatrixSpec], budget: usize) -> Ranks {
     loop {
         let fixed: usize = specs.iter().zip(&dense).filter(|(_, &d)| d).map(|(s, _)| s.dense()).sum();
         let per: usize = specs.iter().zip(&dense).filter(|(_, &d)| !d).map(|(s, _)| s.per_rank()).sum();
-        let r = if per == 0 { 0 } else { budget.saturating_sub(fixed) / per };
+        let r = budget.saturating_sub(fixed).checked_div(per).unwrap_or(0);
         let ranks: Ranks = specs.iter().zip(&dense).map(|(s, &d)| if d { None } else { rank_or_dense(s, r) }).collect();
         let newly: Vec<usize> = (0..specs.len()).filter(|&i| !dense[i] && ranks[i].is_none()).collect();
         if newly.is_empty() || fixed >= budget {

@@ -4,9 +4,10 @@
 use crate::gpu::{context::Result as GpuResult, norms, Gpu, GpuBuf};
 
 /// score_j = || |Wup[j,:]| s_x || + || |Wgate[j,:]| s_x || + ||Wdown[:, j]|| s_h[j]
-/// (s = 1 everywhere gives the magnitude-only ablation). gate/up [f, d], down [d, f].
-#[allow(clippy::too_many_arguments)]
-pub fn channel_scores(gpu: &Gpu, gate: &GpuBuf, up: &GpuBuf, down: &GpuBuf, s_x: &GpuBuf, s_h: &[f32], d: usize, f: usize) -> GpuResult<Vec<f64>> {
+/// (s = 1 everywhere gives the magnitude-only ablation). `[gate, up, down]`: gate/up
+/// [f, d], down [d, f], with f = s_h.len().
+pub fn channel_scores(gpu: &Gpu, [gate, up, down]: [&GpuBuf; 3], s_x: &GpuBuf, s_h: &[f32], d: usize) -> GpuResult<Vec<f64>> {
+    let f = s_h.len();
     let (sg, su, sd) = (gpu.alloc(f)?, gpu.alloc(f)?, gpu.zeros(f)?);
     let mut enc = gpu.encoder();
     norms::row_scaled_norms(gpu, &mut enc, gate, s_x, &sg, f, d)?;

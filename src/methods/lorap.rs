@@ -105,7 +105,7 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
                 let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
                 let energy = specs[j].energy;
                 built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
-                built.low_rank(gpu, j, &a, &b, out_dim, *r, in_dim)?;
+                built.low_rank(gpu, j, &a, &b, *r)?;
             }
         }
     }
@@ -124,7 +124,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
         bail!("layer {i}: FFN is not dense");
     };
     let sxg = gpu.upload(sx)?;
-    let scores = ffn::channel_scores(gpu, wg, wu, wd, &sxg, sh, d, f)?;
+    let scores = ffn::channel_scores(gpu, [wg, wu, wd], &sxg, sh, d)?;
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
     let kept = ffn::kept_channels(&scores, remove, opts.reserve);
     let [gate, up, down] = ffn::pruned_weights(store, i, d, f, &kept)?;

@@ -226,9 +226,10 @@ impl BuiltLayer {
         Ok(())
     }
 
-    /// Linear `j` (next in order) becomes the pair A [out, r] B [r, inp].
-    #[allow(clippy::too_many_arguments)]
-    pub fn low_rank(&mut self, gpu: &Gpu, j: usize, a: &[f32], b: &[f32], out: usize, r: usize, inp: usize) -> Result<()> {
+    /// Linear `j` (next in order) becomes the pair A [out, r] B [r, inp] (shapes from the
+    /// lengths).
+    pub fn low_rank(&mut self, gpu: &Gpu, j: usize, a: &[f32], b: &[f32], r: usize) -> Result<()> {
+        let (out, inp) = (a.len() / r, b.len() / r);
         debug_assert_eq!(self.linears.len(), j);
         // the GPU layer uses the values as stored, so calibration sees what eval will
         let (a, b) = (round_trip(a, self.dtype), round_trip(b, self.dtype));

@@ -16,7 +16,7 @@ pub fn factorize(n: usize, parts: usize) -> Vec<usize> {
     let mut m = n.max(1);
     let mut p = 2;
     while p * p <= m {
-        while m % p == 0 {
+        while m.is_multiple_of(p) {
             primes.push(p);
             m /= p;
         }

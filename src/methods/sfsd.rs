@@ -110,12 +110,14 @@ fn top_eigen(g: &[f32], n: usize, r: usize) -> (Vec<f64>, Vec<f32>) {
 /// S^-1 with M^T M = V S^2 V^T; otherwise from C = W Sigma W^T itself. Small problems are
 /// solved exactly, large ones by the randomized SVD.
 pub fn feature_pair(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, out: usize, inp: usize, r: usize, opts: SvdOptions) -> GpuResult<FeaturePair> {
-    feature_pair_with(gpu, w, sigma, out, inp, r, opts, EXACT_EIGEN_MAX)
+    debug_assert_eq!(w.len(), out * inp);
+    feature_pair_with(gpu, w, sigma, inp, r, opts, EXACT_EIGEN_MAX)
 }
 
-/// `feature_pair` with the exact/randomized threshold given (tests cover both paths).
-#[allow(clippy::too_many_arguments)]
-pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, out: usize, inp: usize, r: usize, opts: SvdOptions, exact_max: usize) -> GpuResult<FeaturePair> {
+/// `feature_pair` with the exact/randomized threshold given (tests cover both paths);
+/// w is [out, inp] row-major.
+pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: usize, opts: SvdOptions, exact_max: usize) -> GpuResult<FeaturePair> {
+    let out = w.len() / inp;
     let wg = gpu.upload(w)?;
     let (u, k, eigenvalues, trace) = if out > inp {
         let l = gpu.upload(&psd_cholesky(&gpu.read(sigma)?, inp))?;
@@ -223,7 +225,7 @@ fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, prog
                     built.spectra[j] = pair.eigenvalues.iter().map(|e| e.max(0.0).sqrt()).collect();
                 }
                 let (a, b) = pair.truncated(r, out, inp);
-                built.low_rank(gpu, j, &a, &b, out, r, inp)?;
+                built.low_rank(gpu, j, &a, &b, r)?;
             }
         }
     }

@@ -153,13 +153,13 @@ impl ModelConfig {
         if c.n_kv_heads() == 0 || c.head_dim() == 0 || c.head_dim.is_some_and(|h| h > 1 << 12) {
             return bad("num_key_value_heads and head_dim must be positive".into());
         }
-        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) || !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+        if !c.rms_norm_eps.is_finite() || c.rms_norm_eps <= 0.0 || !c.rope_theta.is_finite() || c.rope_theta <= 0.0 {
             return bad("rms_norm_eps and rope_theta must be positive".into());
         }
-        if c.n_heads() % c.n_kv_heads() != 0 {
+        if !c.n_heads().is_multiple_of(c.n_kv_heads()) {
             return bad(format!("{} attention heads not a multiple of {} KV heads", c.n_heads(), c.n_kv_heads()));
         }
-        if c.head_dim() % 4 != 0 || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
+        if !c.head_dim().is_multiple_of(4) || c.head_dim() > crate::gpu::attention::MAX_HEAD_DIM {
             return bad(format!("head_dim {} must be a multiple of 4 and at most {}", c.head_dim(), crate::gpu::attention::MAX_HEAD_DIM));
         }
         if let Some(l) = &c.lorap {

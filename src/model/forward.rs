@@ -181,20 +181,25 @@ impl LayerWeights {
     }
 }
 
-/// Runs decoder layer `lw` on hidden states h [tokens, d] (windows of `window` tokens) and
-/// returns the new hidden states.
-#[allow(clippy::too_many_arguments)]
+/// Hidden states h [tokens, d] of whole windows of `window` tokens.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub h: &'a GpuBuf,
+    pub tokens: usize,
+    pub window: usize,
+}
+
+/// Runs decoder layer `lw` on a batch of hidden states and returns the new hidden states.
 pub fn layer_forward(
     gpu: &Gpu,
     enc: &mut wgpu::CommandEncoder,
     cfg: &ModelConfig,
     lw: &LayerWeights,
     table: &rope::RopeTable,
-    h: &GpuBuf,
-    tokens: usize,
-    window: usize,
+    batch: Batch,
     mut obs: Option<&mut dyn Observer>,
 ) -> GpuResult<GpuBuf> {
+    let Batch { h, tokens, window } = batch;
     let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
     let xn = gpu.alloc(tokens * d)?;
     norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, eps)?;
@@ -231,7 +236,7 @@ pub fn layer_forward(
     let a = gpu.alloc(tokens * f)?;
     elementwise::silu_mul(gpu, enc, &g, &u, &a, tokens * f)?;
     drop((g, u));
-    if let Some(o) = obs.as_deref_mut() {
+    if let Some(o) = obs {
         o.see(gpu, enc, Site::DownInput, &a, tokens, f)?;
     }
     let dn = lw.down.forward(gpu, enc, &a, tokens)?;
@@ -332,7 +337,7 @@ impl Runner {
             let table = self.table.as_ref().unwrap();
             for (h, tokens) in batches.iter_mut() {
                 let mut enc = self.gpu.encoder();
-                let next = layer_forward(&self.gpu, &mut enc, &self.cfg, lw, table, h, *tokens, window, None)?;
+                let next = layer_forward(&self.gpu, &mut enc, &self.cfg, lw, table, Batch { h, tokens: *tokens, window }, None)?;
                 self.gpu.submit(enc);
                 *h = next;
             }
@@ -374,7 +379,7 @@ impl Runner {
     /// NLL of every next token inside each window: tokens is n_windows * window long; the
     /// result holds window - 1 values per window (positions 1..window scored).
     pub fn window_nll(&mut self, tokens: &[u32], window: usize, progress: Progress) -> Result<Vec<f32>> {
-        if window < 2 || tokens.len() % window != 0 {
+        if window < 2 || !tokens.len().is_multiple_of(window) {
             return Err(ForwardError::BadWindow { window, what: format!("{} tokens are not whole windows of at least 2", tokens.len()) });
         }
         let per_batch = (self.batch_tokens / window).max(1) * window;

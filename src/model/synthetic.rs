@@ -9,9 +9,22 @@ use safetensors::{tensor::TensorView, Dtype};
 
 use super::config::ModelConfig;
 
+/// The shape of a synthetic llama-style model.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape<'a> {
+    pub model_type: &'a str,
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub tied: bool,
+}
+
 /// config.json text for a llama-style model of the given shape.
-#[allow(clippy::too_many_arguments)]
-pub fn config_json(model_type: &str, layers: usize, hidden: usize, ffn: usize, heads: usize, kv_heads: usize, vocab: usize, tied: bool) -> serde_json::Value {
+pub fn config_json(shape: Shape) -> serde_json::Value {
+    let Shape { model_type, layers, hidden, ffn, heads, kv_heads, vocab, tied } = shape;
     serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": model_type,
@@ -138,15 +151,15 @@ impl Preset {
     /// config.json of the preset, with `layers` decoder layers if given.
     pub fn config(self, layers: Option<usize>) -> serde_json::Value {
         let mut c = match self {
-            Preset::Llama2_7b => config_json("llama", 32, 4096, 11008, 32, 32, 32000, false),
+            Preset::Llama2_7b => config_json(Shape { model_type: "llama", layers: 32, hidden: 4096, ffn: 11008, heads: 32, kv_heads: 32, vocab: 32000, tied: false }),
             Preset::Llama3_8b => {
-                let mut c = config_json("llama", 32, 4096, 14336, 32, 8, 128256, false);
+                let mut c = config_json(Shape { model_type: "llama", layers: 32, hidden: 4096, ffn: 14336, heads: 32, kv_heads: 8, vocab: 128256, tied: false });
                 c["rope_theta"] = 500000.0.into();
                 c
             }
-            Preset::Mistral7b => config_json("mistral", 32, 4096, 14336, 32, 8, 32000, false),
+            Preset::Mistral7b => config_json(Shape { model_type: "mistral", layers: 32, hidden: 4096, ffn: 14336, heads: 32, kv_heads: 8, vocab: 32000, tied: false }),
             Preset::Smollm2_135m => {
-                let mut c = config_json("llama", 30, 576, 1536, 9, 3, 49152, true);
+                let mut c = config_json(Shape { model_type: "llama", layers: 30, hidden: 576, ffn: 1536, heads: 9, kv_heads: 3, vocab: 49152, tied: true });
                 c["rope_theta"] = 100000.0.into();
                 c
             }

@@ -124,7 +124,7 @@ pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOption
     if model.cfg.lorap.is_some() {
         return Err(CompressError::AlreadyCompressed(model.dir.display().to_string()).into());
     }
-    if seq_len < 2 || calib.is_empty() || calib.len() % seq_len != 0 {
+    if seq_len < 2 || calib.is_empty() || !calib.len().is_multiple_of(seq_len) {
         return Err(CompressError::BadArgument(format!("calibration must be whole windows of at least 2 tokens ({} tokens, windows of {seq_len})", calib.len())).into());
     }
     Ok(())

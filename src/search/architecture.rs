@@ -134,7 +134,7 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
         let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
             anyhow::bail!("layer {i}: FFN is not dense (search needs the dense model)");
         };
-        let ffn_scores = ffn::channel_scores(gpu, wg, wu, wd, &gpu.upload(&stats.scales[2])?, &stats.scales[3], d, f)?;
+        let ffn_scores = ffn::channel_scores(gpu, [wg, wu, wd], &gpu.upload(&stats.scales[2])?, &stats.scales[3], d)?;
         walker.advance(&dense)?;
         layers.push(LayerLibrary { decs, specs, ffn_scores });
     }
@@ -205,7 +205,6 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
 
 /// Searches per-layer LoRAP settings of `model`: `calib` (whole windows of `seq_len`) is
 /// split into statistics windows and search (scoring) windows, `search_windows` of them.
-#[allow(clippy::too_many_arguments)]
 pub fn search(
     gpu: &std::sync::Arc<Gpu>,
     model: &Model,
@@ -266,7 +265,7 @@ pub fn search(
     for i in 0..n - 1 {
         let lw = LayerWeights::load(gpu, &model.store, cfg, i)?;
         let mut enc = gpu.encoder();
-        let next = forward::layer_forward(gpu, &mut enc, cfg, &lw, &table, &entering[i], search_tokens.len(), seq_len, None)?;
+        let next = forward::layer_forward(gpu, &mut enc, cfg, &lw, &table, forward::Batch { h: &entering[i], tokens: search_tokens.len(), window: seq_len }, None)?;
         gpu.submit(enc);
         entering.push(next);
     }

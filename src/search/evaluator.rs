@@ -34,7 +34,7 @@ pub(crate) fn nll_from(
         gpu.wait()?;
         let t = Instant::now();
         let mut enc = gpu.encoder();
-        cur = forward::layer_forward(&gpu, &mut enc, &cfg, &lw, table, &cur, n, window, None)?;
+        cur = forward::layer_forward(&gpu, &mut enc, &cfg, &lw, table, forward::Batch { h: &cur, tokens: n, window }, None)?;
         gpu.submit(enc);
         gpu.wait()?;
         seconds += t.elapsed().as_secs_f64();

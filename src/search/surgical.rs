@@ -59,7 +59,6 @@ pub struct SurgicalReport {
 /// backwards and gives each the smallest rank on the grid whose perplexity on the search
 /// windows (the last `search_windows` windows of `calib`, never used for statistics) stays
 /// within the allowed bound, or leaves it dense. Returns the plan for `compress --plan`.
-#[allow(clippy::too_many_arguments)]
 pub fn surgical(
     gpu: &std::sync::Arc<Gpu>,
     model: &crate::model::Model,
@@ -110,7 +109,7 @@ pub fn surgical(
         if i + 1 < n {
             walker.advance(&dense)?;
             let mut enc = gpu.encoder();
-            let next = forward::layer_forward(gpu, &mut enc, cfg, &dense, walker.table(), &entering[i], search_tokens.len(), seq_len, None)?;
+            let next = forward::layer_forward(gpu, &mut enc, cfg, &dense, walker.table(), forward::Batch { h: &entering[i], tokens: search_tokens.len(), window: seq_len }, None)?;
             gpu.submit(enc);
             entering.push(next);
         }
