@@ -1,9 +1,9 @@
 //! Column sums of squares (activation statistics, accumulated over row chunks) and
 //! row-wise RMSNorm.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/norms.wgsl");
+const SHADER: &str = include_str!("norms.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -1,8 +1,8 @@
 //! Elementwise kernels: SiLU-gate product (SwiGLU) and addition (residuals).
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/elementwise.wgsl");
+const SHADER: &str = include_str!("elementwise.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -1,8 +1,8 @@
 //! Token negative log-likelihood from logits (log-softmax at the target), row by row.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/loss.wgsl");
+const SHADER: &str = include_str!("loss.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -2,11 +2,11 @@
 //! matrix X^T X accumulated over row chunks; splits any problem whose operands exceed one
 //! storage binding.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/matmul.wgsl");
-const SHADER_NT_VEC4: &str = include_str!("../../shaders/matmul_nt_vec4.wgsl");
-const SHADER_TRANSPOSE: &str = include_str!("../../shaders/transpose.wgsl");
+const SHADER: &str = include_str!("matmul.wgsl");
+const SHADER_NT_VEC4: &str = include_str!("matmul_nt_vec4.wgsl");
+const SHADER_TRANSPOSE: &str = include_str!("transpose.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -235,7 +235,7 @@ pub fn gemm_with(
                 _ => (blk.k0, blk.k1),
             };
             if hi - lo < 2 {
-                return Err(super::context::GpuError::RowTooLarge {
+                return Err(crate::gpu::context::GpuError::RowTooLarge {
                     row_bytes: (a_hi - a_lo).max(b_hi - b_lo).max(c_hi - c_lo) as u64 * 4,
                     limit: gpu.max_binding_bytes(),
                 });

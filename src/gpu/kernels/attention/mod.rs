@@ -1,9 +1,9 @@
 //! Causal softmax attention with grouped KV heads over independent windows (calibration
 //! and evaluation windows never attend across each other). head_dim must be a multiple of 4.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/attention.wgsl");
+const SHADER: &str = include_str!("attention.wgsl");
 /// Largest head dimension the shader's per-invocation accumulators cover.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -43,7 +43,7 @@ pub fn causal_attention(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, s: AttnShape,
     let windows = (gpu.max_binding_elems() / (qd.max(kd) * s.window)).max(1);
     let per = windows * s.window;
     if per * qd > gpu.max_binding_elems() {
-        return Err(super::context::GpuError::RowTooLarge { row_bytes: (s.window * qd * 4) as u64, limit: gpu.max_binding_bytes() });
+        return Err(crate::gpu::context::GpuError::RowTooLarge { row_bytes: (s.window * qd * 4) as u64, limit: gpu.max_binding_bytes() });
     }
     for t0 in (0..s.tokens).step_by(per) {
         let t1 = (t0 + per).min(s.tokens);

@@ -1,9 +1,9 @@
 //! Rotary position embedding (Hugging Face rotate-half layout) with a host-built cos/sin
 //! table, since GPU sin/cos of large arguments is not accurate enough everywhere.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, Result};
 
-const SHADER: &str = include_str!("../../shaders/rope.wgsl");
+const SHADER: &str = include_str!("rope.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
