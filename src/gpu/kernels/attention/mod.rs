@@ -1,9 +1,12 @@
 //! Causal softmax attention with grouped KV heads over independent windows (calibration
 //! and evaluation windows never attend across each other). head_dim must be a multiple of 4.
 
-use crate::gpu::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
-const SHADER: &str = include_str!("attention.wgsl");
+pub mod reference;
+pub use reference::causal_attention_ref;
+
+pub(crate) const SHADER: &str = include_str!("attention.wgsl");
 /// Largest head dimension the shader's per-invocation accumulators cover.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -35,8 +38,8 @@ pub struct AttnShape {
 
 /// o = softmax(q k^T / sqrt(head_dim), causal within each window) v.
 pub fn causal_attention(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, s: AttnShape, q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, o: &GpuBuf) -> Result<()> {
-    assert!(s.head_dim <= MAX_HEAD_DIM && s.head_dim % 4 == 0 && s.n_heads % s.n_kv == 0 && s.tokens % s.window == 0);
-    let pipe = gpu.pipeline("attention", SHADER, "main", &[]);
+    assert!(s.head_dim <= MAX_HEAD_DIM && s.head_dim.is_multiple_of(4) && s.n_heads % s.n_kv == 0 && s.tokens % s.window == 0);
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Attention, "main"));
     let qd = s.n_heads * s.head_dim;
     let kd = s.n_kv * s.head_dim;
     // whole windows per chunk, so every key a query needs is bound
@@ -71,30 +74,37 @@ pub fn causal_attention(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, s: AttnShape,
     Ok(())
 }
 
-/// CPU reference in f64.
-pub fn causal_attention_ref(s: AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let (hd, nh, nkv) = (s.head_dim, s.n_heads, s.n_kv);
-    let group = nh / nkv;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut o = vec![0f64; s.tokens * nh * hd];
-    for t in 0..s.tokens {
-        let w0 = t / s.window * s.window;
-        for h in 0..nh {
-            let kvh = h / group;
-            let qv = &q[t * nh * hd + h * hd..][..hd];
-            let scores: Vec<f64> = (w0..=t)
-                .map(|j| {
-                    let kv = &k[j * nkv * hd + kvh * hd..][..hd];
-                    qv.iter().zip(kv).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale
-                })
-                .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for d in 0..hd {
-                o[t * nh * hd + h * hd + d] = (w0..=t).zip(&e).map(|(j, &p)| p * v[j * nkv * hd + kvh * hd + d] as f64).sum::<f64>() / z;
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    fn attention_case(g: &Gpu, s: AttnShape) {
+        let q = random(s.tokens * s.n_heads * s.head_dim, 10);
+        let k = random(s.tokens * s.n_kv * s.head_dim, 11);
+        let v = random(s.tokens * s.n_kv * s.head_dim, 12);
+        let (gq, gk, gv) = (g.upload(&q).unwrap(), g.upload(&k).unwrap(), g.upload(&v).unwrap());
+        let go = g.alloc(q.len()).unwrap();
+        let mut enc = g.encoder();
+        causal_attention(g, &mut enc, s, &gq, &gk, &gv, &go).unwrap();
+        g.submit(enc);
+        check(&format!("attention {s:?}"), &g.read(&go).unwrap(), &causal_attention_ref(s, &q, &k, &v));
     }
-    o
+
+    #[test]
+    fn attention_matches_reference() {
+        let g = gpu();
+        attention_case(&g, AttnShape { tokens: 1, window: 1, n_heads: 1, n_kv: 1, head_dim: 4 });
+        attention_case(&g, AttnShape { tokens: 12, window: 4, n_heads: 6, n_kv: 2, head_dim: 80 });
+        attention_case(&g, AttnShape { tokens: 30, window: 10, n_heads: 9, n_kv: 3, head_dim: 64 });
+        // windows longer than a key block (256) exercise the online softmax
+        attention_case(&g, AttnShape { tokens: 600, window: 300, n_heads: 4, n_kv: 2, head_dim: 24 });
+        attention_case(&g, AttnShape { tokens: 20, window: 20, n_heads: 2, n_kv: 2, head_dim: 200 });
+    }
+
+    /// Tensors larger than one storage binding: a 4 KiB cap forces chunks of whole windows.
+    #[test]
+    fn tensors_larger_than_a_binding_are_split() {
+        attention_case(&gpu_with_binding(4096), AttnShape { tokens: 24, window: 6, n_heads: 2, n_kv: 1, head_dim: 16 });
+    }
 }

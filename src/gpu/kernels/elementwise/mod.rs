@@ -1,8 +1,11 @@
 //! Elementwise kernels: SiLU-gate product (SwiGLU) and addition (residuals).
 
-use crate::gpu::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
-const SHADER: &str = include_str!("elementwise.wgsl");
+pub mod reference;
+pub use reference::{silu_mul_ref, add_ref, add_bias_ref};
+
+pub(crate) const SHADER: &str = include_str!("elementwise.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -13,8 +16,8 @@ struct Params {
     out_off: u32,
 }
 
-fn binary(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, entry: &str, a: &GpuBuf, b: &GpuBuf, out: &GpuBuf, n: usize) -> Result<()> {
-    let pipe = gpu.pipeline("elementwise", SHADER, entry, &[]);
+fn binary(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, entry: &'static str, a: &GpuBuf, b: &GpuBuf, out: &GpuBuf, n: usize) -> Result<()> {
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Elementwise, entry));
     for (i0, i1) in gpu.row_chunks(n, &[1])? {
         let (wa, wb, wo) = (gpu.window(a, i0, i1 - i0), gpu.window(b, i0, i1 - i0), gpu.window(out, i0, i1 - i0));
         let p = Params { n: (i1 - i0) as u32, a_off: wa.inner_offset, b_off: wb.inner_offset, out_off: wo.inner_offset };
@@ -34,16 +37,6 @@ pub fn add(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, a: &GpuBuf, b: &GpuBuf, ou
     binary(gpu, enc, "add", a, b, out, n)
 }
 
-/// CPU reference of `silu_mul`.
-pub fn silu_mul_ref(gate: &[f32], up: &[f32]) -> Vec<f64> {
-    gate.iter().zip(up).map(|(&g, &u)| (g as f64 / (1.0 + (-(g as f64)).exp())) * u as f64).collect()
-}
-
-/// CPU reference of `add`.
-pub fn add_ref(a: &[f32], b: &[f32]) -> Vec<f64> {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect()
-}
-
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct BiasParams {
@@ -55,7 +48,7 @@ struct BiasParams {
 
 /// x[r, c] += bias[c] in place, x [rows, cols].
 pub fn add_bias(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, bias: &GpuBuf, rows: usize, cols: usize) -> Result<()> {
-    let pipe = gpu.pipeline("elementwise", SHADER, "add_bias", &[]);
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Elementwise, "add_bias"));
     let wb = gpu.window(bias, 0, cols);
     for (r0, r1) in gpu.row_chunks(rows, &[cols])? {
         let wx = gpu.window(x, r0 * cols, (r1 - r0) * cols);
@@ -66,7 +59,49 @@ pub fn add_bias(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, bias: &Gp
     Ok(())
 }
 
-/// CPU reference of `add_bias`.
-pub fn add_bias_ref(x: &[f32], bias: &[f32], cols: usize) -> Vec<f64> {
-    x.iter().enumerate().map(|(i, &v)| v as f64 + bias[i % cols] as f64).collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    fn elementwise_case(g: &Gpu, n: usize) {
+        let a = random(n, 13 + n as u64);
+        let b = random(n, 14 + n as u64);
+        let (ga, gb, go) = (g.upload(&a).unwrap(), g.upload(&b).unwrap(), g.alloc(n).unwrap());
+        let mut enc = g.encoder();
+        silu_mul(g, &mut enc, &ga, &gb, &go, n).unwrap();
+        g.submit(enc);
+        check(&format!("silu_mul {n}"), &g.read(&go).unwrap(), &silu_mul_ref(&a, &b));
+        let mut enc = g.encoder();
+        add(g, &mut enc, &ga, &gb, &go, n).unwrap();
+        g.submit(enc);
+        check(&format!("add {n}"), &g.read(&go).unwrap(), &add_ref(&a, &b));
+    }
+
+    #[test]
+    fn elementwise_matches_reference() {
+        let g = gpu();
+        for n in [1, 255, 257, 10_001] {
+            elementwise_case(&g, n);
+        }
+    }
+
+    /// Tensors larger than one storage binding: a 4 KiB cap forces the chunking.
+    #[test]
+    fn tensors_larger_than_a_binding_are_split() {
+        elementwise_case(&gpu_with_binding(4096), 5000);
+    }
+
+    #[test]
+    fn row_bias_matches_reference() {
+        for (g, rows, cols) in [(gpu(), 1, 1), (gpu(), 13, 77), (gpu_with_binding(4096), 40, 100)] {
+            let x = random(rows * cols, 41);
+            let b = random(cols, 42);
+            let (gx, gb) = (g.upload(&x).unwrap(), g.upload(&b).unwrap());
+            let mut enc = g.encoder();
+            add_bias(&g, &mut enc, &gx, &gb, rows, cols).unwrap();
+            g.submit(enc);
+            check(&format!("add_bias {rows}x{cols}"), &g.read(&gx).unwrap(), &add_bias_ref(&x, &b, cols));
+        }
+    }
 }

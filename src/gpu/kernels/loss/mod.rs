@@ -1,8 +1,11 @@
 //! Token negative log-likelihood from logits (log-softmax at the target), row by row.
 
-use crate::gpu::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
-const SHADER: &str = include_str!("loss.wgsl");
+pub mod reference;
+pub use reference::nll_rows_ref;
+
+pub(crate) const SHADER: &str = include_str!("loss.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -17,7 +20,7 @@ struct Params {
 
 /// nll[r] = logsumexp(logits[r]) - logits[r, targets[r]] for logits [rows, cols].
 pub fn nll_rows(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, logits: &GpuBuf, targets: &GpuBuf, nll: &GpuBuf, rows: usize, cols: usize) -> Result<()> {
-    let pipe = gpu.pipeline("loss", SHADER, "main", &[]);
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Loss, "main"));
     for (r0, r1) in gpu.row_chunks(rows, &[cols])? {
         let wl = gpu.window(logits, r0 * cols, (r1 - r0) * cols);
         let wt = gpu.window(targets, r0, r1 - r0);
@@ -28,14 +31,21 @@ pub fn nll_rows(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, logits: &GpuBuf, targ
     Ok(())
 }
 
-/// CPU reference.
-pub fn nll_rows_ref(logits: &[f32], targets: &[f32], rows: usize, cols: usize) -> Vec<f64> {
-    (0..rows)
-        .map(|r| {
-            let row = &logits[r * cols..(r + 1) * cols];
-            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-            let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-            m + z.ln() - row[targets[r] as usize] as f64
-        })
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    #[test]
+    fn token_nll_matches_reference() {
+        for (g, rows, cols) in [(gpu(), 1, 1), (gpu(), 5, 1000), (gpu(), 33, 49152), (gpu_with_binding(8192), 7, 1500)] {
+            let logits: Vec<f32> = random(rows * cols, 40).iter().map(|x| 8.0 * x).collect();
+            let targets: Vec<f32> = (0..rows).map(|r| ((r * 7919) % cols) as f32).collect();
+            let (gl, gt, gn) = (g.upload(&logits).unwrap(), g.upload(&targets).unwrap(), g.alloc(rows).unwrap());
+            let mut enc = g.encoder();
+            nll_rows(&g, &mut enc, &gl, &gt, &gn, rows, cols).unwrap();
+            g.submit(enc);
+            check(&format!("nll {rows}x{cols}"), &g.read(&gn).unwrap(), &nll_rows_ref(&logits, &targets, rows, cols));
+        }
+    }
 }
