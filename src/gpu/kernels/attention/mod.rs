@@ -38,7 +38,7 @@ pub struct AttnShape {
 
 /// o = softmax(q k^T / sqrt(head_dim), causal within each window) v.
 pub fn causal_attention(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, s: AttnShape, q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, o: &GpuBuf) -> Result<()> {
-    assert!(s.head_dim <= MAX_HEAD_DIM && s.head_dim.is_multiple_of(4) && s.n_heads % s.n_kv == 0 && s.tokens % s.window == 0);
+    assert!(s.head_dim <= MAX_HEAD_DIM && s.head_dim.is_multiple_of(4) && s.n_kv > 0 && s.n_heads.is_multiple_of(s.n_kv) && s.window > 0 && s.tokens.is_multiple_of(s.window));
     let pipe = gpu.pipeline(PipelineKey::new(Shader::Attention, "main"));
     let qd = s.n_heads * s.head_dim;
     let kd = s.n_kv * s.head_dim;
