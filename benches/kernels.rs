@@ -1,5 +1,6 @@
-//! Kernel benchmarks: GFLOP/s and GB/s of each WGSL kernel on the chosen adapter, and each
-//! kernel's rate as a fraction of the matmul rate measured in the same run (the ceiling).
+//! Kernel benchmarks: GFLOP/s and GB/s of each WGSL kernel on the chosen adapter (at least one
+//! row per kernel room under src/gpu/kernels/), and each kernel's rate as a fraction of the
+//! matmul rate measured in the same run (the ceiling).
 //! Criterion cannot report FLOP/s or ratios to an in-run ceiling, so this is a plain
 //! harness: warm-up, then the median of timed repetitions (submit + wait each).
 //!
@@ -7,7 +8,7 @@
 
 use std::time::Instant;
 
-use lorap_gpu::gpu::{attention, elementwise, matmul, norms, Gpu, GpuOptions};
+use lorap_gpu::gpu::{attention, elementwise, loss, matmul, norms, rope, Gpu, GpuOptions};
 
 fn time_median(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut wgpu::CommandEncoder)) -> f64 {
     let run = |record: &mut dyn FnMut(&mut wgpu::CommandEncoder)| {
@@ -77,6 +78,34 @@ fn main() {
     let z = gpu.alloc(tok * d).unwrap();
     let secs = time_median(&gpu, reps, |enc| elementwise::silu_mul(&gpu, enc, &x, &y, &z, tok * d).unwrap());
     rows.push(Row { name: format!("silu_mul {}", tok * d), secs, flops: 6.0 * (tok * d) as f64, bytes: 12.0 * (tok * d) as f64 });
+    let sum = gpu.alloc(tok * d).unwrap();
+    let secs = time_median(&gpu, reps, |enc| elementwise::add(&gpu, enc, &x, &y, &sum, tok * d).unwrap());
+    rows.push(Row { name: format!("add {}", tok * d), secs, flops: (tok * d) as f64, bytes: 12.0 * (tok * d) as f64 });
+    let secs = time_median(&gpu, reps, |enc| elementwise::add_bias(&gpu, enc, &sum, &w, tok, d).unwrap());
+    rows.push(Row { name: format!("add_bias {tok}x{d}"), secs, flops: (tok * d) as f64, bytes: 4.0 * (2 * tok * d + d) as f64 });
+    let scores = gpu.alloc(tok).unwrap();
+    let secs = time_median(&gpu, reps, |enc| norms::row_scaled_norms(&gpu, enc, &x, &w, &scores, tok, d).unwrap());
+    rows.push(Row { name: format!("row_scaled_norms {tok}x{d}"), secs, flops: 3.0 * (tok * d) as f64, bytes: 4.0 * (tok * d + d + tok) as f64 });
+    // the vec4 path's operand copy (a pure copy: GB/s only), as many rows as one binding takes
+    let t_rows = tok.min(gpu.max_binding_elems() / d);
+    if matmul::transpose_fits(&gpu, d, t_rows, d) {
+        let secs = time_median(&gpu, reps, |enc| drop(matmul::transpose(&gpu, enc, &x, 0, d, t_rows, d).unwrap()));
+        rows.push(Row { name: format!("transpose {t_rows}x{d}"), secs, flops: 0.0, bytes: 8.0 * (t_rows * d) as f64 });
+    }
+    // rotary embedding in place over [tok, heads x hd], positions t % window
+    let rope_hd = if is_cpu || quick { 64 } else { 128 };
+    let rope_window = tok.min(2048);
+    let table = rope::RopeTable::new(&gpu, rope_window, rope_hd, 10000.0).unwrap();
+    let rx = filled(&gpu, tok * d);
+    let secs = time_median(&gpu, reps, |enc| rope::apply(&gpu, enc, &rx, tok, d / rope_hd, rope_window, &table).unwrap());
+    rows.push(Row { name: format!("rope {tok} tok x {} heads x {rope_hd}", d / rope_hd), secs, flops: 3.0 * (tok * d) as f64, bytes: 8.0 * (tok * d) as f64 + 4.0 * table.buf.len as f64 });
+    // token NLL over a vocabulary-wide logits matrix
+    let (nll_rows, vocab) = if is_cpu || quick { (256, 49152) } else { (2048, 32000) };
+    let logits = filled(&gpu, nll_rows * vocab);
+    let targets: Vec<f32> = (0..nll_rows).map(|r| ((r * 7919) % vocab) as f32).collect();
+    let (targets, nll) = (gpu.upload(&targets).unwrap(), gpu.alloc(nll_rows).unwrap());
+    let secs = time_median(&gpu, reps, |enc| loss::nll_rows(&gpu, enc, &logits, &targets, &nll, nll_rows, vocab).unwrap());
+    rows.push(Row { name: format!("nll_rows {nll_rows}x{vocab}"), secs, flops: 4.0 * (nll_rows * vocab) as f64, bytes: 4.0 * (nll_rows * vocab + 2 * nll_rows) as f64 });
 
     let (window, nh, nkv, hd) = if is_cpu || quick { (256, 9, 3, 64) } else { (2048, 32, 8, 128) };
     let t = window * 2;

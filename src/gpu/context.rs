@@ -1,14 +1,21 @@
-//! GPU context: adapter choice, device with the adapter's real limits, pipeline cache,
-//! buffer pool, uploads/readbacks and the binding-window helper that lets kernels work on
-//! tensors larger than one storage binding.
+//! GPU context room: adapter choice, device with the adapter's real limits, environment
+//! knobs (read once here), the typed pipeline cache, the buffer pool, the per-encoder uniform
+//! ring, uploads/readbacks and the binding-window helper that lets kernels work on tensors
+//! larger than one storage binding.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
+
+pub use super::kernels::Shader;
+use super::kernels::matmul::NtKernel;
 
 /// Environment variable naming the adapter (substring of its name, or its index).
 pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
 /// Environment variable capping the storage-binding size in bytes (testing, debugging).
 pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
+/// Environment variable forcing the A B^T matmul kernel (`tiled` or `vec4`; comparisons).
+pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -239,6 +246,132 @@ pub struct BindWindow<'a> {
     pub inner_offset: u32,
 }
 
+/// Identifies one compute pipeline: the WGSL module, the entry point and the values of its
+/// pipeline-overridable constants. Every distinct key is compiled once and cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub shader: Shader,
+    pub entry: &'static str,
+    /// `override` constants by name (bools as 0/1), handed to the compiler as f64.
+    pub constants: &'static [(&'static str, u32)],
+}
+
+impl PipelineKey {
+    /// The key of an entry point without override constants.
+    pub const fn new(shader: Shader, entry: &'static str) -> Self {
+        PipelineKey { shader, entry, constants: &[] }
+    }
+}
+
+/// A compiled pipeline with the bind-group layout of its group 0, fetched once.
+pub struct Pipeline {
+    pub key: PipelineKey,
+    pub compute: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+#[derive(Default)]
+struct PipelineCache {
+    modules: HashMap<Shader, wgpu::ShaderModule>,
+    pipelines: HashMap<PipelineKey, Arc<Pipeline>>,
+}
+
+/// Bytes of one uniform-ring chunk (256 dispatch slots at the usual 256-byte alignment).
+const UNIFORM_CHUNK: u64 = 64 << 10;
+/// Idle chunks kept for reuse; more are released.
+const UNIFORM_IDLE_CHUNKS: usize = 64;
+/// Encoders tracked at once; past it the ring forgets the others' chunks (which is always
+/// safe: a forgotten chunk is never reused, and recorded commands keep it alive).
+const UNIFORM_MAX_OPEN: usize = 64;
+
+/// Identity of a command encoder: the bytes its `Hash` writes (wgpu hashes the encoder's
+/// id, unique among live encoders), kept exactly so two encoders never share a key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct EncoderKey(Vec<u8>);
+
+impl EncoderKey {
+    fn of(enc: &wgpu::CommandEncoder) -> Self {
+        struct Bytes(Vec<u8>);
+        impl Hasher for Bytes {
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.extend_from_slice(bytes);
+            }
+            fn finish(&self) -> u64 {
+                0
+            }
+        }
+        let mut h = Bytes(Vec::with_capacity(16));
+        enc.hash(&mut h);
+        EncoderKey(h.0)
+    }
+}
+
+/// The chunks one open encoder's dispatches took their uniform slots from.
+struct OpenChunks {
+    full: Vec<wgpu::Buffer>,
+    current: wgpu::Buffer,
+    used: u64,
+}
+
+/// Uniform parameters of every dispatch live in slots of shared 64 KiB chunks instead of a
+/// buffer per dispatch. Each dispatch gets its own slot (offsets aligned to
+/// `min_uniform_buffer_offset_alignment`), written with `queue.write_buffer` at record time.
+/// A chunk returns to the free list only after the encoder that used it is submitted through
+/// `Gpu::submit`: a later write to a reused slot then runs after that submission's commands
+/// on the queue, while any slot still named by an unsubmitted encoder is never rewritten
+/// (writes are staged until the next submit of any encoder, so reusing those would let a new
+/// value overtake the commands that read the old one).
+#[derive(Default)]
+struct UniformRing {
+    free: Vec<wgpu::Buffer>,
+    open: HashMap<EncoderKey, OpenChunks>,
+}
+
+impl UniformRing {
+    fn new_chunk(free: &mut Vec<wgpu::Buffer>, device: &wgpu::Device) -> wgpu::Buffer {
+        free.pop().unwrap_or_else(|| {
+            // not create_buffer_init: it panics when the device is lost; write_buffer
+            // reports through the error handler instead, and `wait` turns that into an error
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params ring"),
+                size: UNIFORM_CHUNK,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// A fresh slot of `size` bytes for a dispatch recorded into the encoder `key`.
+    fn slot(&mut self, device: &wgpu::Device, key: EncoderKey, size: u64, align: u64) -> (wgpu::Buffer, u64) {
+        assert!(size <= UNIFORM_CHUNK, "uniform parameters of {size} bytes exceed a ring chunk");
+        if !self.open.contains_key(&key) && self.open.len() >= UNIFORM_MAX_OPEN {
+            // encoders dropped unsubmitted (error paths) leave entries behind: forget them
+            self.open.clear();
+        }
+        let free = &mut self.free;
+        let oc = self.open.entry(key).or_insert_with(|| OpenChunks { full: Vec::new(), current: Self::new_chunk(free, device), used: 0 });
+        if oc.used + size > UNIFORM_CHUNK {
+            let next = Self::new_chunk(free, device);
+            oc.full.push(std::mem::replace(&mut oc.current, next));
+            oc.used = 0;
+        }
+        let offset = oc.used;
+        oc.used = (offset + size).next_multiple_of(align);
+        (oc.current.clone(), offset)
+    }
+
+    /// The encoder `key` was submitted: its chunks may take new slots from now on.
+    fn submitted(&mut self, key: &EncoderKey) {
+        if let Some(oc) = self.open.remove(key) {
+            for b in oc.full.into_iter().chain([oc.current]) {
+                if self.free.len() < UNIFORM_IDLE_CHUNKS {
+                    self.free.push(b);
+                }
+            }
+        }
+    }
+}
+
 /// The device, its queue, and the shared caches.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -248,8 +381,10 @@ pub struct Gpu {
     pub features: wgpu::Features,
     /// Effective storage-binding limit in bytes (adapter's, or lower if forced).
     max_binding: u64,
-    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
-    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    /// The A B^T matmul kernel for this adapter (`LORAP_NT_KERNEL` read once, at `new`).
+    nt_kernel: NtKernel,
+    pipelines: Mutex<PipelineCache>,
+    uniforms: Mutex<UniformRing>,
     pool: Arc<BufferPool>,
     /// First error the device reported outside our control flow (OOM, validation, loss):
     /// wgpu's default handler would panic, so it is parked here and returned by `wait`.
@@ -304,7 +439,12 @@ impl Gpu {
         let cap = opts.max_binding.or(env_cap);
         let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = cap.map_or(adapter_binding, |c| c.min(adapter_binding)).max(256);
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, "GPU ready");
+        let nt_kernel = match std::env::var(NT_KERNEL_ENV).as_deref() {
+            Ok("tiled") => NtKernel::Tiled,
+            Ok("vec4") => NtKernel::Vec4,
+            _ => NtKernel::for_device(info.device_type),
+        };
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -312,12 +452,18 @@ impl Gpu {
             limits,
             features,
             max_binding,
-            pipelines: Mutex::new(HashMap::new()),
-            modules: Mutex::new(HashMap::new()),
+            nt_kernel,
+            pipelines: Mutex::new(PipelineCache::default()),
+            uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
             device_error,
             budget: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// The kernel `gemm` runs A B^T products with on this adapter (chosen at `new`).
+    pub fn nt_kernel(&self) -> NtKernel {
+        self.nt_kernel
     }
 
     /// Effective storage binding limit in bytes.
@@ -491,9 +637,13 @@ impl Gpu {
         self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
     }
 
+    /// Submits an encoder; buffers released and uniform slots it used become reusable.
     pub fn submit(&self, enc: wgpu::CommandEncoder) {
+        let key = EncoderKey::of(&enc);
         self.queue.submit([enc.finish()]);
         self.pool.submitted();
+        // only after the submit: a write staged before it would run ahead of these commands
+        self.uniforms.lock().unwrap().submitted(&key);
     }
 
     /// Blocks until all submitted work finished.
@@ -503,39 +653,37 @@ impl Gpu {
         polled.map_err(|e| GpuError::Device(e.to_string()))
     }
 
-    /// Compute pipeline for (shader, entry point, override constants), compiled once.
-    pub fn pipeline(
-        &self,
-        shader_name: &'static str,
-        source: &'static str,
-        entry: &str,
-        constants: &[(&str, f64)],
-    ) -> Arc<wgpu::ComputePipeline> {
-        let key = format!("{shader_name}:{entry}:{constants:?}");
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+    /// The compute pipeline for `key`, compiled (with its shader module) on first use only.
+    pub fn pipeline(&self, key: PipelineKey) -> Arc<Pipeline> {
+        let mut cache = self.pipelines.lock().unwrap();
+        if let Some(p) = cache.pipelines.get(&key) {
             return p.clone();
         }
-        let module = {
-            let mut m = self.modules.lock().unwrap();
-            m.entry(shader_name)
-                .or_insert_with(|| {
-                    Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(shader_name),
-                        source: wgpu::ShaderSource::Wgsl(source.into()),
-                    }))
-                })
-                .clone()
-        };
-        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&key),
+        let module = cache.modules.entry(key.shader).or_insert_with(|| {
+            self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key.shader.name()),
+                source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
+            })
+        });
+        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(name, v)| (name, v as f64)).collect();
+        let label = format!("{}:{}:{:?}", key.shader.name(), key.entry, key.constants);
+        let compute = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
             layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: false },
+            module,
+            entry_point: Some(key.entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
             cache: None,
-        }));
-        self.pipelines.lock().unwrap().insert(key, p.clone());
+        });
+        let layout = compute.get_bind_group_layout(0);
+        let p = Arc::new(Pipeline { key, compute, layout });
+        cache.pipelines.insert(key, p.clone());
         p
+    }
+
+    /// Pipelines compiled so far.
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.lock().unwrap().pipelines.len()
     }
 
     /// Binds elements [first, first+count) of `buf`: the byte offset is aligned down to
@@ -553,12 +701,12 @@ impl Gpu {
         }
     }
 
-    /// Records one dispatch: `params` goes to binding 0 as a uniform, `storage` to
-    /// bindings 1.. in order.
+    /// Records one dispatch: `params` goes to binding 0 as a uniform (its own slot of the
+    /// uniform ring), `storage` to bindings 1.. in order.
     pub fn dispatch(
         &self,
         enc: &mut wgpu::CommandEncoder,
-        pipeline: &wgpu::ComputePipeline,
+        pipeline: &Pipeline,
         params: &[u8],
         storage: &[wgpu::BufferBinding<'_>],
         groups: (u32, u32, u32),
@@ -566,26 +714,22 @@ impl Gpu {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
         }
-        // not create_buffer_init: it panics when the device is lost; write_buffer reports
-        // through the error handler instead, and `wait` turns that into an error
-        let uniform = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("params"),
-            size: (params.len() as u64).next_multiple_of(16).max(16),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.queue.write_buffer(&uniform, 0, params);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let size = (params.len() as u64).next_multiple_of(16).max(16);
+        let align = (self.limits.min_uniform_buffer_offset_alignment as u64).max(16);
+        let (uniform, offset) = self.uniforms.lock().unwrap().slot(&self.device, EncoderKey::of(enc), size, align);
+        self.queue.write_buffer(&uniform, offset, params);
+        let binding = wgpu::BufferBinding { buffer: &uniform, offset, size: std::num::NonZeroU64::new(size) };
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(binding) }];
         for (i, b) in storage.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: wgpu::BindingResource::Buffer(b.clone()) });
         }
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &pipeline.layout,
             entries: &entries,
         });
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-        pass.set_pipeline(pipeline);
+        pass.set_pipeline(&pipeline.compute);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
     }
@@ -611,5 +755,91 @@ impl Gpu {
         }
         let per = (cap / widest).max(1);
         Ok((0..rows).step_by(per).map(|r0| (r0, (r0 + per).min(rows))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::elementwise::{add_bias, add_bias_ref};
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    #[test]
+    fn f16_and_bf16_uploads_convert_to_f32() {
+        let g = gpu();
+        let x = random(1000, 30);
+        let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let gh = g.read(&g.upload_f16(&h).unwrap()).unwrap();
+        let gb = g.read(&g.upload_bf16(&b).unwrap()).unwrap();
+        assert!(gh.iter().zip(&h).all(|(a, b)| *a == b.to_f32()));
+        assert!(gb.iter().zip(&b).all(|(a, b)| *a == b.to_f32()));
+    }
+
+    /// Hundreds of dispatches with different parameters share one encoder (several ring
+    /// chunks), while other encoders are submitted in between (`zeros`, a second encoder,
+    /// a readback): every dispatch must still see its own parameters.
+    #[test]
+    fn uniform_slots_stay_distinct_across_interleaved_submits() {
+        let g = gpu_with_binding(1 << 20);
+        let bias = random(13, 1);
+        let gbias = g.upload(&bias).unwrap();
+        let shape = |i: usize| (1 + i % 7, 1 + i % 13);
+        let data: Vec<Vec<f32>> = (0..700).map(|i| random(shape(i).0 * shape(i).1, 100 + i as u64)).collect();
+        let bufs: Vec<GpuBuf> = data.iter().map(|d| g.upload(d).unwrap()).collect();
+        let mut main = g.encoder();
+        let mut side = g.encoder();
+        for (i, b) in bufs.iter().enumerate() {
+            let (rows, cols) = shape(i);
+            // odd ones go to the side encoder, submitted every 50 dispatches
+            let enc = if i % 2 == 0 { &mut main } else { &mut side };
+            add_bias(&g, enc, b, &gbias, rows, cols).unwrap();
+            if i % 50 == 49 {
+                g.submit(std::mem::replace(&mut side, g.encoder()));
+                let _ = g.zeros(16).unwrap();
+            }
+            if i == 333 {
+                let _ = g.read(&gbias).unwrap();
+            }
+        }
+        g.submit(side);
+        g.submit(main);
+        for (i, (b, d)) in bufs.iter().zip(&data).enumerate() {
+            let (_, cols) = shape(i);
+            check(&format!("dispatch {i}"), &g.read(b).unwrap(), &add_bias_ref(d, &bias[..cols], cols));
+        }
+    }
+
+    /// An encoder dropped unsubmitted (an error path) leaves the ring usable.
+    #[test]
+    fn dropped_encoders_do_not_break_the_ring() {
+        let g = gpu_with_binding(1 << 20);
+        let bias = random(5, 2);
+        let gbias = g.upload(&bias).unwrap();
+        let scratch = g.zeros(5).unwrap();
+        for _ in 0..(UNIFORM_MAX_OPEN + 5) {
+            let mut enc = g.encoder();
+            add_bias(&g, &mut enc, &scratch, &gbias, 1, 5).unwrap();
+            drop(enc);
+        }
+        let x = random(20, 3);
+        let gx = g.upload(&x).unwrap();
+        let mut enc = g.encoder();
+        add_bias(&g, &mut enc, &gx, &gbias, 4, 5).unwrap();
+        g.submit(enc);
+        check("after dropped encoders", &g.read(&gx).unwrap(), &add_bias_ref(&x, &bias, 5));
+        assert!(g.uniforms.lock().unwrap().open.len() <= UNIFORM_MAX_OPEN);
+    }
+
+    #[test]
+    fn pipelines_compile_once_per_key() {
+        let g = gpu_with_binding(1 << 20);
+        let k = PipelineKey::new(Shader::Elementwise, "add");
+        let a = g.pipeline(k);
+        let b = g.pipeline(k);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(g.pipeline_count(), 1);
+        g.pipeline(PipelineKey::new(Shader::Elementwise, "silu_mul"));
+        assert_eq!(g.pipeline_count(), 2);
     }
 }

@@ -1,13 +1,11 @@
-//! GPU layer: device/context, buffers, pipeline cache, and one module per kernel family
-//! (each paired with a CPU f64 reference used by the tests).
+//! GPU layer: the device/context room (buffers, pipeline cache, uniform ring) and one room
+//! per kernel family under `kernels/` (wrapper, WGSL, f64 CPU reference, unit tests).
 
-pub mod attention;
 pub mod context;
-pub mod elementwise;
-pub mod loss;
-pub mod matmul;
-pub mod norms;
-pub mod rope;
+pub mod kernels;
+
+// The kernel families keep their old public paths (`gpu::matmul`, `gpu::norms`, ...).
+pub use kernels::{attention, elementwise, loss, matmul, norms, rope};
 
 pub use context::{list_adapters, Gpu, GpuBuf, GpuError, GpuOptions};
 

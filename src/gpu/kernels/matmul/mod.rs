@@ -2,11 +2,14 @@
 //! matrix X^T X accumulated over row chunks; splits any problem whose operands exceed one
 //! storage binding.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
-const SHADER: &str = include_str!("../../shaders/matmul.wgsl");
-const SHADER_NT_VEC4: &str = include_str!("../../shaders/matmul_nt_vec4.wgsl");
-const SHADER_TRANSPOSE: &str = include_str!("../../shaders/transpose.wgsl");
+pub mod reference;
+pub use reference::{transpose_ref, matmul_ref, matmul_nt_ref, gram_ref};
+
+pub(crate) const SHADER: &str = include_str!("matmul.wgsl");
+pub(crate) const SHADER_NT_VEC4: &str = include_str!("matmul_nt_vec4.wgsl");
+pub(crate) const SHADER_TRANSPOSE: &str = include_str!("transpose.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -33,7 +36,7 @@ pub fn transpose(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, src: &GpuBuf, offset
     let ws = gpu.window(src, offset, (rows - 1) * ld + cols);
     let wd = gpu.window(&dst, 0, rows * cols);
     let p = TransposeParams { rows: rows as u32, cols: cols as u32, ld_in: ld as u32, in_off: ws.inner_offset, out_off: wd.inner_offset, _pad: [0; 3] };
-    let pipe = gpu.pipeline("transpose", SHADER_TRANSPOSE, "main", &[]);
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Transpose, "main"));
     gpu.dispatch(enc, &pipe, bytemuck::bytes_of(&p), &[ws.binding, wd.binding], (cols.div_ceil(16) as u32, rows.div_ceil(16) as u32, 1));
     Ok(dst)
 }
@@ -42,17 +45,6 @@ pub fn transpose(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, src: &GpuBuf, offset
 pub fn transpose_fits(gpu: &Gpu, ld: usize, rows: usize, cols: usize) -> bool {
     let cap = gpu.max_binding_elems();
     rows > 0 && cols > 0 && rows <= TRANSPOSE_MAX_SIDE && cols <= TRANSPOSE_MAX_SIDE && (rows - 1) * ld + cols <= cap && rows * cols <= cap
-}
-
-/// CPU reference of `transpose`.
-pub fn transpose_ref(src: &[f32], offset: usize, ld: usize, rows: usize, cols: usize) -> Vec<f64> {
-    let mut out = vec![0f64; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = src[offset + r * ld + c] as f64;
-        }
-    }
-    out
 }
 
 /// Which kernel runs A B^T products.
@@ -64,13 +56,30 @@ pub enum NtKernel {
     Vec4,
 }
 
-/// The kernel `gemm` uses for A B^T on this adapter (`LORAP_NT_KERNEL=tiled|vec4` overrides).
+impl NtKernel {
+    /// The default for a device type: vec4 on CPU drivers, tiled elsewhere.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        if device_type == wgpu::DeviceType::Cpu {
+            NtKernel::Vec4
+        } else {
+            NtKernel::Tiled
+        }
+    }
+}
+
+/// The kernel `gemm` uses for A B^T on this adapter (`LORAP_NT_KERNEL=tiled|vec4`, read
+/// once when the `Gpu` is opened, overrides).
 pub fn nt_kernel(gpu: &Gpu) -> NtKernel {
-    match std::env::var("LORAP_NT_KERNEL").as_deref() {
-        Ok("tiled") => NtKernel::Tiled,
-        Ok("vec4") => NtKernel::Vec4,
-        _ if gpu.info.device_type == wgpu::DeviceType::Cpu => NtKernel::Vec4,
-        _ => NtKernel::Tiled,
+    gpu.nt_kernel()
+}
+
+/// The tiled shader's override constants for an operand layout (bools as 0/1).
+fn trans_constants(trans_a: bool, trans_b: bool) -> &'static [(&'static str, u32)] {
+    match (trans_a, trans_b) {
+        (false, false) => &[("TRANS_A", 0), ("TRANS_B", 0)],
+        (true, false) => &[("TRANS_A", 1), ("TRANS_B", 0)],
+        (false, true) => &[("TRANS_A", 0), ("TRANS_B", 1)],
+        (true, true) => &[("TRANS_A", 1), ("TRANS_B", 1)],
     }
 }
 
@@ -171,7 +180,7 @@ pub fn gemm_with(
     }
     // On CPU adapters the A B^T kernel is ~4x faster than the tiled one: other layouts
     // get their transposed operand copied once (O(size), cheap next to the product).
-    if nt == NtKernel::Vec4 && (a.trans || !b.trans) && shape.k % 4 == 0 {
+    if nt == NtKernel::Vec4 && (a.trans || !b.trans) && shape.k.is_multiple_of(4) {
         let (k, m, n) = (shape.k, shape.m, shape.n);
         let same = a.trans && !b.trans && std::ptr::eq(a.buf, b.buf) && a.offset == b.offset && a.ld == b.ld && m == n;
         let a_ok = !a.trans || transpose_fits(gpu, a.ld, k, m);
@@ -193,16 +202,16 @@ pub fn gemm_with(
     let vec4 = nt == NtKernel::Vec4
         && !a.trans
         && b.trans
-        && shape.k % 4 == 0
-        && a.ld % 4 == 0
-        && b.ld % 4 == 0
-        && a.offset % 4 == 0
-        && b.offset % 4 == 0
-        && gpu.limits.min_storage_buffer_offset_alignment % 16 == 0;
+        && shape.k.is_multiple_of(4)
+        && a.ld.is_multiple_of(4)
+        && b.ld.is_multiple_of(4)
+        && a.offset.is_multiple_of(4)
+        && b.offset.is_multiple_of(4)
+        && gpu.limits.min_storage_buffer_offset_alignment.is_multiple_of(16);
     let pipe = if vec4 {
-        gpu.pipeline("matmul_nt_vec4", SHADER_NT_VEC4, "main", &[])
+        gpu.pipeline(PipelineKey::new(Shader::MatmulNtVec4, "main"))
     } else {
-        gpu.pipeline("matmul", SHADER, "main", &[("TRANS_A", a.trans as u32 as f64), ("TRANS_B", b.trans as u32 as f64)])
+        gpu.pipeline(PipelineKey { shader: Shader::Matmul, entry: "main", constants: trans_constants(a.trans, b.trans) })
     };
     let cap = gpu.max_binding_elems();
     let mut stack = vec![(Block { m0: 0, m1: shape.m, n0: 0, n1: shape.n, k0: 0, k1: shape.k.max(1) }, beta)];
@@ -235,7 +244,7 @@ pub fn gemm_with(
                 _ => (blk.k0, blk.k1),
             };
             if hi - lo < 2 {
-                return Err(super::context::GpuError::RowTooLarge {
+                return Err(crate::gpu::context::GpuError::RowTooLarge {
                     row_bytes: (a_hi - a_lo).max(b_hi - b_lo).max(c_hi - c_lo) as u64 * 4,
                     limit: gpu.max_binding_bytes(),
                 });
@@ -325,45 +334,166 @@ pub fn gram_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, ro
     )
 }
 
-/// CPU reference: C = A B, f64 accumulation, A [m,k], B [k,n].
-pub fn matmul_ref(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut c = vec![0f64; m * n];
-    for i in 0..m {
-        for p in 0..k {
-            let av = a[i * k + p] as f64;
-            let row = &b[p * n..(p + 1) * n];
-            for (cv, &bv) in c[i * n..(i + 1) * n].iter_mut().zip(row) {
-                *cv += av * bv as f64;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    fn matmul_case(g: &Gpu, m: usize, k: usize, n: usize) {
+        let a = random(m * k, 1 + m as u64);
+        let b = random(k * n, 2 + n as u64);
+        let (ga, gb) = (g.upload(&a).unwrap(), g.upload(&b).unwrap());
+        let mut enc = g.encoder();
+        let c = matmul(g, &mut enc, &ga, &gb, m, k, n).unwrap();
+        g.submit(enc);
+        check(&format!("matmul {m}x{k}x{n}"), &g.read(&c).unwrap(), &matmul_ref(&a, &b, m, k, n));
+    }
+
+    fn matmul_nt_case(g: &Gpu, m: usize, k: usize, n: usize) {
+        let x = random(m * k, 3 + k as u64);
+        let w = random(n * k, 4 + m as u64);
+        let (gx, gw) = (g.upload(&x).unwrap(), g.upload(&w).unwrap());
+        let mut enc = g.encoder();
+        let y = matmul_nt(g, &mut enc, &gx, &gw, m, k, n).unwrap();
+        g.submit(enc);
+        check(&format!("matmul_nt {m}x{k}x{n}"), &g.read(&y).unwrap(), &matmul_nt_ref(&x, &w, m, k, n));
+    }
+
+    fn gram_case(g: &Gpu, chunks: &[usize], cols: usize) {
+        let total: usize = chunks.iter().sum();
+        let x = random(total * cols, 5 + cols as u64);
+        let gg = g.zeros(cols * cols).unwrap();
+        let mut r0 = 0;
+        for &rows in chunks {
+            let part = g.upload(&x[r0 * cols..(r0 + rows) * cols]).unwrap();
+            let mut enc = g.encoder();
+            gram_accumulate(g, &mut enc, &part, rows, cols, &gg).unwrap();
+            g.submit(enc);
+            r0 += rows;
+        }
+        check(&format!("gram {chunks:?}x{cols}"), &g.read(&gg).unwrap(), &gram_ref(&x, total, cols));
+    }
+
+    #[test]
+    fn matmul_matches_reference() {
+        let g = gpu();
+        for (m, k, n) in [(1, 1, 1), (7, 13, 5), (64, 64, 64), (65, 129, 33), (130, 70, 257), (3, 500, 2)] {
+            matmul_case(&g, m, k, n);
+        }
+    }
+
+    #[test]
+    fn matmul_transposed_matches_reference() {
+        let g = gpu();
+        for (m, k, n) in [(1, 1, 1), (9, 17, 31), (100, 576, 192), (129, 65, 64)] {
+            matmul_nt_case(&g, m, k, n);
+        }
+    }
+
+    #[test]
+    fn matmul_alpha_beta_accumulates() {
+        let g = gpu();
+        let (m, k, n) = (37, 45, 29);
+        let (a, b, c0) = (random(m * k, 20), random(k * n, 21), random(m * n, 22));
+        let (ga, gb, gc) = (g.upload(&a).unwrap(), g.upload(&b).unwrap(), g.upload(&c0).unwrap());
+        let mut enc = g.encoder();
+        gemm(&g, &mut enc, GemmShape { m, n, k }, Operand::new(&ga, k), Operand::new(&gb, n), &gc, 0, n, 0.5, -2.0).unwrap();
+        g.submit(enc);
+        let ab = matmul_ref(&a, &b, m, k, n);
+        let want: Vec<f64> = ab.iter().zip(&c0).map(|(&x, &c)| 0.5 * x - 2.0 * c as f64).collect();
+        check("gemm alpha/beta", &g.read(&gc).unwrap(), &want);
+    }
+
+    #[test]
+    fn gram_accumulates_over_row_chunks() {
+        let g = gpu();
+        gram_case(&g, &[1], 1);
+        gram_case(&g, &[50, 3, 77], 45);
+        gram_case(&g, &[128, 128, 1], 200);
+    }
+
+    /// Operands larger than one storage binding: a 4 KiB cap forces every product to split.
+    #[test]
+    fn products_larger_than_a_binding_are_split() {
+        let g = gpu_with_binding(4096);
+        assert_eq!(g.max_binding_bytes(), 4096);
+        matmul_case(&g, 70, 50, 40);
+        matmul_nt_case(&g, 33, 100, 70);
+        gram_case(&g, &[60, 41], 30);
+    }
+
+    /// Both A B^T kernels (tiled for GPUs, vec4 for CPU drivers), including shapes where the
+    /// vec4 kernel must fall back (K not a multiple of 4) and offsets inside a buffer.
+    #[test]
+    fn both_nt_kernels_match_reference() {
+        for g in [gpu(), gpu_with_binding(8192)] {
+            for nt in [NtKernel::Tiled, NtKernel::Vec4] {
+                for (m, k, n) in [(1, 4, 1), (5, 8, 3), (37, 64, 29), (70, 576, 33), (9, 13, 7), (130, 100, 65)] {
+                    let x = random(m * k + 8, 60 + k as u64);
+                    let w = random(n * k, 61 + n as u64);
+                    let (gx, gw, gy) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.alloc(m * n).unwrap());
+                    let mut enc = g.encoder();
+                    // A starts 8 elements into its buffer
+                    let a = Operand { buf: &gx, offset: 8, ld: k, trans: false };
+                    gemm_with(&g, &mut enc, GemmShape { m, n, k }, a, Operand::new(&gw, k).t(), &gy, 0, n, 1.0, 0.0, nt).unwrap();
+                    g.submit(enc);
+                    check(&format!("{nt:?} {m}x{k}x{n}"), &g.read(&gy).unwrap(), &matmul_nt_ref(&x[8..], &w, m, k, n));
+                }
             }
         }
     }
-    c
-}
 
-/// CPU reference: Y = X W^T, X [m,k], W [n,k].
-pub fn matmul_nt_ref(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut y = vec![0f64; m * n];
-    for i in 0..m {
-        let xr = &x[i * k..(i + 1) * k];
-        for j in 0..n {
-            let wr = &w[j * k..(j + 1) * k];
-            y[i * n + j] = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
-        }
-    }
-    y
-}
-
-/// CPU reference: X^T X for X [rows, cols].
-pub fn gram_ref(x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
-    let mut g = vec![0f64; cols * cols];
-    for r in 0..rows {
-        let xr = &x[r * cols..(r + 1) * cols];
-        for i in 0..cols {
-            let xi = xr[i] as f64;
-            for j in 0..cols {
-                g[i * cols + j] += xi * xr[j] as f64;
+    /// Transpose against its reference, and every operand layout through the vec4 path (which
+    /// transposes NN / TN / NT-less operands first), at awkward shapes, with offsets, and with
+    /// a small binding cap (where the copies do not fit and the tiled kernel takes over).
+    #[test]
+    fn transpose_and_vec4_layouts_match_reference() {
+        for g in [gpu(), gpu_with_binding(8192)] {
+            for (rows, cols, ld) in [(1, 1, 1), (3, 17, 20), (64, 48, 48), (100, 7, 9)] {
+                let src = random(5 + rows * ld, 90 + rows as u64);
+                let gs = g.upload(&src).unwrap();
+                let mut enc = g.encoder();
+                if transpose_fits(&g, ld, rows, cols) {
+                    let t = transpose(&g, &mut enc, &gs, 5, ld, rows, cols).unwrap();
+                    g.submit(enc);
+                    check(&format!("transpose {rows}x{cols} ld {ld}"), &g.read(&t).unwrap(), &transpose_ref(&src, 5, ld, rows, cols));
+                }
+            }
+            for (m, k, n) in [(5, 8, 3), (37, 64, 29), (70, 96, 33), (9, 13, 7)] {
+                for (ta, tb) in [(false, false), (true, false), (true, true), (false, true)] {
+                    let a = random(m * k, 70 + m as u64);
+                    let b = random(k * n, 71 + n as u64);
+                    // store each operand as the layout says: transposed means [cols, rows] in memory
+                    let store = |v: &[f32], r: usize, c: usize, t: bool| if t { transpose_ref(v, 0, c, r, c).iter().map(|&x| x as f32).collect() } else { v.to_vec() };
+                    let (ga, gb) = (g.upload(&store(&a, m, k, ta)).unwrap(), g.upload(&store(&b, k, n, tb)).unwrap());
+                    let gc = g.alloc(m * n).unwrap();
+                    let mut enc = g.encoder();
+                    let oa = Operand { buf: &ga, offset: 0, ld: if ta { m } else { k }, trans: ta };
+                    let ob = Operand { buf: &gb, offset: 0, ld: if tb { k } else { n }, trans: tb };
+                    gemm_with(&g, &mut enc, GemmShape { m, n, k }, oa, ob, &gc, 0, n, 1.0, 0.0, NtKernel::Vec4).unwrap();
+                    g.submit(enc);
+                    check(&format!("vec4 path {m}x{k}x{n} trans ({ta},{tb})"), &g.read(&gc).unwrap(), &matmul_ref(&a, &b, m, k, n));
+                }
             }
         }
     }
-    g
+
+    /// The tiled kernel's four layouts are four pipelines, each compiled once.
+    #[test]
+    fn layouts_compile_once() {
+        let g = gpu_with_binding(1 << 20);
+        let (a, b) = (g.upload(&random(64, 1)).unwrap(), g.upload(&random(64, 2)).unwrap());
+        let c = g.alloc(64).unwrap();
+        let mut counts = Vec::new();
+        for _ in 0..2 {
+            let mut enc = g.encoder();
+            for (ta, tb) in [(false, false), (true, false), (true, true), (false, true)] {
+                let (oa, ob) = (Operand { buf: &a, offset: 0, ld: 8, trans: ta }, Operand { buf: &b, offset: 0, ld: 8, trans: tb });
+                gemm_with(&g, &mut enc, GemmShape { m: 8, n: 8, k: 8 }, oa, ob, &c, 0, 8, 1.0, 0.0, NtKernel::Tiled).unwrap();
+            }
+            g.submit(enc);
+            counts.push(g.pipeline_count());
+        }
+        assert_eq!(counts, [4, 4]);
+    }
 }

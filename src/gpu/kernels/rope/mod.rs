@@ -1,9 +1,12 @@
 //! Rotary position embedding (Hugging Face rotate-half layout) with a host-built cos/sin
 //! table, since GPU sin/cos of large arguments is not accurate enough everywhere.
 
-use super::context::{GpuBuf, Gpu, Result};
+use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
-const SHADER: &str = include_str!("../../shaders/rope.wgsl");
+pub mod reference;
+pub use reference::rope_ref;
+
+pub(crate) const SHADER: &str = include_str!("rope.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -66,7 +69,7 @@ impl RopeTable {
 /// Rotates x [tokens, n_heads*head_dim] in place; token t is at position t % window.
 pub fn apply(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, tokens: usize, n_heads: usize, window: usize, table: &RopeTable) -> Result<()> {
     assert!(window <= table.n_pos, "rope table shorter than the window");
-    let pipe = gpu.pipeline("rope", SHADER, "main", &[]);
+    let pipe = gpu.pipeline(PipelineKey::new(Shader::Rope, "main"));
     let hd = table.head_dim;
     let wt = gpu.window(&table.buf, 0, table.buf.len);
     // chunks hold whole windows so positions stay t % window
@@ -90,24 +93,32 @@ pub fn apply(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, tokens: usiz
     Ok(())
 }
 
-/// CPU reference (f64 angles from the same f32 inverse frequencies).
-pub fn rope_ref(x: &[f32], tokens: usize, n_heads: usize, head_dim: usize, window: usize, theta: f64) -> Vec<f64> {
-    let f = inv_freq(head_dim, theta);
-    let half = head_dim / 2;
-    let mut y: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    for t in 0..tokens {
-        let pos = t % window;
-        for h in 0..n_heads {
-            let base = t * n_heads * head_dim + h * head_dim;
-            for i in 0..half {
-                let ang = (pos as f32 * f[i]) as f64; // the f32 product, as transformers forms it
-                let (s, c) = ang.sin_cos();
-                let x1 = x[base + i] as f64;
-                let x2 = x[base + i + half] as f64;
-                y[base + i] = x1 * c - x2 * s;
-                y[base + i + half] = x2 * c + x1 * s;
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{check, gpu, gpu_with_binding, random};
+
+    fn rope_case(g: &Gpu, tokens: usize, heads: usize, hd: usize, window: usize, theta: f64) {
+        let x = random(tokens * heads * hd, 9 + tokens as u64);
+        let gx = g.upload(&x).unwrap();
+        let table = RopeTable::new(g, window, hd, theta).unwrap();
+        let mut enc = g.encoder();
+        apply(g, &mut enc, &gx, tokens, heads, window, &table).unwrap();
+        g.submit(enc);
+        check(&format!("rope {tokens}x{heads}x{hd} w{window}"), &g.read(&gx).unwrap(), &rope_ref(&x, tokens, heads, hd, window, theta));
     }
-    y
+
+    #[test]
+    fn rope_matches_reference() {
+        let g = gpu();
+        rope_case(&g, 6, 1, 2, 3, 10000.0);
+        rope_case(&g, 40, 3, 64, 20, 100000.0);
+        rope_case(&g, 600, 2, 128, 600, 500000.0);
+    }
+
+    /// Tensors larger than one storage binding: a 4 KiB cap forces chunks of whole windows.
+    #[test]
+    fn tensors_larger_than_a_binding_are_split() {
+        rope_case(&gpu_with_binding(4096), 64, 2, 16, 8, 10000.0);
+    }
 }
