@@ -328,7 +328,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     let text = read_text(&a.calib)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
     let calib = crate::calib::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
-    let short = ["q", "k", "v", "o", "gate", "up", "down"];
+    let short = crate::format::linear::SHORT_NAMES;
     let mut mpo_matrices = Vec::new();
     for m in &a.mpo_matrices {
         let j = short.iter().position(|s| s == m).ok_or_else(|| CompressError::BadArgument(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
@@ -517,7 +517,6 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
 
 fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
-    crate::format::claim::check_target(&a.out, &[a.model.as_path()], a.force)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
     let path = match a.format {

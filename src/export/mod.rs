@@ -65,7 +65,7 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
                     let b = store.f32(&format!("{base}.factor_b"), &[r, inp])?;
                     multiply(gpu, &a, &b, o, r, inp)?
                 }
-                LinearRepr::Mpo(m) => mpo_dense(store, &base, &m)?,
+                LinearRepr::Mpo(m) => mpo_dense(store, i, j, &m)?,
             };
             // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
             let (w, shape) = match j {

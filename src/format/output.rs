@@ -36,7 +36,6 @@ impl OutTensor {
 pub struct OutputFolder {
     /// The checked, locked right to write the target; its partial folder is where files go.
     claim: OutputClaim,
-    partial: PathBuf,
     n_shards: usize,
     weight_map: BTreeMap<String, String>,
     total_bytes: u64,
@@ -90,12 +89,11 @@ impl OutputFolder {
     }
 
     fn new(claim: OutputClaim, n_shards: usize) -> Self {
-        let partial = claim.partial().to_path_buf();
-        OutputFolder { claim, partial, n_shards, weight_map: BTreeMap::new(), total_bytes: 0, byte_limit: None, keep_on_failure: false, finished: false }
+        OutputFolder { claim, n_shards, weight_map: BTreeMap::new(), total_bytes: 0, byte_limit: None, keep_on_failure: false, finished: false }
     }
 
     pub fn partial_dir(&self) -> &Path {
-        &self.partial
+        self.claim.partial()
     }
 
     /// Makes writes fail with "storage full" once `bytes` more have been written (tests
@@ -110,7 +108,7 @@ impl OutputFolder {
 
     /// Writes `bytes` to `file` in the partial folder, all or nothing.
     pub fn write_file(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
-        let path = self.partial.join(file);
+        let path = self.claim.partial().join(file);
         if let Some(left) = self.byte_limit {
             if bytes.len() as u64 > left {
                 let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
@@ -118,7 +116,7 @@ impl OutputFolder {
             }
             self.byte_limit = Some(left - bytes.len() as u64);
         }
-        let tmp = self.partial.join(format!(".{file}.tmp"));
+        let tmp = self.claim.partial().join(format!(".{file}.tmp"));
         let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
@@ -180,7 +178,7 @@ impl OutputFolder {
     /// Writes the shard index, drops the checkpoint, then moves the folder into place.
     pub fn finish(mut self) -> Result<PathBuf> {
         self.write_index()?;
-        let ck = self.partial.join(CHECKPOINT);
+        let ck = self.claim.partial().join(CHECKPOINT);
         if ck.exists() {
             std::fs::remove_file(&ck).with_context(|| format!("{}: cannot remove", ck.display()))?;
         }
@@ -194,7 +192,7 @@ impl Drop for OutputFolder {
     /// A run that fails before its first checkpoint leaves nothing behind.
     fn drop(&mut self) {
         if !self.finished && !self.keep_on_failure {
-            let _ = std::fs::remove_dir_all(&self.partial);
+            let _ = std::fs::remove_dir_all(self.claim.partial());
         }
     }
 }

@@ -80,16 +80,6 @@ pub enum Method {
     Mpo,
 }
 
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Lorap => "lorap",
-            Method::Sfsd => "sfsd",
-            Method::Mpo => "mpo",
-        }
-    }
-}
-
 /// What `compress` does; the ablation switches default to LoRAP itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LorapOptions {

@@ -95,16 +95,12 @@ pub enum ForwardError {
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
 
-/// Dense [out, in] matrix of an MPO-stored linear (cores contracted on the CPU in f64).
-pub fn mpo_dense(store: &WeightStore, base: &str, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
+/// Dense [out, in] matrix of MPO-stored linear `j` of layer `layer` (cores contracted on
+/// the CPU in f64).
+pub fn mpo_dense(store: &WeightStore, layer: usize, j: usize, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
     let mut cores = Vec::new();
     for (k, s) in shape.core_shapes().iter().enumerate() {
-        let name = if shape.is_shared(k) {
-            crate::format::names::shared_mpo_core(crate::format::names::within_layer(base).unwrap_or(base), k)
-        } else {
-            crate::format::names::mpo_core(base, k)
-        };
-        let data = store.f32(&name, s)?;
+        let data = store.f32(&shape.core_name(layer, LINEARS[j], k), s)?;
         cores.push(crate::format::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
     }
     let m = crate::format::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };
@@ -123,7 +119,7 @@ fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan,
             b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
             rank: r,
         },
-        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, &name, &m)?)? },
+        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, layer, j, &m)?)? },
     };
     let bias = if j < 3 && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
     Ok(GpuLinear { out, inp, kind, bias })

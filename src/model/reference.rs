@@ -27,7 +27,7 @@ impl RefLinear {
         let bias = if j < 3 && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
         Ok(match p.repr(j) {
             LinearRepr::Dense => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
-            LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, &name, &m)?), ab: None, bias },
+            LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, l, j, &m)?), ab: None, bias },
             LinearRepr::LowRank(r) => RefLinear {
                 out,
                 inp,
