@@ -5,12 +5,16 @@
 // blocks of KB with an online softmax, so any window length works. For P V, the 64
 // invocations split into head_dim/4 lanes (one vec4 of the output each) times as many key
 // groups as fit; the groups' partial sums are added at the end.
+// With CACHED (generation with a KV cache), q holds new tokens at positions pos0.. and k, v
+// a cache from position 0: token t attends to cache rows 0 ..= pos0 + t (window unused).
 
 struct Params {
     tokens: u32, window: u32, n_heads: u32, n_kv: u32,
     head_dim: u32, scale: f32, q_off: u32, k_off: u32,
-    v_off: u32, o_off: u32, _p0: u32, _p1: u32,
+    v_off: u32, o_off: u32, pos0: u32, _p1: u32,
 }
+
+override CACHED: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -60,8 +64,12 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let h = g % p.n_heads;
     let kvh = h / (p.n_heads / p.n_kv);
     let hd4 = p.head_dim / 4u;
-    let w0 = (t / p.window) * p.window;
-    let n_keys = t - w0 + 1u;
+    var w0 = 0u;
+    var n_keys = p.pos0 + t + 1u;
+    if (!CACHED) {
+        w0 = (t / p.window) * p.window;
+        n_keys = t - w0 + 1u;
+    }
     let q_base = (p.q_off + t * p.n_heads * p.head_dim + h * p.head_dim) / 4u;
     for (var d = lid; d < hd4; d += WG) { q_sh[d] = q[q_base + d] * p.scale; }
     workgroupBarrier();
