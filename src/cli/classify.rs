@@ -2,6 +2,7 @@
 //! knows them all, at the top of the dependency order.
 
 use crate::error::{CompressError, ErrorClass};
+use crate::format::input::InputError;
 use crate::format::weights::WeightError;
 use crate::format::OutputError;
 use crate::gpu::GpuError;
@@ -40,6 +41,12 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
         if let Some(e) = cause.downcast_ref::<GpuError>() {
             return gpu_class(e);
         }
+        if let Some(e) = cause.downcast_ref::<InputError>() {
+            return e.class();
+        }
+        if let Some(crate::eval::zeroshot::TaskError::Input(e)) = cause.downcast_ref() {
+            return e.class();
+        }
         if let Some(e) = cause.downcast_ref::<crate::model::forward::ForwardError>() {
             match e {
                 crate::model::forward::ForwardError::Gpu(g) => return gpu_class(g),
@@ -53,6 +60,7 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
                 ModelError::Config(c) => config_class(c),
                 ModelError::Weights(w) => weight_class(w),
                 ModelError::Tokenizer { .. } => ErrorClass::MissingInput,
+                ModelError::Input(e) => e.class(),
             };
         }
         if let Some(e) = cause.downcast_ref::<WeightError>() {
@@ -75,6 +83,7 @@ fn weight_class(e: &WeightError) -> ErrorClass {
     match e {
         WeightError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
         WeightError::Open { .. } => ErrorClass::Other,
+        WeightError::Input(e) => e.class(),
         WeightError::Corrupt { .. } | WeightError::Truncated { .. } | WeightError::Index { .. } => ErrorClass::CorruptWeights,
         WeightError::Missing { .. } | WeightError::MissingTensor { .. } => ErrorClass::MissingInput,
         WeightError::Dtype { .. } => ErrorClass::Unsupported,
@@ -84,7 +93,7 @@ fn weight_class(e: &WeightError) -> ErrorClass {
 
 fn config_class(e: &ConfigError) -> ErrorClass {
     match e {
-        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
+        ConfigError::Input(e) => e.class(),
         ConfigError::Unsupported { .. } => ErrorClass::Unsupported,
         _ => ErrorClass::BadConfig,
     }

@@ -453,7 +453,7 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
 fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
     use crate::pipeline::CompressionReport;
     let path = a.model.join("compression_report.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (is this a folder written by `compress`?)", path.display()))?;
+    let text = crate::format::input::read_text(&path, crate::format::input::InputKind::Report)?;
     let rep: CompressionReport = serde_json::from_str(&text).with_context(|| format!("{}: not a compression report", path.display()))?;
     let base = a.base.clone().unwrap_or_else(|| PathBuf::from(&rep.source_model));
     let ppl = match &a.ppl.text {

@@ -8,8 +8,8 @@ use crate::model::forward::{Progress, Runner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Input(#[from] crate::format::input::InputError),
     #[error("{path}:{line}: {what}")]
     Bad { path: String, line: usize, what: String },
     #[error("{0}: no examples")]
@@ -32,7 +32,7 @@ fn text_field<'a>(v: &'a serde_json::Value, keys: &[&str]) -> Option<&'a str> {
 /// or ARC's {"text": [...]}), label|gold|answer (index, or a letter A-E / key in choices.label).
 pub fn load_task(path: &Path) -> Result<Vec<Example>, TaskError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| TaskError::Read { path: p.clone(), source })?;
+    let text = crate::format::input::read_text(path, crate::format::input::InputKind::Task)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |what: &str| TaskError::Bad { path: p.clone(), line: i + 1, what: what.into() };

@@ -5,6 +5,7 @@
 
 pub mod claim;
 pub mod dtype;
+pub mod input;
 pub mod linear;
 pub mod mpo;
 pub mod names;

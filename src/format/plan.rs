@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::linear::LINEARS;
@@ -47,7 +47,7 @@ impl Plan {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read plan", path.display()))?;
+        let text = super::input::read_text(path, super::input::InputKind::Plan)?;
         serde_json::from_str(&text).map_err(|e| CompressError::BadArgument(format!("{}: not a plan: {e}", path.display())).into())
     }
 

@@ -10,6 +10,8 @@ use safetensors::{Dtype, SafeTensors};
 pub enum WeightError {
     #[error("{path}: cannot open: {source}")]
     Open { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Input(#[from] super::input::InputError),
     #[error("{path}: not a valid safetensors file (truncated or corrupt): {source}")]
     Corrupt { path: String, source: safetensors::SafeTensorError },
     #[error("{path}: truncated: tensor {name} needs {need} bytes, the file has {have}")]
@@ -47,7 +49,7 @@ impl WeightStore {
         let index = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index.exists() {
             let ip = index.display().to_string();
-            let text = std::fs::read_to_string(&index).map_err(|source| WeightError::Open { path: ip.clone(), source })?;
+            let text = super::input::read_text(&index, super::input::InputKind::WeightIndex)?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| WeightError::Index { path: ip.clone(), what: e.to_string() })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| WeightError::Index { path: ip.clone(), what: "no weight_map object".into() })?;
             let mut names: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
@@ -67,7 +69,8 @@ impl WeightStore {
         for (fi, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
             let ps = path.display().to_string();
-            let f = std::fs::File::open(&path).map_err(|source| WeightError::Open { path: ps.clone(), source })?;
+            // a FIFO or device named like a shard would block the open or map nothing useful
+            let (f, _) = super::input::open_regular(&path, super::input::InputKind::Weights)?;
             // SAFETY: the file is opened read-only; a concurrent writer would be a user error
             // that at worst yields wrong values, never memory unsafety in safe code paths here.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| WeightError::Open { path: ps.clone(), source })?;

@@ -9,8 +9,8 @@ use crate::format::plan::{CompressionSection, LayerPlan, LinearRepr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Input(#[from] crate::format::input::InputError),
     #[error("{path}: invalid JSON or missing field: {source}")]
     Parse { path: String, source: serde_json::Error },
     #[error("{path}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2)")]
@@ -121,9 +121,8 @@ fn default_theta() -> f64 {
 impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join("config.json");
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        Self::parse(&text, &p)
+        let text = crate::format::input::read_text(&path, crate::format::input::InputKind::Config)?;
+        Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {

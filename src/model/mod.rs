@@ -21,6 +21,8 @@ pub enum ModelError {
     Weights(#[from] weights::WeightError),
     #[error("{path}: cannot load tokenizer: {what}")]
     Tokenizer { path: String, what: String },
+    #[error(transparent)]
+    Input(#[from] crate::format::input::InputError),
 }
 
 /// A model folder: config, weights (memory-mapped), tokenizer if present.
@@ -47,8 +49,15 @@ impl Model {
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    use crate::format::input::{self, InputKind};
     let path = dir.join("tokenizer.json");
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string() })
+    let bad = |e: tokenizers::Error| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string() };
+    let mut tok = tokenizers::Tokenizer::from_bytes(input::read_bytes(&path, InputKind::Tokenizer)?).map_err(bad)?;
+    // the tool cuts texts into windows itself: a truncation or padding setting in
+    // tokenizer.json would drop or add tokens (and differently per streamed piece)
+    tok.with_truncation(None).map_err(bad)?;
+    tok.with_padding(None);
+    Ok(tok)
 }
 
 /// Every tensor config.json implies exists with the implied shape (checked up front, so a
