@@ -7,6 +7,7 @@ use crate::format::weights::WeightError;
 use crate::format::OutputError;
 use crate::gpu::GpuError;
 use crate::model::config::ConfigError;
+use crate::model::tokens::TextError;
 use crate::model::ModelError;
 
 fn gpu_class(e: &GpuError) -> ErrorClass {
@@ -42,6 +43,9 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
             return gpu_class(e);
         }
         if let Some(e) = cause.downcast_ref::<InputError>() {
+            return e.class();
+        }
+        if let Some(e) = cause.downcast_ref::<TextError>() {
             return e.class();
         }
         if let Some(crate::eval::zeroshot::TaskError::Input(e)) = cause.downcast_ref() {

@@ -325,9 +325,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     use crate::pipeline::{self, Run, RunControl};
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
-    let text = read_text(&a.calib)?;
-    let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-    let calib = crate::calib::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
     let short = crate::format::linear::SHORT_NAMES;
     let mut mpo_matrices = Vec::new();
     for m in &a.mpo_matrices {
@@ -417,8 +415,7 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
     // held from here: a second search on the same --out fails now, not after the search
     let claim = crate::format::OutputClaim::take(&a.out, &[a.model.as_path(), a.calib.as_path()], a.force)?;
     let tok = model.tokenizer()?;
-    let ids = tok.encode(read_text(&a.calib)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-    let calib = crate::calib::calibration_windows(&ids, a.samples, a.seq_len).with_context(|| format!("{}", a.calib.display()))?;
+    let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
     let opts = search::SearchOptions {
         uniform_ratios: a.ratios.clone(),
         evaluations: a.evaluations,
@@ -593,8 +590,10 @@ fn runner(cli: &Cli, model: &Model, mem: &MemArgs) -> Result<Runner> {
     Ok(r)
 }
 
-fn read_text(path: &std::path::Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read text", path.display()))
+/// The calibration windows of a text file, tokenized in pieces (bounded memory).
+fn calibration_windows(tok: &tokenizers::Tokenizer, path: &std::path::Path, samples: usize, seq_len: usize) -> Result<Vec<u32>> {
+    use crate::model::tokens::TextFile;
+    crate::calib::calibration_windows_of(TextFile::new(tok, path), samples, seq_len, crate::calib::KEEP_TOKENS)
 }
 
 /// Perplexity of `model` on the text of `p` (which must name one), with progress.
@@ -602,7 +601,8 @@ fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityAr
     let text_path = p.text.as_ref().context("no --text given")?;
     anyhow::ensure!(p.seq_len >= 2, crate::error::CompressError::BadArgument("--seq-len must be at least 2".into()));
     let tok = model.tokenizer()?;
-    let ids = tok.encode(read_text(text_path)?.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    // read only as far as --max-tokens needs
+    let ids = crate::model::tokens::TextFile::new(&tok, text_path).first_tokens(p.max_tokens)?;
     let toks = perplexity::windows_of(&ids, p.seq_len, p.max_tokens);
     anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), p.seq_len);
     let mut pb = Progress::new(model.cfg.num_hidden_layers, label, cli.quiet);

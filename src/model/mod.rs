@@ -4,6 +4,7 @@ pub mod config;
 pub mod forward;
 pub mod reference;
 pub mod synthetic;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
