@@ -1,6 +1,6 @@
 //! Issue 15, item 6 (memory): texts and config files are read with size caps, non-regular
 //! files are refused, texts are tokenized in pieces with the same token ids as whole, and
-//! later `generate` (below).
+//! `generate` runs in constant GPU memory with a KV cache and a bounded `--max-new`.
 
 mod common;
 
@@ -8,8 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 use lorap_gpu::calib;
+use lorap_gpu::cli::classify;
 use lorap_gpu::error::ErrorClass;
+use lorap_gpu::model::forward::Runner;
 use lorap_gpu::model::tokens::TextFile;
+use lorap_gpu::model::{decode, Model};
 
 fn word_model(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("dense");
@@ -202,4 +205,119 @@ fn tokenizing_a_20_mb_text_takes_bounded_memory() {
     assert_eq!(code, ErrorClass::CalibrationTooShort.exit_code() as i32, "{err}");
     assert!(err.contains("big.txt: calibration text has 5060223 tokens"), "{err}");
     assert!(peak_kib > 0 && peak_kib < 300 << 10, "peak RSS {} MiB", peak_kib >> 10);
+}
+
+// ---- generation ----
+
+fn runner(gpu: std::sync::Arc<lorap_gpu::gpu::Gpu>, model: &lorap_gpu::model::Model, resident: bool) -> Runner {
+    Runner::new(gpu, model.cfg.clone(), model.store.clone(), resident)
+}
+
+/// Greedy generation with the KV cache picks the tokens the full recomputation picks, with
+/// resident and streamed layers, for a short prompt and one longer than a prefill piece.
+#[test]
+fn kv_cached_generation_equals_full_recomputation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(&word_model(dir.path())).unwrap();
+    for (prompt_len, resident) in [(3, true), (1, false), (300, true)] {
+        let prompt: Vec<u32> = (0..prompt_len).map(|i| (i * 37 % 101) as u32).collect();
+        let want = runner(common::gpu(), &model, resident).generate_recompute(&prompt, 8, None).unwrap();
+        let mut seen = Vec::new();
+        let got = decode::generate(&mut runner(common::gpu(), &model, resident), &prompt, 8, None, &mut |t| {
+            seen.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, want, "prompt of {prompt_len}, resident {resident}");
+        assert_eq!(seen, want, "every token is handed on as it is chosen");
+    }
+    // the last position's logits of a cached step and of a full pass agree closely
+    let seq: Vec<u32> = (0..20).map(|i| (i * 13 % 101) as u32).collect();
+    let mut r = runner(common::gpu(), &model, true);
+    let mut cache = decode::KvCache::new(&r.gpu.clone(), &model.cfg, 32).unwrap();
+    decode::feed(&mut r, &mut cache, &seq[..19]).unwrap();
+    let cached = decode::feed(&mut r, &mut cache, &seq[19..]).unwrap();
+    assert_eq!(cache.len(), 20);
+    let mut batches = vec![(r.embed(&seq).unwrap(), 20)];
+    r.run_layers(&mut batches, 20, &mut |_, _| {}).unwrap();
+    let full = r.logits_rows(&batches[0].0, 20, &[19]).unwrap().pop().unwrap();
+    let diff = cached.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "cached vs full logits differ by {diff}");
+}
+
+/// The GPU pool's live and peak bytes stay the same at every step of a KV-cached run, where
+/// the full recomputation's grow with the sequence.
+#[test]
+fn kv_cached_generation_keeps_gpu_memory_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(&word_model(dir.path())).unwrap();
+    let prompt = [5u32, 17, 42];
+    let steps = 40;
+    // its own GPU context, so no other test's buffers count
+    let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();
+    let mut r = runner(gpu.clone(), &model, true);
+    let mut stats = Vec::new();
+    let stop = Some(u32::MAX);
+    decode::generate(&mut r, &prompt, steps, stop, &mut |_| {
+        stats.push(gpu.memory_stats());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(stats.len(), steps);
+    // from the second token on (the first single-token step fills the pool), nothing changes
+    assert!(stats[2..].iter().all(|s| *s == stats[2]), "live/peak bytes per step: {stats:?}");
+    // the same measure sees the full recomputation grow
+    let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();
+    let mut r = runner(gpu.clone(), &model, true);
+    r.generate_recompute(&prompt, 2, stop).unwrap();
+    let early = gpu.memory_stats().1;
+    r.generate_recompute(&prompt, steps, stop).unwrap();
+    assert!(gpu.memory_stats().1 > early, "the recomputation's peak should grow with the sequence");
+}
+
+/// A cache larger than one storage binding is refused before the first token.
+#[test]
+fn a_kv_cache_over_the_binding_limit_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(&word_model(dir.path())).unwrap();
+    let mut r = runner(common::gpu_with_binding(64 << 10), &model, true);
+    let mut calls = 0;
+    // 32 KV dims x 4 bytes x 1000 positions = 128 KiB of keys per layer
+    let e = decode::generate(&mut r, &[1, 2, 3], 997, None, &mut |_| {
+        calls += 1;
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(matches!(e, decode::DecodeError::CacheTooLarge { positions: 1000, .. }), "{e}");
+    assert_eq!(classify(&e.into()), ErrorClass::BadArgument);
+    assert_eq!(calls, 0);
+}
+
+/// `generate`: --max-new 0, or past the model's positions (a billion: the case that ran
+/// forever), is refused before any GPU work; a normal run prints the recomputation's text.
+#[test]
+fn generate_bounds_max_new_and_prints_the_greedy_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = word_model(dir.path());
+    let args = |n: &str| os_args(&[&"generate", &"--model", &src, &"--prompt", &"the quick brown fox", &"--max-new", &n]);
+    let started = std::time::Instant::now();
+    for (n, mentions) in [("0", &["--max-new must be at least 1"][..]), ("1000000000", &["--max-new 1000000000", "4096 positions", "at most 4092 new tokens"]), ("4093", &["--max-new 4093"])] {
+        assert_refused(&format!("--max-new {n}"), &refs(&args(n)), ErrorClass::BadArgument, mentions, dir.path());
+    }
+    assert!(started.elapsed().as_secs() < 60, "refusals should come before any work");
+    // without max_position_embeddings: the documented default
+    let cfg_path = src.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("max_position_embeddings");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_refused("--max-new past the default positions", &refs(&args("2045")), ErrorClass::BadArgument, &["2048 positions", "no max_position_embeddings"], dir.path());
+    // a run within the bound prints the prompt and the greedy continuation
+    let (code, out, err) = run_cli(&refs(&args("6")));
+    assert_eq!(code, 0, "{err}");
+    let model = Model::open(&src).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let ids = tok.encode("the quick brown fox", false).unwrap().get_ids().to_vec();
+    let eos = model.cfg.eos_token_id.as_ref().and_then(|e| e.first());
+    let want = runner(common::gpu(), &model, true).generate_recompute(&ids, 6, eos).unwrap();
+    assert_eq!(out, format!("the quick brown fox{}\n", tok.decode(&want, true).unwrap()));
 }

@@ -46,9 +46,20 @@ fn greedy_capital_of_france_is_paris() {
     let tok = m.tokenizer().unwrap();
     let ids = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     let mut r = Runner::new(common::gpu(), m.cfg.clone(), m.store.clone(), true);
-    let new = r.generate(&ids, 2, None).unwrap();
+    // with the KV cache, printed piece by piece as the CLI does
+    let mut streamer = lorap_gpu::model::tokens::TextStreamer::new(&tok);
+    let mut printed = String::new();
+    let new = lorap_gpu::model::decode::generate(&mut r, &ids, 8, None, &mut |t| {
+        printed += &streamer.push(t).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    printed += &streamer.finish().unwrap();
     let text = tok.decode(&new, false).unwrap();
     assert!(text.starts_with(" Paris."), "continuation {text:?}");
+    assert_eq!(printed, tok.decode(&new, true).unwrap());
+    // the same tokens as the full recomputation
+    assert_eq!(new, r.generate_recompute(&ids, 8, None).unwrap());
 }
 
 /// LoRAP at 20% on 8 calibration windows of C4 text; held-out Wikipedia perplexity stays

@@ -52,11 +52,13 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
             return e.class();
         }
         if let Some(e) = cause.downcast_ref::<crate::model::forward::ForwardError>() {
-            match e {
-                crate::model::forward::ForwardError::Gpu(g) => return gpu_class(g),
-                crate::model::forward::ForwardError::Weights(w) => return weight_class(w),
-                _ => return ErrorClass::BadArgument,
-            }
+            return forward_class(e);
+        }
+        if let Some(e) = cause.downcast_ref::<crate::model::decode::DecodeError>() {
+            return match e {
+                crate::model::decode::DecodeError::Forward(f) => forward_class(f),
+                other => other.class().unwrap_or(ErrorClass::Other),
+            };
         }
         if let Some(e) = cause.downcast_ref::<ModelError>() {
             return match e {
@@ -81,6 +83,14 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
         }
     }
     ErrorClass::Other
+}
+
+fn forward_class(e: &crate::model::forward::ForwardError) -> ErrorClass {
+    match e {
+        crate::model::forward::ForwardError::Gpu(g) => gpu_class(g),
+        crate::model::forward::ForwardError::Weights(w) => weight_class(w),
+        _ => ErrorClass::BadArgument,
+    }
 }
 
 fn weight_class(e: &WeightError) -> ErrorClass {

@@ -650,15 +650,27 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
 }
 
 fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
+    use crate::model::decode;
+    use std::io::Write;
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
-    let mut r = runner(cli, &model, &a.mem)?;
     let ids = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-    anyhow::ensure!(!ids.is_empty(), "the prompt tokenizes to nothing");
+    // the prompt and --max-new against the model's positions, before any GPU work
+    decode::check_request(&model.cfg, ids.len(), a.max_new)?;
+    let mut r = runner(cli, &model, &a.mem)?;
     let eos = model.cfg.eos_token_id.as_ref().and_then(|e| e.first());
-    let new = r.generate(&ids, a.max_new, eos)?;
-    let text = tok.decode(&new, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    println!("{}{}", a.prompt, text);
+    // each token's text is printed as soon as it is chosen
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", a.prompt).and_then(|_| out.flush()).map_err(decode::DecodeError::Output)?;
+    let mut streamer = crate::model::tokens::TextStreamer::new(&tok);
+    let text_of = |e: tokenizers::Error| std::io::Error::other(format!("tokenizer: {e}"));
+    decode::generate(&mut r, &ids, a.max_new, eos, &mut |id| {
+        let piece = streamer.push(id).map_err(text_of)?;
+        write!(out, "{piece}")?;
+        out.flush()
+    })?;
+    let rest = streamer.finish().map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    writeln!(out, "{rest}").map_err(decode::DecodeError::Output)?;
     Ok(())
 }
 

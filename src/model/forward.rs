@@ -427,8 +427,30 @@ impl Runner {
         Ok(out)
     }
 
-    /// Greedy continuation: up to `max_new` tokens, stopping at `stop`.
-    pub fn generate(&mut self, prompt: &[u32], max_new: usize, stop: Option<u32>) -> Result<Vec<u32>> {
+    /// Runs `f` on decoder layer `i`'s weights: the resident copy, or one uploaded for this
+    /// call and dropped after it (the KV-cached generation in `model::decode` runs one
+    /// token through the layers at a time).
+    pub fn with_layer<T>(&mut self, i: usize, f: impl FnOnce(&Gpu, &ModelConfig, &LayerWeights) -> Result<T>) -> Result<T> {
+        let streamed;
+        let lw: &LayerWeights = match &mut self.resident {
+            Some(r) => {
+                if r[i].is_none() {
+                    r[i] = Some(LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?);
+                }
+                r[i].as_ref().unwrap()
+            }
+            None => {
+                streamed = LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?;
+                &streamed
+            }
+        };
+        f(&self.gpu, &self.cfg, lw)
+    }
+
+    /// Greedy continuation by full recomputation: every step runs the whole sequence again
+    /// (GPU memory grows with its length). The reference `model::decode::generate` (a KV
+    /// cache, constant memory) is tested against; the CLI uses that one.
+    pub fn generate_recompute(&mut self, prompt: &[u32], max_new: usize, stop: Option<u32>) -> Result<Vec<u32>> {
         let mut toks = prompt.to_vec();
         let mut new = Vec::new();
         for _ in 0..max_new {

@@ -1,6 +1,7 @@
 //! Models: config.json, memory-mapped safetensors weights, tokenizer, and the GPU forward pass.
 
 pub mod config;
+pub mod decode;
 pub mod forward;
 pub mod reference;
 pub mod synthetic;
