@@ -207,6 +207,42 @@ fn tokenizing_a_20_mb_text_takes_bounded_memory() {
     assert!(peak_kib > 0 && peak_kib < 300 << 10, "peak RSS {} MiB", peak_kib >> 10);
 }
 
+// ---- failures before long work ----
+
+/// Failures found only after long work are now found first: compress checks its output
+/// before tokenizing, eval reads its task before the perplexity run, report checks its
+/// output before its two perplexity runs. Each case pairs the early failure with a later
+/// one that would have come first before (a text that fails to tokenize, or a perplexity
+/// run that fails), so the class shows the order.
+#[test]
+fn output_and_task_failures_come_before_the_long_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = word_model(dir.path());
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(&calib, "the quick brown fox jumps over the lazy dog . ".repeat(40)).unwrap();
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9").unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let args = os_args(&[&"compress", &"--ratio", &"0.3", &"--samples", &"2", &"--seq-len", &"8", &"--model", &src, &"--calib", &latin1, &"--out", &out]);
+    assert_refused("compress onto an existing output, text not UTF-8", &refs(&args), ErrorClass::OutputExists, &["out: output folder exists"], dir.path());
+    let bad_task = dir.path().join("task.jsonl");
+    std::fs::write(&bad_task, "{\"context\": \"the\"}\n").unwrap();
+    let args = os_args(&[&"eval", &"--model", &src, &"--text", &latin1, &"--task", &bad_task]);
+    assert_refused("eval with a bad task, text not UTF-8", &refs(&args), ErrorClass::Other, &["task.jsonl:1: no choices/endings field"], dir.path());
+    // report --out onto a file
+    std::fs::remove_dir(&out).unwrap();
+    let args = os_args(&[&"compress", &"--ratio", &"0.3", &"--samples", &"2", &"--seq-len", &"8", &"--model", &src, &"--calib", &calib, &"--out", &out]);
+    let (code, _, err) = run_cli(&refs(&args));
+    assert_eq!(code, 0, "{err}");
+    let file = dir.path().join("report.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let args = os_args(&[&"report", &"--model", &out, &"--text", &latin1, &"--out", &file]);
+    assert_refused("report --out a file, text not UTF-8", &refs(&args), ErrorClass::OutputExists, &["report.txt: exists and is not a folder"], dir.path());
+    let args = os_args(&[&"report", &"--model", &out, &"--text", &latin1, &"--out", &src]);
+    assert_refused("report --out the dense model, text not UTF-8", &refs(&args), ErrorClass::OutputExists, &["is the input"], dir.path());
+}
+
 // ---- generation ----
 
 fn runner(gpu: std::sync::Arc<lorap_gpu::gpu::Gpu>, model: &lorap_gpu::model::Model, resident: bool) -> Runner {

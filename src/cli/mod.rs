@@ -324,6 +324,11 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     use crate::methods::{self as lorap, svd::SvdOptions};
     use crate::pipeline::{self, Run, RunControl};
     let model = Model::open(&a.model)?;
+    // the output and the plan file before the text is tokenized (minutes for a long one)
+    let mut inputs = vec![a.model.as_path(), a.calib.as_path()];
+    inputs.extend(a.plan.as_deref());
+    crate::format::claim::check_target(&a.out, &inputs, a.force)?;
+    let plan = a.plan.as_deref().map(crate::format::plan::Plan::load).transpose()?;
     let tok = model.tokenizer()?;
     let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
     let short = crate::format::linear::SHORT_NAMES;
@@ -332,7 +337,6 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         let j = short.iter().position(|s| s == m).ok_or_else(|| CompressError::BadArgument(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
         mpo_matrices.push(j);
     }
-    let plan = a.plan.as_deref().map(crate::format::plan::Plan::load).transpose()?;
     let opts = lorap::LorapOptions {
         method: a.method,
         mpo_cores: a.mpo_cores,
@@ -354,9 +358,6 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         opts.plan = Some(crate::format::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
     }
     pipeline::validate(&model, &calib, a.seq_len, &opts)?;
-    let mut inputs = vec![a.model.as_path(), a.calib.as_path()];
-    inputs.extend(a.plan.as_deref());
-    crate::format::claim::check_target(&a.out, &inputs, a.force)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     if let Some(v) = a.max_vram {
         anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
@@ -453,6 +454,15 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
     let text = crate::format::input::read_text(&path, crate::format::input::InputKind::Report)?;
     let rep: CompressionReport = serde_json::from_str(&text).with_context(|| format!("{}: not a compression report", path.display()))?;
     let base = a.base.clone().unwrap_or_else(|| PathBuf::from(&rep.source_model));
+    let out = a.out.clone().unwrap_or_else(|| a.model.clone());
+    // the report goes beside the compressed model by default, never into what it reads;
+    // checked before the two perplexity runs, not after
+    let mut inputs = vec![base.as_path()];
+    inputs.extend(a.ppl.text.as_deref());
+    crate::format::claim::check_no_overlap(&out, &inputs)?;
+    if std::fs::symlink_metadata(&out).is_ok() && !out.is_dir() {
+        return Err(crate::format::OutputError::NotAFolder(out.display().to_string()).into());
+    }
     let ppl = match &a.ppl.text {
         None => None,
         Some(text_path) => {
@@ -467,11 +477,6 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
             Some(crate::report::Perplexities { text: name, tokens: dense.windows * dense.window_len, seq_len: a.ppl.seq_len, dense: dense.perplexity, compressed: compressed.perplexity })
         }
     };
-    let out = a.out.clone().unwrap_or_else(|| a.model.clone());
-    // the report goes beside the compressed model by default, never into what it reads
-    let mut inputs = vec![base.as_path()];
-    inputs.extend(a.ppl.text.as_deref());
-    crate::format::claim::check_no_overlap(&out, &inputs)?;
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     let name = base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     for (file, body) in crate::report::render(&rep, &name, ppl.as_ref()) {
@@ -615,6 +620,8 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
     anyhow::ensure!(a.ppl.text.is_some() || a.task.is_some(), crate::error::CompressError::BadArgument("nothing to evaluate: give --text and/or --task".into()));
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
+    // the task file is read before the GPU and the perplexity run, so a bad one fails at once
+    let examples = a.task.as_deref().map(zeroshot::load_task).transpose()?;
     let mut r = runner(cli, &model, &a.mem)?;
     let mut out = serde_json::Map::new();
     out.insert("model".into(), a.model.display().to_string().into());
@@ -629,8 +636,7 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
         }
         out.insert("perplexity".into(), serde_json::to_value(&rep)?);
     }
-    if let Some(task) = &a.task {
-        let examples = zeroshot::load_task(task)?;
+    if let (Some(task), Some(examples)) = (&a.task, examples) {
         let mut pb = Progress::new(examples.len(), "zero-shot: examples", cli.quiet);
         let rep = zeroshot::evaluate(&mut r, &tok, &examples, &mut |d, _| pb.update(d, "scoring"))?;
         pb.finish();
