@@ -390,7 +390,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     }
     let control = RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), report_files: Some(crate::report::compress_files) , ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
-    let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what))?;
+    let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what.label()))?;
     pb.finish();
     if let (Some(sr), Some(plan)) = (&surgical_report, &opts.plan) {
         // beside the finished model: what the search decided, and the plan to re-apply it
@@ -406,6 +406,9 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             rep.total_params_before, rep.total_params_after, 100.0 * rep.achieved_total_ratio, rep.seconds,
             rep.peak_gpu_bytes as f64 / (1u64 << 20) as f64, rep.adapter
         );
+        let total = rep.phases.total().max(f64::MIN_POSITIVE);
+        let shares: Vec<String> = rep.phases.rows().iter().filter(|r| r.1 > 0.0).map(|(name, secs)| format!("{name} {secs:.1} s ({:.0}%)", 100.0 * secs / total)).collect();
+        println!("time: {}; the host waited on the GPU {:.1} s", shares.join(", "), rep.phases.blocked_on_gpu);
     }
     Ok(())
 }
