@@ -1,5 +1,6 @@
 //! Maps every module's error types to an `ErrorClass` (the exit code): the one place that
-//! knows them all, at the top of the dependency order.
+//! knows them all, at the top of the dependency order. Also the one error line the binary
+//! prints for an error chain.
 
 use crate::error::{CompressError, ErrorClass};
 use crate::format::weights::WeightError;
@@ -24,6 +25,26 @@ fn io_class(e: &std::io::Error) -> ErrorClass {
     }
 }
 
+/// The one line printed for `err`: its chain, outermost first, joined by ": ", each cause
+/// said once. Errors of this crate keep their source out of their own message; a cause
+/// whose text an outer message already carries (a dependency's error that embeds its
+/// source, such as wgpu's device request) is skipped rather than printed twice.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace(['\n', '\r'], " ");
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line
+}
+
 /// The class of the first error in the chain that has one.
 pub fn classify(err: &anyhow::Error) -> ErrorClass {
     for cause in err.chain() {
@@ -33,7 +54,11 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
         if let Some(e) = cause.downcast_ref::<OutputError>() {
             return match e {
                 OutputError::Busy { .. } => ErrorClass::OutputBusy,
-                OutputError::Io { source, .. } => io_class(source),
+                OutputError::Io { source, .. } => match io_class(source) {
+                    ErrorClass::DiskFull => ErrorClass::DiskFull,
+                    // whatever else failed on the output side is no missing input
+                    _ => ErrorClass::OutputUnwritable,
+                },
                 OutputError::Exists(_) | OutputError::OverlapsInput { .. } | OutputError::NotAFolder(_) => ErrorClass::OutputExists,
             };
         }

@@ -11,7 +11,7 @@ use crate::eval::{perplexity, zeroshot};
 use crate::gpu::{self, GpuOptions};
 use crate::model::{forward::Runner, Model};
 
-pub use classify::classify;
+pub use classify::{classify, error_line};
 
 #[derive(Parser, Debug)]
 #[command(name = "lorap-gpu", version, about = "Compress LLaMA-family models with LoRAP on any GPU (wgpu)")]

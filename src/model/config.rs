@@ -7,16 +7,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::plan::{CompressionSection, LayerPlan, LinearRepr};
 
+/// Failures of config.json. Messages leave an underlying error out (it is the `source`,
+/// which the CLI prints after them), so no cause is said twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read { path: String, source: std::io::Error },
-    #[error("{path}: invalid JSON or missing field: {source}")]
+    #[error("{path}: invalid JSON or missing field")]
     Parse { path: String, source: serde_json::Error },
     #[error("{path}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2)")]
     Unsupported { path: String, model_type: String },
     #[error("{path}: inconsistent config: {what}")]
     Invalid { path: String, what: String },
+    /// A valid setting the forward pass does not implement (refused rather than ignored,
+    /// which would give a wrong model).
+    #[error("{path}: {what}")]
+    Feature { path: String, what: String },
 }
 
 /// The architectures the forward pass implements.
