@@ -100,7 +100,7 @@ fn weight_class(e: &WeightError) -> ErrorClass {
     match e {
         WeightError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
         WeightError::Open { .. } => ErrorClass::Other,
-        WeightError::Corrupt { .. } | WeightError::Truncated { .. } | WeightError::Index { .. } => ErrorClass::CorruptWeights,
+        WeightError::Corrupt { .. } | WeightError::Truncated { .. } | WeightError::Index { .. } | WeightError::NonFinite { .. } | WeightError::Absurd { .. } => ErrorClass::CorruptWeights,
         WeightError::Missing { .. } | WeightError::MissingTensor { .. } => ErrorClass::MissingInput,
         WeightError::Dtype { .. } => ErrorClass::Unsupported,
         WeightError::Shape { .. } => ErrorClass::ShapeMismatch,
