@@ -69,6 +69,7 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
             match e {
                 crate::model::forward::ForwardError::Gpu(g) => return gpu_class(g),
                 crate::model::forward::ForwardError::Weights(w) => return weight_class(w),
+                crate::model::forward::ForwardError::Config(c) => return config_class(c),
                 _ => return ErrorClass::BadArgument,
             }
         }
@@ -110,7 +111,7 @@ fn weight_class(e: &WeightError) -> ErrorClass {
 fn config_class(e: &ConfigError) -> ErrorClass {
     match e {
         ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorClass::MissingInput,
-        ConfigError::Unsupported { .. } => ErrorClass::Unsupported,
+        ConfigError::Unsupported { .. } | ConfigError::Feature { .. } => ErrorClass::Unsupported,
         _ => ErrorClass::BadConfig,
     }
 }
