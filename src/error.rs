@@ -79,6 +79,8 @@ pub enum CompressError {
     BadArgument(String),
     #[error("calibration text has {tokens} tokens: fewer than {samples} windows of {seq_len} (lower --samples or --seq-len, or give more text)")]
     CalibrationTooShort { tokens: usize, samples: usize, seq_len: usize },
+    #[error("{path}: {tokens} tokens, fewer than one window of {seq_len} (lower --seq-len or give more text)")]
+    TextTooShort { path: String, tokens: usize, seq_len: usize },
     #[error("{0}: this model is already compressed; compress the dense original")]
     AlreadyCompressed(String),
     #[error("{path}: cannot resume: {what} (run without --resume to start over)")]
@@ -91,7 +93,7 @@ impl CompressError {
     pub fn class(&self) -> ErrorClass {
         match self {
             CompressError::BadRatio(_) | CompressError::BadArgument(_) | CompressError::AlreadyCompressed(_) => ErrorClass::BadArgument,
-            CompressError::CalibrationTooShort { .. } => ErrorClass::CalibrationTooShort,
+            CompressError::CalibrationTooShort { .. } | CompressError::TextTooShort { .. } => ErrorClass::CalibrationTooShort,
             CompressError::ResumeMismatch { .. } => ErrorClass::ResumeMismatch,
             CompressError::Interrupted(_) => ErrorClass::Other,
         }

@@ -78,7 +78,9 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
                 ModelError::NoDir(_) => ErrorClass::MissingInput,
                 ModelError::Config(c) => config_class(c),
                 ModelError::Weights(w) => weight_class(w),
-                ModelError::Tokenizer { .. } => ErrorClass::MissingInput,
+                ModelError::NoTokenizer(_) => ErrorClass::MissingInput,
+                // a tokenizer.json that is there but unusable is a bad model file
+                ModelError::Tokenizer { .. } | ModelError::Vocabulary { .. } => ErrorClass::BadConfig,
             };
         }
         if let Some(e) = cause.downcast_ref::<WeightError>() {
@@ -86,6 +88,13 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
         }
         if let Some(e) = cause.downcast_ref::<ConfigError>() {
             return config_class(e);
+        }
+        if let Some(e) = cause.downcast_ref::<crate::eval::zeroshot::TaskError>() {
+            return match e {
+                crate::eval::zeroshot::TaskError::Read { source, .. } => io_class(source),
+                // a task file that is not one, like a plan file that is not one
+                _ => ErrorClass::BadArgument,
+            };
         }
         if let Some(e) = cause.downcast_ref::<std::io::Error>() {
             let c = io_class(e);

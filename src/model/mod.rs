@@ -20,8 +20,12 @@ pub enum ModelError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Weights(#[from] weights::WeightError),
+    #[error("{0}: no tokenizer.json in the model folder")]
+    NoTokenizer(String),
     #[error("{path}: cannot load tokenizer: {what}")]
     Tokenizer { path: String, what: String },
+    #[error("{tokenizer}: token {token:?} has id {id}, outside the vocabulary of {vocab} in {config}; the tokenizer does not belong to this model")]
+    Vocabulary { tokenizer: String, config: String, token: String, id: u32, vocab: usize },
 }
 
 /// A model folder: config, weights (memory-mapped), tokenizer if present.
@@ -45,8 +49,23 @@ impl Model {
         Ok(Model { dir: dir.to_path_buf(), cfg, store, checked: OnceLock::new() })
     }
 
+    /// The tokenizer, checked against config.json: every id it can produce must be inside
+    /// the model's vocabulary (otherwise the first text with such a token would fail late,
+    /// or a window of text would be embedded from another model's rows).
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, ModelError> {
-        load_tokenizer(&self.dir)
+        let tok = load_tokenizer(&self.dir)?;
+        if let Some((token, &id)) = tok.get_vocab(true).iter().max_by_key(|(_, &id)| id) {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(ModelError::Vocabulary {
+                    tokenizer: self.dir.join("tokenizer.json").display().to_string(),
+                    config: self.dir.join("config.json").display().to_string(),
+                    token: token.clone(),
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+        }
+        Ok(tok)
     }
 
     /// Reads every tensor the model uses once (in parallel): refuses NaN, infinities and
@@ -77,7 +96,11 @@ impl Model {
 
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
     let path = dir.join("tokenizer.json");
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string() })
+    if !path.exists() {
+        return Err(ModelError::NoTokenizer(dir.display().to_string()));
+    }
+    // one line: the tokenizers crate's messages may span several
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string().replace('\n', " ") })
 }
 
 /// Every tensor config.json implies, with the shape it implies, in a fixed order (the
