@@ -8,7 +8,7 @@ use crate::model::forward::{Progress, Runner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read { path: String, source: std::io::Error },
     #[error("{path}:{line}: {what}")]
     Bad { path: String, line: usize, what: String },

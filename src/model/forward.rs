@@ -87,6 +87,8 @@ pub enum ForwardError {
     Weights(#[from] WeightError),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("window of {window} tokens: {what}")]
@@ -398,6 +400,8 @@ impl Runner {
     /// Runs all decoder layers over `batches` (hidden states of whole windows), in place.
     pub fn run_layers(&mut self, batches: &mut [(GpuBuf, usize)], window: usize, progress: Progress) -> Result<()> {
         let n_layers = self.cfg.num_hidden_layers;
+        // attention runs over the whole window: refused past a shorter sliding window
+        self.cfg.check_window(window, "per window")?;
         self.table(window)?;
         for i in 0..n_layers {
             let streamed;

@@ -4,6 +4,7 @@
 //! the 1% reservation; or feature-space decomposition, or MPO), an optional per-layer plan
 //! (`--plan`: keep fractions, dropped layers), and the compressed model written as it goes.
 
+pub mod fingerprint;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use anyhow::{Context, Result};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+pub use fingerprint::Fingerprint;
 pub use summary::{CompressionReport, LayerReport};
 
 use crate::calib::walker::Walker;
@@ -74,7 +76,7 @@ impl<'a> Run<'a> {
 /// finished layers' results.
 #[derive(Serialize, Deserialize)]
 struct ResumeState {
-    fingerprint: String,
+    fingerprint: Fingerprint,
     layers_done: usize,
     /// One entry per finished original layer; `None` = dropped.
     plans: Vec<Option<LayerPlan>>,
@@ -83,23 +85,9 @@ struct ResumeState {
 }
 
 /// Records the finished layers in the partial folder, for `--resume`.
-fn checkpoint(folder: &mut OutputFolder, fingerprint: &str, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
-    let state = ResumeState { fingerprint: fingerprint.into(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
+fn checkpoint(folder: &mut OutputFolder, fingerprint: &Fingerprint, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
+    let state = ResumeState { fingerprint: fingerprint.clone(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
     folder.checkpoint(serde_json::to_value(&state)?)
-}
-
-/// Identifies a run: model config, options, calibration tokens and window length.
-fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<String> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    calib.hash(&mut h);
-    let v = serde_json::json!({
-        "config": serde_json::Value::Object(model.cfg.raw.clone()),
-        "options": opts,
-        "svd": [opts.svd.power_iters, opts.svd.oversample, opts.svd.seed as usize],
-        "calibration": [calib.len(), seq_len, h.finish() as usize],
-    });
-    Ok(serde_json::to_string(&v)?)
 }
 
 /// Checks everything about a run that can be checked before any GPU work or output.
@@ -149,7 +137,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let windows = calib.len() / seq_len;
     let t_start = Instant::now();
     gpu.reset_peak();
-    let print = fingerprint(model, calib, seq_len, opts)?;
+    let print = Fingerprint::of(model, calib, seq_len, opts)?;
     let (mut folder, saved) = if control.resume {
         OutputFolder::resume(out, &model.dir, control.force, n_layers + 1)?
     } else {
@@ -163,9 +151,11 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let mut seconds_before = 0.0;
     if let Some(state) = saved {
         let ck = folder.partial_dir().display().to_string();
-        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: format!("unreadable state: {e}") })?;
-        if st.fingerprint != print {
-            return Err(CompressError::ResumeMismatch { path: ck, what: "it was made from another model, calibration text or options".into() }.into());
+        // an older tool's checkpoint held its fingerprint as one string
+        let what = if state.get("fingerprint").is_some_and(|f| f.is_string()) { "it was made by an older lorap-gpu".to_string() } else { String::new() };
+        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: if what.is_empty() { format!("unreadable state: {e}") } else { what } })?;
+        if let Some(what) = st.fingerprint.mismatch(&print) {
+            return Err(CompressError::ResumeMismatch { path: ck, what }.into());
         }
         plans = st.plans;
         layer_reports = st.reports;
