@@ -18,8 +18,8 @@ export LORAP_ASSETS="$(bash scripts/fetch-assets.sh | tail -n 1)"
 # the layering of src/ (ARCHITECTURE.md) and clippy, then every test, the slow real-model ones included
 bash scripts/check-layers.sh
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --release --all-targets --features real-model -- -D warnings
+  cargo clippy --release --all-targets --features real-model,scale-tests -- -D warnings
 else
   echo "clippy is not installed: lint skipped" >&2
 fi
-cargo test --release --features real-model "$@"
+cargo test --release --features real-model,scale-tests "$@"

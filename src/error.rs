@@ -9,23 +9,29 @@
 pub enum ErrorClass {
     /// A command-line value out of range (ratio outside (0, 1), zero windows...).
     BadArgument,
-    /// A file or folder that should exist does not (model folder, weights, text).
+    /// A file or folder that should exist does not (model folder, weights, tokenizer, text).
     MissingInput,
-    /// A safetensors file or index that cannot be parsed, or is truncated.
+    /// A safetensors file or index that cannot be parsed, or is truncated, or a tensor that
+    /// holds NaN, infinite or absurdly large values.
     CorruptWeights,
-    /// config.json unreadable or inconsistent.
+    /// config.json or tokenizer.json unreadable or inconsistent (with each other included:
+    /// a tokenizer whose ids the model's vocabulary lacks).
     BadConfig,
-    /// A model type or tensor dtype the tool does not handle.
+    /// A model type, config feature (biases, sliding window, rope type) or tensor dtype the
+    /// tool does not handle.
     Unsupported,
     /// Tensor shapes that contradict config.json.
     ShapeMismatch,
-    /// Calibration text that is empty or too short for the windows asked for.
+    /// A calibration or evaluation text that is empty or too short for the windows asked for.
     CalibrationTooShort,
     /// The output folder exists (without --force), is not a folder, or is, contains or lies
     /// inside an input.
     OutputExists,
     /// Another run holds the lock on the same output folder.
     OutputBusy,
+    /// The output cannot be written for a reason other than a full disk (no permission, a
+    /// parent that is a file, a read-only file system...).
+    OutputUnwritable,
     /// `--resume` found a partial output made with other inputs or options.
     ResumeMismatch,
     /// No space left on the output device.
@@ -59,6 +65,7 @@ impl ErrorClass {
             ErrorClass::GpuLost => 13,
             ErrorClass::Gpu => 14,
             ErrorClass::OutputBusy => 15,
+            ErrorClass::OutputUnwritable => 16,
         }
     }
 }
@@ -72,6 +79,8 @@ pub enum CompressError {
     BadArgument(String),
     #[error("calibration text has {tokens} tokens: fewer than {samples} windows of {seq_len} (lower --samples or --seq-len, or give more text)")]
     CalibrationTooShort { tokens: usize, samples: usize, seq_len: usize },
+    #[error("{path}: {tokens} tokens, fewer than one window of {seq_len} (lower --seq-len or give more text)")]
+    TextTooShort { path: String, tokens: usize, seq_len: usize },
     #[error("{0}: this model is already compressed; compress the dense original")]
     AlreadyCompressed(String),
     #[error("{path}: cannot resume: {what} (run without --resume to start over)")]
@@ -84,7 +93,7 @@ impl CompressError {
     pub fn class(&self) -> ErrorClass {
         match self {
             CompressError::BadRatio(_) | CompressError::BadArgument(_) | CompressError::AlreadyCompressed(_) => ErrorClass::BadArgument,
-            CompressError::CalibrationTooShort { .. } => ErrorClass::CalibrationTooShort,
+            CompressError::CalibrationTooShort { .. } | CompressError::TextTooShort { .. } => ErrorClass::CalibrationTooShort,
             CompressError::ResumeMismatch { .. } => ErrorClass::ResumeMismatch,
             CompressError::Interrupted(_) => ErrorClass::Other,
         }

@@ -12,8 +12,7 @@ fn main() -> std::process::ExitCode {
     match lorap_gpu::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // one line: the context chain, outermost first
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lorap_gpu::cli::error_line(&e));
             std::process::ExitCode::from(lorap_gpu::cli::classify(&e).exit_code())
         }
     }

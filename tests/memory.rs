@@ -229,7 +229,7 @@ fn output_and_task_failures_come_before_the_long_work() {
     let bad_task = dir.path().join("task.jsonl");
     std::fs::write(&bad_task, "{\"context\": \"the\"}\n").unwrap();
     let args = os_args(&[&"eval", &"--model", &src, &"--text", &latin1, &"--task", &bad_task]);
-    assert_refused("eval with a bad task, text not UTF-8", &refs(&args), ErrorClass::Other, &["task.jsonl:1: no choices/endings field"], dir.path());
+    assert_refused("eval with a bad task, text not UTF-8", &refs(&args), ErrorClass::BadArgument, &["task.jsonl:1: no choices/endings field"], dir.path());
     // report --out onto a file
     std::fs::remove_dir(&out).unwrap();
     let args = os_args(&[&"compress", &"--ratio", &"0.3", &"--samples", &"2", &"--seq-len", &"8", &"--model", &src, &"--calib", &calib, &"--out", &out]);

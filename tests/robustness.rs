@@ -357,3 +357,334 @@ fn concurrent_runs_on_one_output_never_mix() {
     assert!((ratio - 0.2).abs() < 0.05 || (ratio - 0.5).abs() < 0.05, "ratio {ratio}");
     assert!(!dir.path().join(".out.lock").exists() && !dir.path().join(".out.partial").exists());
 }
+
+// ---- issue 15, items 3, 4, 5, 8, 9: resume fingerprint, weight values, config features,
+// argument ranges, exit classes ----
+
+/// The error line's causes (split at ": "), each said once: no part of the line repeats.
+fn assert_said_once(err: &str) {
+    let line = err.trim().trim_start_matches("error: ");
+    let parts: Vec<&str> = line.split(": ").map(str::trim).filter(|p| p.len() >= 6).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "cause said twice ({p:?}): {err}");
+    }
+}
+
+fn osv(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(|s| s.into()).collect()
+}
+
+/// Runs the binary on `args`: the exit code of `class`, one `error:` line holding every
+/// `mention` with no cause said twice, and no file under `dir` changed. Returns the line.
+fn assert_refused(dir: &Path, what: &str, args: &[std::ffi::OsString], class: ErrorClass, mentions: &[&str]) -> String {
+    let before = common::tree_listing(dir);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (code, err) = run_cli(&refs);
+    assert_eq!(code, class.exit_code() as i32, "{what}: exit {code}, stderr: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{what}: one error line expected: {err}");
+    assert!(err.starts_with("error: "), "{what}: {err}");
+    for m in mentions {
+        assert!(err.contains(m), "{what}: {m:?} not in: {err}");
+    }
+    assert_said_once(&err);
+    assert_eq!(common::tree_listing(dir), before, "{what}: files changed");
+    err
+}
+
+/// Runs the binary on `args` and expects success.
+fn assert_runs(what: &str, args: &[std::ffi::OsString]) {
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (code, err) = run_cli(&refs);
+    assert_eq!(code, 0, "{what}: {err}");
+}
+
+/// Arguments of a command on `model` with `calib` or `text`, as OS strings.
+fn with_paths(head: &[&str], pairs: &[(&str, &Path)], tail: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut v = osv(head);
+    for (flag, p) in pairs {
+        v.push(flag.into());
+        v.push(p.as_os_str().to_owned());
+    }
+    v.extend(osv(tail));
+    v
+}
+
+/// Rewrites tensor `name` of `dir`/model.safetensors as `dtype` with element `index` set
+/// to `value` (the rest keeps its values).
+fn poison(dir: &Path, name: &str, dtype: safetensors::Dtype, index: usize, value: f32) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            if n != name {
+                return (n, v.dtype(), v.shape().to_vec(), v.data().to_vec());
+            }
+            assert_eq!(v.dtype(), safetensors::Dtype::F16);
+            let mut vals: Vec<f32> = v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+            vals[index] = value;
+            (n, dtype, v.shape().to_vec(), lorap_gpu::format::dtype::encode(&vals, dtype))
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        owned.iter().map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// Item 3: a resume over a model with the same config.json but other weights is refused,
+/// naming the partial folder and the weights, and changes nothing.
+#[test]
+fn resume_refuses_other_weights_with_the_same_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = small_model(dir.path(), 3);
+    let opts = LorapOptions { ratio: 0.4, ..Default::default() };
+    let out = dir.path().join("out");
+    let e = compress_lib(&Model::open(&src).unwrap(), &out, &opts, &RunControl { stop_after_layers: Some(1), ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("stopped after 1 layers"), "{e}");
+    // other weights under the same config.json
+    let cfg_before = std::fs::read(src.join("config.json")).unwrap();
+    let other = dir.path().join("other");
+    synthetic::write_random_model(&other, &serde_json::from_slice(&cfg_before).unwrap(), 12).unwrap();
+    std::fs::copy(other.join("model.safetensors"), src.join("model.safetensors")).unwrap();
+    assert_eq!(std::fs::read(src.join("config.json")).unwrap(), cfg_before);
+    let before = common::tree_listing(dir.path());
+    let e = compress_lib(&Model::open(&src).unwrap(), &out, &opts, &RunControl { resume: true, ..Default::default() }).unwrap_err();
+    assert_eq!(classify(&e), ErrorClass::ResumeMismatch, "{e:#}");
+    let line = lorap_gpu::cli::error_line(&e);
+    assert!(line.contains(".out.partial") && line.contains("cannot resume: the model's weights are not the ones it was made from"), "{line}");
+    assert!(!line.contains("options") && !line.contains("config.json"), "only the weights differ: {line}");
+    assert_said_once(&line);
+    assert_eq!(common::tree_listing(dir.path()), before, "a refused resume changed files");
+    // a checkpoint of an older tool (its fingerprint one string) is refused as such
+    let ck = dir.path().join(".out.partial/resume.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&ck).unwrap()).unwrap();
+    v["state"]["fingerprint"] = "{\"config\": {}}".into();
+    std::fs::write(&ck, v.to_string()).unwrap();
+    let before = common::tree_listing(dir.path());
+    let e = compress_lib(&Model::open(&src).unwrap(), &out, &opts, &RunControl { resume: true, ..Default::default() }).unwrap_err();
+    assert_eq!(classify(&e), ErrorClass::ResumeMismatch, "{e:#}");
+    assert!(lorap_gpu::cli::error_line(&e).contains("cannot resume: it was made by an older lorap-gpu"), "{e:#}");
+    assert_eq!(common::tree_listing(dir.path()), before, "a refused resume changed files");
+}
+
+/// Item 4: NaN, infinite and absurd weights are refused before any work or output, naming
+/// the tensor and the file (exit 4); `--max-abs-weight` lets a large finite value through.
+#[test]
+fn non_finite_and_absurd_weights_are_refused_up_front() {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, calib) = cli_case(dir.path());
+    let good = std::fs::read(src.join("model.safetensors")).unwrap();
+    let out = dir.path().join("out");
+    let compress = |extra: &[&str]| with_paths(&["compress", "--ratio", "0.3", "--samples", "2", "--seq-len", "8"], &[("--model", &src), ("--calib", &calib), ("--out", &out)], extra);
+    let eval = |extra: &[&str]| with_paths(&["eval", "--seq-len", "8"], &[("--model", &src), ("--text", &calib)], extra);
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let cases: [(&str, Dtype, f32, &str); 4] = [
+        ("model.layers.0.self_attn.q_proj.weight", Dtype::F16, f32::NAN, "holds NaN at element 5"),
+        ("model.layers.0.mlp.down_proj.weight", Dtype::F16, f32::NEG_INFINITY, "holds -infinity at element 5"),
+        ("model.layers.0.self_attn.k_proj.weight", Dtype::BF16, 1e25, "beyond the largest plausible magnitude 1e6"),
+        ("model.embed_tokens.weight", Dtype::F32, -3e6, "holds -3e6 at element 5"),
+    ];
+    for (name, dtype, value, said) in cases {
+        std::fs::write(src.join("model.safetensors"), &good).unwrap();
+        poison(&src, name, dtype, 5, value);
+        let mentions = ["model.safetensors", name, said];
+        assert_refused(dir.path(), &format!("compress, {name} = {value}"), &compress(&[]), ErrorClass::CorruptWeights, &mentions);
+        assert_refused(dir.path(), &format!("eval, {name} = {value}"), &eval(&[]), ErrorClass::CorruptWeights, &mentions);
+        assert_no_output(dir.path(), "out");
+    }
+    // the same through the library: compress refuses before its output exists
+    let model = Model::open(&src).unwrap();
+    let e = compress_lib(&model, &out, &LorapOptions { ratio: 0.3, ..Default::default() }, &RunControl::default()).unwrap_err();
+    assert_eq!(classify(&e), ErrorClass::CorruptWeights, "{e:#}");
+    assert_no_output(dir.path(), "out");
+    // generate and search too
+    std::fs::write(src.join("model.safetensors"), &good).unwrap();
+    poison(&src, q, Dtype::F16, 0, f32::INFINITY);
+    let generate = with_paths(&["generate", "--prompt", "the quick"], &[("--model", &src)], &[]);
+    assert_refused(dir.path(), "generate", &generate, ErrorClass::CorruptWeights, &[q, "+infinity"]);
+    let search = with_paths(&["search", "--samples", "3", "--search-windows", "1", "--seq-len", "8"], &[("--model", &src), ("--calib", &calib), ("--out", &out)], &[]);
+    assert_refused(dir.path(), "search", &search, ErrorClass::CorruptWeights, &[q, "+infinity"]);
+    // a large finite value passes when the user raises the limit (NaN never does)
+    std::fs::write(src.join("model.safetensors"), &good).unwrap();
+    poison(&src, "model.layers.0.self_attn.o_proj.weight", Dtype::F32, 3, 2e6);
+    assert_refused(dir.path(), "o_proj 2e6", &eval(&[]), ErrorClass::CorruptWeights, &["o_proj", "2e6", "--max-abs-weight"]);
+    assert_runs("o_proj 2e6 with --max-abs-weight 1e7", &eval(&["--max-abs-weight", "1e7"]));
+    poison(&src, q, Dtype::F16, 0, f32::NAN);
+    assert_refused(dir.path(), "NaN with --max-abs-weight inf", &eval(&["--max-abs-weight", "inf"]), ErrorClass::CorruptWeights, &[q, "NaN"]);
+}
+
+/// A model folder named `name` with a word tokenizer whose config.json `edit` changes
+/// after the weights are written.
+fn edited_model(dir: &Path, name: &str, model_type: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let src = dir.join(name);
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type, layers: 1, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 11).unwrap();
+    synthetic::write_word_tokenizer(&src, 101).unwrap();
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut c);
+    std::fs::write(src.join("config.json"), c.to_string()).unwrap();
+    src
+}
+
+/// Item 5: config features the forward pass lacks are refused up front, naming the key
+/// (biases, sliding windows shorter than the window asked for, rope types and values);
+/// what is off stays off.
+#[test]
+fn unsupported_config_features_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(&calib, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let out = dir.path().join("out");
+    let compress = |m: &Path, seq: &str| with_paths(&["compress", "--ratio", "0.3", "--samples", "2", "--seq-len", seq], &[("--model", m), ("--calib", &calib), ("--out", &out)], &[]);
+    let eval = |m: &Path, seq: &str| with_paths(&["eval", "--seq-len", seq], &[("--model", m), ("--text", &calib)], &[]);
+    let cases: Vec<(&str, &str, serde_json::Value, ErrorClass, &str)> = vec![
+        ("attention bias", "llama", serde_json::json!({"attention_bias": true}), ErrorClass::Unsupported, "attention_bias: true"),
+        ("mlp bias", "llama", serde_json::json!({"mlp_bias": true}), ErrorClass::Unsupported, "mlp_bias: true"),
+        ("yarn", "llama", serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), ErrorClass::Unsupported, "rope_scaling.rope_type \"yarn\" is not supported"),
+        ("llama3 factor 0", "llama", serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 0}}), ErrorClass::BadConfig, "rope_scaling.factor must be a positive finite number, got 0"),
+        ("llama3 equal frequency factors", "llama", serde_json::json!({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 2, "high_freq_factor": 2}}), ErrorClass::BadConfig, "rope_scaling.high_freq_factor"),
+        ("mistral window", "mistral", serde_json::json!({"sliding_window": 4}), ErrorClass::Unsupported, "sliding_window 4 is shorter than the 8 tokens"),
+        ("qwen2 window on", "qwen2", serde_json::json!({"sliding_window": 4, "use_sliding_window": true}), ErrorClass::Unsupported, "sliding_window 4 is shorter than the 8 tokens"),
+    ];
+    for (i, (what, model_type, extra, class, said)) in cases.into_iter().enumerate() {
+        let m = edited_model(dir.path(), &format!("m{i}"), model_type, |c| {
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
+        assert_refused(dir.path(), &format!("compress, {what}"), &compress(&m, "8"), class, &["config.json", said]);
+        assert_refused(dir.path(), &format!("eval, {what}"), &eval(&m, "8"), class, &["config.json", said]);
+        assert_no_output(dir.path(), "out");
+    }
+    // a window no longer than the sliding window runs; generate counts the new tokens too
+    let mistral = edited_model(dir.path(), "mistral", "mistral", |c| c["sliding_window"] = 8.into());
+    assert_runs("mistral, windows of 8", &eval(&mistral, "8"));
+    let generate = with_paths(&["generate", "--prompt", "the quick", "--max-new", "7"], &[("--model", &mistral)], &[]);
+    assert_refused(dir.path(), "generate past the window", &generate, ErrorClass::Unsupported, &["sliding_window 8 is shorter than the 9 tokens of the prompt and --max-new"]);
+    // qwen2's window is off unless use_sliding_window says otherwise
+    let qwen = edited_model(dir.path(), "qwen", "qwen2", |c| {
+        c["sliding_window"] = 4.into();
+        c["use_sliding_window"] = false.into();
+    });
+    assert_runs("qwen2, window off", &eval(&qwen, "8"));
+}
+
+/// Item 8: every argument is range-checked before any file is read (exit 2, the flag
+/// named), plan files refuse unknown keys naming the key and the file.
+#[test]
+fn arguments_out_of_range_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, calib) = cli_case(dir.path());
+    let out = dir.path().join("out");
+    // the values are refused before any file is read, so the defaults' sizes never matter
+    let compress = |extra: &[&str]| with_paths(&["compress"], &[("--model", &src), ("--calib", &calib), ("--out", &out)], extra);
+    let search = |extra: &[&str]| with_paths(&["search"], &[("--model", &src), ("--calib", &calib), ("--out", &out)], extra);
+    let eval = |extra: &[&str]| with_paths(&["eval"], &[("--model", &src), ("--text", &calib)], extra);
+    let generate = |extra: &[&str]| with_paths(&["generate", "--prompt", "the"], &[("--model", &src)], extra);
+    let synth = |extra: &[&str]| with_paths(&["synth", "--preset", "smollm2-135m"], &[("--out", &out)], extra);
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (search(&["--target-ratio", "2"]), "--target-ratio must be in (0, 1), got 2"),
+        (search(&["--target-ratio=-1"]), "--target-ratio must be in (0, 1), got -1"),
+        (search(&["--target-ratio", "nan"]), "--target-ratio must be in (0, 1), got NaN"),
+        (search(&["--ratios", "0.2,1.5"]), "--ratios must be in [0, 1), got 1.5"),
+        (search(&["--step", "0"]), "--step must be in (0, 1)"),
+        (search(&["--evaluations", "1000000000"]), "--evaluations must be at most"),
+        (with_paths(&["search", "--samples", "3", "--search-windows", "3"], &[("--model", &src), ("--calib", &calib), ("--out", &out)], &[]), "--samples (3) must exceed --search-windows (3)"),
+        (compress(&["--ratio", "0.3", "--max-vram", "1e-12"]), "--max-vram 0.000000000001 GiB is less than one byte"),
+        (compress(&["--ratio", "0.3", "--max-vram=-1"]), "--max-vram must be a positive number of GiB"),
+        (compress(&["--ratio", "0.3", "--max-vram", "nan"]), "--max-vram must be a positive number of GiB"),
+        (compress(&["--ratio", "0.3", "--max-vram", "inf"]), "--max-vram must be a positive number of GiB"),
+        (compress(&["--ratio", "2"]), "--ratio must be in (0, 1), got 2"),
+        (compress(&["--ratio", "0.3", "--samples", "0"]), "--samples must be at least 1"),
+        (compress(&["--ratio", "0.3", "--seq-len", "1"]), "--seq-len must be at least 2"),
+        (compress(&["--ratio", "0.3", "--batch-tokens", "0"]), "--batch-tokens must be at least 1"),
+        (compress(&["--ratio", "0.3", "--power-iters", "1000000"]), "--power-iters must be at most 32"),
+        (compress(&["--ratio", "0.3", "--oversample", "100000"]), "--oversample must be at most 1024"),
+        (compress(&["--ratio", "0.3", "--mpo-cores", "1"]), "--mpo-cores must be in 2..=8"),
+        (compress(&["--ratio", "0.3", "--mpo-max-bond", "0"]), "--mpo-max-bond must be at least 1"),
+        (compress(&["--ratio", "0.3", "--mpo-matrices", "q,x"]), "--mpo-matrices: unknown matrix \"x\""),
+        (compress(&["--ratio", "0.3", "--mpo-matrices", "q,q"]), "--mpo-matrices: \"q\" given twice"),
+        (compress(&["--method", "sfsd", "--surgical", "--surgical-tolerance=-1"]), "--surgical-tolerance must be a finite number >= 0"),
+        (compress(&["--method", "sfsd", "--surgical", "--surgical-last-layers", "0"]), "--surgical-last-layers must be at least 1"),
+        (compress(&["--method", "sfsd", "--surgical", "--samples", "2", "--search-windows", "2"]), "--samples (2) must exceed --search-windows (2)"),
+        (compress(&["--surgical"]), "--surgical goes with --method sfsd and no --plan"),
+        (compress(&["--ratio", "0.3", "--max-abs-weight", "0"]), "--max-abs-weight must be positive, got 0"),
+        (compress(&["--ratio", "0.3", "--max-binding", "16"]), "--max-binding must be at least 256 bytes"),
+        (eval(&["--max-vram", "0"]), "--max-vram must be a positive number of GiB"),
+        (eval(&["--seq-len", "1"]), "--seq-len must be at least 2"),
+        (eval(&["--seq-len", "8", "--max-tokens", "4"]), "--max-tokens 4 is less than one window of --seq-len 8"),
+        (eval(&["--batch-tokens", "0"]), "--batch-tokens must be at least 1"),
+        (generate(&["--max-vram", "0"]), "--max-vram must be a positive number of GiB"),
+        (synth(&["--layers", "0"]), "--layers must be in 1..=30"),
+        (synth(&["--layers", "31"]), "--layers must be in 1..=30"),
+    ];
+    for (args, said) in &cases {
+        assert_refused(dir.path(), said, args, ErrorClass::BadArgument, &[said]);
+        assert_no_output(dir.path(), "out");
+    }
+    // plan files: a misspelled key names itself and the file; a plan for another model too
+    let plan = dir.path().join("plan.json");
+    std::fs::write(&plan, r#"{"layers": [{"attention_keep": 0.5, "ffn_kep": 0.5}]}"#).unwrap();
+    let planned = with_paths(&["compress", "--samples", "2", "--seq-len", "8"], &[("--model", &src), ("--calib", &calib), ("--out", &out), ("--plan", &plan)], &[]);
+    assert_refused(dir.path(), "misspelled plan key", &planned, ErrorClass::BadArgument, &["plan.json: not a plan: unknown field `ffn_kep`"]);
+    std::fs::write(&plan, r#"{"layers": [{"attention_keep": 0.5}], "notes": "x"}"#).unwrap();
+    assert_refused(dir.path(), "misspelled top-level plan key", &planned, ErrorClass::BadArgument, &["plan.json: not a plan: unknown field `notes`"]);
+    std::fs::write(&plan, r#"{"layers": [{"attention_keep": 0.5}, {}]}"#).unwrap();
+    assert_refused(dir.path(), "plan for two layers", &planned, ErrorClass::BadArgument, &["plan.json: plan: 2 layers listed, the model has 1"]);
+    std::fs::write(&plan, r#"{"layers": [{"attention_keep": 1.5}]}"#).unwrap();
+    assert_refused(dir.path(), "plan keep above 1", &planned, ErrorClass::BadArgument, &["plan.json: plan: layer 0: keep fractions must be in (0, 1]"]);
+}
+
+/// Item 9: exit classes as the README's table says, each error line naming the file and
+/// saying its cause once.
+#[test]
+fn exit_classes_follow_the_readme() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, calib) = cli_case(dir.path());
+    let out = dir.path().join("out");
+    let eval = |m: &Path, text: &Path, extra: &[&str]| with_paths(&["eval", "--seq-len", "8"], &[("--model", m), ("--text", text)], extra);
+    let compress = |m: &Path, out: &Path| with_paths(&["compress", "--ratio", "0.3", "--samples", "2", "--seq-len", "8"], &[("--model", m), ("--calib", &calib), ("--out", out)], &[]);
+    // tokenizer.json: corrupt is a bad model file (5), missing is a missing input (3), one
+    // whose ids the model lacks is named with both files (5)
+    let tok = src.join("tokenizer.json");
+    let good_tok = std::fs::read(&tok).unwrap();
+    std::fs::write(&tok, "{ not a tokenizer").unwrap();
+    assert_refused(dir.path(), "corrupt tokenizer, eval", &eval(&src, &calib, &[]), ErrorClass::BadConfig, &["tokenizer.json: cannot load tokenizer"]);
+    assert_refused(dir.path(), "corrupt tokenizer, compress", &compress(&src, &out), ErrorClass::BadConfig, &["tokenizer.json: cannot load tokenizer"]);
+    std::fs::remove_file(&tok).unwrap();
+    assert_refused(dir.path(), "missing tokenizer", &eval(&src, &calib, &[]), ErrorClass::MissingInput, &["no tokenizer.json"]);
+    synthetic::write_word_tokenizer(&src, 300).unwrap();
+    assert_refused(dir.path(), "vocabulary mismatch", &compress(&src, &out), ErrorClass::BadConfig, &["tokenizer.json: token", "outside the vocabulary of 101 in", "config.json"]);
+    std::fs::write(&tok, &good_tok).unwrap();
+    // eval and generate with --max-vram 0: a bad argument, as in compress
+    assert_refused(dir.path(), "eval --max-vram 0", &eval(&src, &calib, &["--max-vram", "0"]), ErrorClass::BadArgument, &["--max-vram"]);
+    let generate = |prompt: &str, extra: &[&str]| with_paths(&["generate", "--prompt", prompt], &[("--model", &src)], extra);
+    assert_refused(dir.path(), "generate --max-vram 0", &generate("the", &["--max-vram", "0"]), ErrorClass::BadArgument, &["--max-vram"]);
+    // empty prompts are bad arguments, too-short texts are too short (8), naming the text
+    assert_refused(dir.path(), "empty prompt", &generate("", &[]), ErrorClass::BadArgument, &["--prompt is empty"]);
+    assert_refused(dir.path(), "blank prompt", &generate("   ", &[]), ErrorClass::BadArgument, &["tokenizes to nothing"]);
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "the quick brown").unwrap();
+    assert_refused(dir.path(), "short eval text", &eval(&src, &short, &[]), ErrorClass::CalibrationTooShort, &["short.txt: 3 tokens, fewer than one window of 8"]);
+    // a task file that is not one: a bad argument naming file and line
+    let task = dir.path().join("task.jsonl");
+    std::fs::write(&task, "{\"context\": \"the\"}\n").unwrap();
+    let tasked = with_paths(&["eval"], &[("--model", &src), ("--task", &task)], &[]);
+    assert_refused(dir.path(), "bad task", &tasked, ErrorClass::BadArgument, &["task.jsonl:1: no choices/endings field"]);
+    // a missing input file's cause is said once
+    let plan = dir.path().join("missing-plan.json");
+    let planned = with_paths(&["compress", "--samples", "2", "--seq-len", "8"], &[("--model", &src), ("--calib", &calib), ("--out", &out), ("--plan", &plan)], &[]);
+    assert_refused(dir.path(), "missing plan", &planned, ErrorClass::MissingInput, &["missing-plan.json: cannot read the plan file: No such file"]);
+    // output-side failures: an output class (16), not a missing input
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "mine").unwrap();
+    assert_refused(dir.path(), "compress under a file", &compress(&src, &file.join("out")), ErrorClass::OutputUnwritable, &["a-file: cannot create the output under it: not a directory"]);
+    let search = with_paths(&["search", "--samples", "3", "--search-windows", "1", "--seq-len", "8"], &[("--model", &src), ("--calib", &calib), ("--out", &file.join("out"))], &[]);
+    assert_refused(dir.path(), "search under a file", &search, ErrorClass::OutputUnwritable, &["a-file: cannot create the output under it"]);
+    let compressed = dir.path().join("compressed");
+    assert_runs("compress", &compress(&src, &compressed));
+    let report = with_paths(&["report"], &[("--model", &compressed), ("--out", &file.join("report"))], &[]);
+    assert_refused(dir.path(), "report under a file", &report, ErrorClass::OutputUnwritable, &["a-file/report: cannot create"]);
+}

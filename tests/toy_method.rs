@@ -8,7 +8,7 @@ mod common;
 use anyhow::Result;
 use lorap_gpu::format::linear::LINEARS;
 use lorap_gpu::methods::ffn::{gather_cols, gather_rows};
-use lorap_gpu::methods::{BuiltLayer, LayerInput, LayerMethod, LorapOptions};
+use lorap_gpu::methods::{BuiltLayer, LayerInput, LayerMethod, LorapOptions, Phase};
 use lorap_gpu::model::forward::Runner;
 use lorap_gpu::model::{synthetic, Model};
 use lorap_gpu::pipeline::{self, Run};
@@ -22,8 +22,8 @@ impl LayerMethod for MagnitudeFfn {
         "magnitude-ffn"
     }
 
-    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
-        progress("magnitude pruning");
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(Phase)) -> Result<()> {
+        progress(Phase::FfnScoring);
         let (cfg, i) = (input.cfg, input.layer);
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let full = lorap_gpu::format::plan::LayerPlan { ffn_width: f, ..Default::default() };

@@ -52,9 +52,10 @@ impl CalibStates {
     }
 }
 
-/// Whether states of `bytes` should stay on the host: when they would take more than half
-/// of a set GPU budget (the rest is for one layer's weights and the work buffers).
-pub fn keep_on_host(gpu: &Gpu, bytes: u64) -> bool {
+/// Whether states of `state_bytes` must stay on the host: on the GPU they would sit beside
+/// `resident_bytes` (what a layer's work holds at its peak), and together they would cross
+/// the GPU budget. Without a budget they stay on the GPU.
+pub fn keep_on_host(gpu: &Gpu, state_bytes: u64, resident_bytes: u64) -> bool {
     let budget = gpu.budget();
-    budget > 0 && bytes > budget / 2
+    budget > 0 && state_bytes.saturating_add(resident_bytes) > budget
 }

@@ -102,22 +102,22 @@ pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &
     let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0 };
     batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
-        // the layer's output is discarded: the next inputs come from the compressed layer
-        forward::layer_forward(gpu, &mut enc, cfg, dense, table, forward::Batch { h, tokens, window: seq_len }, Some(&mut stats))?;
+        // only the inputs are needed: the next layer's come from the compressed layer
+        forward::observe_inputs(gpu, &mut enc, cfg, dense, table, forward::Batch { h, tokens, window: seq_len }, &mut stats)?;
         gpu.submit(enc);
         Ok(None)
     })?;
-    let mut sc: Vec<Vec<f32>> = Vec::new();
-    for b in &stats.sumsq {
-        sc.push(scales(&gpu.read(b)?, windows));
-    }
+    // one readback for all four sites: every read drains the queue
+    let sums = gpu.read_many(&stats.sumsq.iter().collect::<Vec<_>>())?;
+    let sc: Vec<Vec<f32>> = sums.iter().map(|s| scales(s, windows)).collect();
     let cov = match &stats.gram {
         None => None,
         Some(gram) => {
             let n_tok = stats.tokens.max(1) as f64;
             let mut out: Vec<Vec<f32>> = Vec::new();
             for (s, (g, sum)) in gram.iter().enumerate() {
-                let (g, sum) = (gpu.read(g)?, gpu.read(sum)?);
+                let mut both = gpu.read_many(&[g, sum])?.into_iter();
+                let (g, sum) = (both.next().unwrap_or_default(), both.next().unwrap_or_default());
                 let n = dims[s];
                 let mu: Vec<f64> = sum.iter().map(|&x| x as f64 / n_tok).collect();
                 let centre = if centred { 1.0 } else { 0.0 };

@@ -27,6 +27,8 @@ impl<'a> Walker<'a> {
     /// Embeds `calib` (whole windows of `seq_len`) in batches of about `batch_tokens`
     /// tokens (the runner's default when `None`); the states live on the host when `on_host`.
     pub fn start(gpu: &'a Arc<Gpu>, model: &'a Model, calib: &[u32], seq_len: usize, batch_tokens: Option<usize>, on_host: bool) -> Result<Self> {
+        // the walk attends over whole windows: a model with a shorter sliding window is refused
+        model.cfg.check_window(seq_len, "per calibration window (--seq-len)")?;
         let runner = Runner::new(gpu.clone(), model.cfg.clone(), model.store.clone(), false);
         let batch_tokens = batch_tokens.unwrap_or(runner.batch_tokens).max(1);
         let states = CalibStates::embed(&runner, calib, seq_len, batch_tokens, on_host)?;

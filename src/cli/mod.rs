@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands, thin over the library.
 
 pub mod classify;
+pub mod validate;
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use crate::eval::{perplexity, zeroshot};
 use crate::gpu::{self, GpuOptions};
 use crate::model::{forward::Runner, Model};
 
-pub use classify::classify;
+pub use classify::{classify, error_line};
 
 #[derive(Parser, Debug)]
 #[command(name = "lorap-gpu", version, about = "Compress LLaMA-family models with LoRAP on any GPU (wgpu)")]
@@ -25,6 +26,11 @@ pub struct Cli {
     /// No progress output (results and errors are still printed).
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Largest weight magnitude accepted: a model whose weights exceed it is refused before
+    /// any work as corrupt (NaN and infinities always are). Trained models stay far below
+    /// the default; `inf` accepts any finite weight.
+    #[arg(long, global = true, default_value_t = crate::format::weights::DEFAULT_MAX_ABS)]
+    pub max_abs_weight: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -307,6 +313,8 @@ impl Cli {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // every value range-checked before any file is read
+    cli.validate()?;
     match &cli.command {
         Command::GpuInfo => gpu_info(&cli),
         Command::Eval(a) => eval(&cli, a),
@@ -324,19 +332,26 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     use crate::methods::{self as lorap, svd::SvdOptions};
     use crate::pipeline::{self, Run, RunControl};
     let model = Model::open(&a.model)?;
-    // the output and the plan file before the text is tokenized (minutes for a long one)
+    // the output before the text is tokenized (minutes for a long one)
     let mut inputs = vec![a.model.as_path(), a.calib.as_path()];
     inputs.extend(a.plan.as_deref());
     crate::format::claim::check_target(&a.out, &inputs, a.force)?;
-    let plan = a.plan.as_deref().map(crate::format::plan::Plan::load).transpose()?;
+    let n_layers = model.cfg.num_hidden_layers;
+    let plan = match a.plan.as_deref() {
+        Some(path) => {
+            let plan = crate::format::plan::Plan::load(path)?;
+            plan.validate(n_layers).map_err(|e| CompressError::BadArgument(format!("{}: {e}", path.display())))?;
+            Some(plan)
+        }
+        None => None,
+    };
+    model.cfg.check_window(a.seq_len, "per calibration window (--seq-len)")?;
+    if a.surgical && a.surgical_skip_first >= n_layers {
+        return Err(CompressError::BadArgument(format!("--surgical-skip-first {} leaves no layer to decompose: the model has {n_layers}", a.surgical_skip_first)).into());
+    }
     let tok = model.tokenizer()?;
     let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
-    let short = crate::format::linear::SHORT_NAMES;
-    let mut mpo_matrices = Vec::new();
-    for m in &a.mpo_matrices {
-        let j = short.iter().position(|s| s == m).ok_or_else(|| CompressError::BadArgument(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
-        mpo_matrices.push(j);
-    }
+    let mpo_matrices = a.mpo_matrix_indices()?;
     let opts = lorap::LorapOptions {
         method: a.method,
         mpo_cores: a.mpo_cores,
@@ -354,14 +369,13 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     };
     let mut opts = opts;
     if a.surgical {
-        anyhow::ensure!(a.method == lorap::Method::Sfsd && a.plan.is_none(), CompressError::BadArgument("--surgical goes with --method sfsd and no --plan".into()));
         opts.plan = Some(crate::format::plan::Plan::uniform(model.cfg.num_hidden_layers, 1.0));
     }
     pipeline::validate(&model, &calib, a.seq_len, &opts)?;
+    check_weights(cli, &model)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     if let Some(v) = a.max_vram {
-        anyhow::ensure!(v > 0.0, CompressError::BadArgument("--max-vram must be positive".into()));
-        gpu.set_budget((v * (1u64 << 30) as f64) as u64);
+        gpu.set_budget(validate::gib_to_bytes("--max-vram", v)?);
     }
     let mut surgical_report = None;
     let mut calib = calib;
@@ -389,12 +403,12 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     }
     let control = RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), report_files: Some(crate::report::compress_files) , ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
-    let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what))?;
+    let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what.label()))?;
     pb.finish();
     if let (Some(sr), Some(plan)) = (&surgical_report, &opts.plan) {
         // beside the finished model: what the search decided, and the plan to re-apply it
-        std::fs::write(path.join("surgical_search.json"), serde_json::to_string_pretty(sr)?)?;
-        std::fs::write(path.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
+        write_output(&path.join("surgical_search.json"), serde_json::to_string_pretty(sr)?.as_bytes())?;
+        write_output(&path.join("plan.json"), serde_json::to_string_pretty(plan)?.as_bytes())?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -405,6 +419,9 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             rep.total_params_before, rep.total_params_after, 100.0 * rep.achieved_total_ratio, rep.seconds,
             rep.peak_gpu_bytes as f64 / (1u64 << 20) as f64, rep.adapter
         );
+        let total = rep.phases.total().max(f64::MIN_POSITIVE);
+        let shares: Vec<String> = rep.phases.rows().iter().filter(|r| r.1 > 0.0).map(|(name, secs)| format!("{name} {secs:.1} s ({:.0}%)", 100.0 * secs / total)).collect();
+        println!("time: {}; the host waited on the GPU {:.1} s", shares.join(", "), rep.phases.blocked_on_gpu);
     }
     Ok(())
 }
@@ -413,10 +430,12 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
     use crate::report::search::{front_table, render};
     use crate::search;
     let model = Model::open(&a.model)?;
+    model.cfg.check_window(a.seq_len, "per calibration window (--seq-len)")?;
     // held from here: a second search on the same --out fails now, not after the search
     let claim = crate::format::OutputClaim::take(&a.out, &[a.model.as_path(), a.calib.as_path()], a.force)?;
     let tok = model.tokenizer()?;
     let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
+    check_weights(cli, &model)?;
     let opts = search::SearchOptions {
         uniform_ratios: a.ratios.clone(),
         evaluations: a.evaluations,
@@ -436,10 +455,9 @@ fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {
     pb.finish();
     claim.fresh_partial()?;
     for (file, text) in render(&res) {
-        let path = claim.partial().join(&file);
-        if let Err(e) = std::fs::write(&path, text) {
+        if let Err(e) = write_output(&claim.partial().join(&file), text.as_bytes()) {
             let _ = std::fs::remove_dir_all(claim.partial());
-            return Err(anyhow::Error::new(e).context(format!("{}: cannot write", path.display())));
+            return Err(e);
         }
     }
     claim.move_into_place()?;
@@ -456,7 +474,7 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
     let base = a.base.clone().unwrap_or_else(|| PathBuf::from(&rep.source_model));
     let out = a.out.clone().unwrap_or_else(|| a.model.clone());
     // the report goes beside the compressed model by default, never into what it reads;
-    // checked before the two perplexity runs, not after
+    // checked before the perplexities are measured, not after
     let mut inputs = vec![base.as_path()];
     inputs.extend(a.ppl.text.as_deref());
     crate::format::claim::check_no_overlap(&out, &inputs)?;
@@ -468,6 +486,8 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
         Some(text_path) => {
             let measure = |dir: &std::path::Path, what: &str| -> Result<perplexity::PerplexityReport> {
                 let model = Model::open(dir)?;
+                model.cfg.check_window(a.ppl.seq_len, "per window (--seq-len)")?;
+                check_weights(cli, &model)?;
                 let mut r = runner(cli, &model, &a.mem)?;
                 measure_perplexity(cli, &model, &mut r, &a.ppl, what)
             };
@@ -477,11 +497,10 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
             Some(crate::report::Perplexities { text: name, tokens: dense.windows * dense.window_len, seq_len: a.ppl.seq_len, dense: dense.perplexity, compressed: compressed.perplexity })
         }
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(|source| crate::format::OutputError::Io { path: out.display().to_string(), what: "cannot create", source })?;
     let name = base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     for (file, body) in crate::report::render(&rep, &name, ppl.as_ref()) {
-        let p = out.join(&file);
-        std::fs::write(&p, body).with_context(|| format!("{}: cannot write", p.display()))?;
+        write_output(&out.join(&file), body.as_bytes())?;
     }
     if let Some(p) = &ppl {
         println!("perplexity dense {:.4} -> compressed {:.4}", p.dense, p.compressed);
@@ -491,11 +510,7 @@ fn report(cli: &Cli, a: &ReportArgs) -> Result<()> {
 }
 
 fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
-    use crate::error::CompressError;
     use crate::model::synthetic;
-    if a.layers == Some(0) {
-        return Err(CompressError::BadArgument("--layers must be at least 1".into()).into());
-    }
     // built beside the target and renamed when complete, like compress
     let claim = crate::format::OutputClaim::take(&a.out, &[], a.force)?;
     claim.fresh_partial()?;
@@ -508,7 +523,11 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
     pb.finish();
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&partial);
-        return Err(e.context(format!("{}: cannot write the synthetic model", a.out.display())));
+        // an I/O failure here is on the output side, whatever its kind
+        return Err(match e.downcast::<std::io::Error>() {
+            Ok(source) => crate::format::OutputError::Io { path: a.out.display().to_string(), what: "cannot write the synthetic model", source }.into(),
+            Err(e) => e.context(format!("{}: cannot write the synthetic model", a.out.display())),
+        });
     }
     claim.move_into_place()?;
     drop(claim);
@@ -519,6 +538,7 @@ fn synth(cli: &Cli, a: &SynthArgs) -> Result<()> {
 
 fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
+    check_weights(cli, &model)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
     let path = match a.format {
@@ -588,9 +608,9 @@ impl Progress {
 }
 
 fn runner(cli: &Cli, model: &Model, mem: &MemArgs) -> Result<Runner> {
+    let budget = validate::gib_to_bytes("--max-vram", mem.max_vram)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
-    anyhow::ensure!(mem.max_vram > 0.0, "--max-vram must be positive");
-    let mut r = Runner::with_budget(gpu, model.cfg.clone(), model.store.clone(), (mem.max_vram * (1u64 << 30) as f64) as u64);
+    let mut r = Runner::with_budget(gpu, model.cfg.clone(), model.store.clone(), budget);
     r.batch_tokens = mem.batch_tokens.max(1);
     Ok(r)
 }
@@ -601,15 +621,33 @@ fn calibration_windows(tok: &tokenizers::Tokenizer, path: &std::path::Path, samp
     crate::calib::calibration_windows_of(TextFile::new(tok, path), samples, seq_len, crate::calib::KEEP_TOKENS)
 }
 
+/// Reads the model's weights once before any work, with progress: NaN, infinite or
+/// absurdly large values are refused here, naming the tensor (see `Model::check_weights`).
+fn check_weights(cli: &Cli, model: &Model) -> Result<()> {
+    // tenths of the bytes: a few lines at most in a log, whatever the model's size
+    let mut pb = Progress::new(10, "checking weights (tenths)", cli.quiet);
+    model.check_weights(cli.max_abs_weight, &mut |done, total| pb.update((done * 10).checked_div(total).unwrap_or(10) as usize, "reading"))?;
+    pb.finish();
+    Ok(())
+}
+
+/// Writes a file of the output (after the output folder was claimed); a failure is an
+/// output-side one (`OutputError::Io`), never read as a missing input.
+fn write_output(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| crate::format::OutputError::Io { path: path.display().to_string(), what: "cannot write", source })?;
+    Ok(())
+}
+
 /// Perplexity of `model` on the text of `p` (which must name one), with progress.
 fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityArgs, label: &str) -> Result<perplexity::PerplexityReport> {
     let text_path = p.text.as_ref().context("no --text given")?;
-    anyhow::ensure!(p.seq_len >= 2, crate::error::CompressError::BadArgument("--seq-len must be at least 2".into()));
     let tok = model.tokenizer()?;
     // read only as far as --max-tokens needs
     let ids = crate::model::tokens::TextFile::new(&tok, text_path).first_tokens(p.max_tokens)?;
     let toks = perplexity::windows_of(&ids, p.seq_len, p.max_tokens);
-    anyhow::ensure!(!toks.is_empty(), "{}: {} tokens, fewer than one window of {}", text_path.display(), ids.len(), p.seq_len);
+    if toks.is_empty() {
+        return Err(crate::error::CompressError::TextTooShort { path: text_path.display().to_string(), tokens: ids.len(), seq_len: p.seq_len }.into());
+    }
     let mut pb = Progress::new(model.cfg.num_hidden_layers, label, cli.quiet);
     let rep = perplexity::perplexity(r, toks, p.seq_len, &mut |d, _| pb.update(d, "running"))?;
     pb.finish();
@@ -617,11 +655,15 @@ fn measure_perplexity(cli: &Cli, model: &Model, r: &mut Runner, p: &PerplexityAr
 }
 
 fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
-    anyhow::ensure!(a.ppl.text.is_some() || a.task.is_some(), crate::error::CompressError::BadArgument("nothing to evaluate: give --text and/or --task".into()));
     let model = Model::open(&a.model)?;
+    if a.ppl.text.is_some() {
+        model.cfg.check_window(a.ppl.seq_len, "per window (--seq-len)")?;
+    }
     let tok = model.tokenizer()?;
-    // the task file is read before the GPU and the perplexity run, so a bad one fails at once
+    // the task file is read before the weights check, the GPU and the perplexity run, so a
+    // bad one fails at once
     let examples = a.task.as_deref().map(zeroshot::load_task).transpose()?;
+    check_weights(cli, &model)?;
     let mut r = runner(cli, &model, &a.mem)?;
     let mut out = serde_json::Map::new();
     out.insert("model".into(), a.model.display().to_string().into());
@@ -661,8 +703,13 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
     let tok = model.tokenizer()?;
     let ids = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+    if ids.is_empty() {
+        return Err(crate::error::CompressError::BadArgument(format!("--prompt {:?} tokenizes to nothing", a.prompt)).into());
+    }
     // the prompt and --max-new against the model's positions, before any GPU work
     decode::check_request(&model.cfg, ids.len(), a.max_new)?;
+    model.cfg.check_window(ids.len() + a.max_new, "of the prompt and --max-new")?;
+    check_weights(cli, &model)?;
     let mut r = runner(cli, &model, &a.mem)?;
     let eos = model.cfg.eos_token_id.as_ref().and_then(|e| e.first());
     // each token's text is printed as soon as it is chosen

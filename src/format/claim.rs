@@ -22,7 +22,7 @@ pub enum OutputError {
     NotAFolder(String),
     #[error("{out}: another run is writing this output ({holder}; lock {lock}); wait for it to finish or choose another --out")]
     Busy { out: String, holder: String, lock: String },
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}")]
     Io { path: String, what: &'static str, source: std::io::Error },
 }
 
@@ -121,6 +121,14 @@ pub fn check_no_overlap(target: &Path, inputs: &[&Path]) -> Result<(), OutputErr
 /// input, and it is absent, or (with `force`) a real folder that may be replaced.
 pub fn check_target(target: &Path, inputs: &[&Path], force: bool) -> Result<(), OutputError> {
     check_no_overlap(target, inputs)?;
+    // the nearest existing ancestor must be a folder, or creating the output fails only
+    // after the run
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Some(a) = parent.ancestors().find(|a| !a.as_os_str().is_empty() && a.symlink_metadata().is_ok()) {
+        if !a.is_dir() {
+            return Err(io_err(a, "cannot create the output under it")(std::io::Error::from(std::io::ErrorKind::NotADirectory)));
+        }
+    }
     if let Ok(meta) = target.symlink_metadata() {
         if !force {
             return Err(OutputError::Exists(target.display().to_string()));

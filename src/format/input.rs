@@ -95,7 +95,8 @@ impl std::fmt::Display for NotAFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("{path}: cannot read: {source}")]
+    /// (the I/O error is the source, which the CLI's error line prints after this)
+    #[error("{path}: cannot read the {}", kind.noun())]
     Io { path: String, kind: InputKind, source: std::io::Error },
     #[error("{path}: is {what}, not a regular file; give a {} (a FIFO or device could block or never end)", kind.noun())]
     NotAFile { path: String, kind: InputKind, what: NotAFile },

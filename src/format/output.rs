@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use safetensors::{tensor::TensorView, Dtype};
 
 use crate::error::CompressError;
-use crate::format::OutputClaim;
+use crate::format::{OutputClaim, OutputError};
 
 /// A tensor ready to be written.
 pub struct OutTensor {
@@ -109,10 +109,14 @@ impl OutputFolder {
     /// Writes `bytes` to `file` in the partial folder, all or nothing.
     pub fn write_file(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
         let path = self.claim.partial().join(file);
+        // typed as an output failure, so a missing folder here is not read as a missing input
+        let failed = |source: std::io::Error| {
+            let what = if source.kind() == std::io::ErrorKind::StorageFull { "cannot write (disk full)" } else { "cannot write" };
+            OutputError::Io { path: path.display().to_string(), what, source }
+        };
         if let Some(left) = self.byte_limit {
             if bytes.len() as u64 > left {
-                let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
-                return Err(anyhow::Error::new(e).context(format!("{}: cannot write (disk full)", path.display())));
+                return Err(failed(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device")).into());
             }
             self.byte_limit = Some(left - bytes.len() as u64);
         }
@@ -120,8 +124,7 @@ impl OutputFolder {
         let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            let what = if e.kind() == std::io::ErrorKind::StorageFull { " (disk full)" } else { "" };
-            return Err(anyhow::Error::new(e).context(format!("{}: cannot write{what}", path.display())));
+            return Err(failed(e).into());
         }
         Ok(())
     }
@@ -180,7 +183,7 @@ impl OutputFolder {
         self.write_index()?;
         let ck = self.claim.partial().join(CHECKPOINT);
         if ck.exists() {
-            std::fs::remove_file(&ck).with_context(|| format!("{}: cannot remove", ck.display()))?;
+            std::fs::remove_file(&ck).map_err(|source| OutputError::Io { path: ck.display().to_string(), what: "cannot remove", source })?;
         }
         let target = self.claim.move_into_place()?;
         self.finished = true;

@@ -14,7 +14,9 @@ use super::linear::LINEARS;
 use crate::error::CompressError;
 
 /// Settings of one decoder layer; a missing field falls back to the run's uniform ratio.
+/// Unknown keys are refused (a misspelled `ffn_kep` would otherwise fall back silently).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
 pub struct PlanLayer {
     /// Remove the whole layer (the residual stream passes through unchanged).
     #[serde(default)]
@@ -31,8 +33,9 @@ pub struct PlanLayer {
     pub module_keep: BTreeMap<String, f64>,
 }
 
-/// A whole-model plan: one entry per decoder layer of the dense model.
+/// A whole-model plan: one entry per decoder layer of the dense model (unknown keys refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Plan {
     pub layers: Vec<PlanLayer>,
     /// Where the plan came from (free text).
@@ -48,7 +51,12 @@ impl Plan {
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = super::input::read_text(path, super::input::InputKind::Plan)?;
-        serde_json::from_str(&text).map_err(|e| CompressError::BadArgument(format!("{}: not a plan: {e}", path.display())).into())
+        Ok(Self::parse(&text, path)?)
+    }
+
+    /// A plan from the text of the file `path` (named in the error).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, CompressError> {
+        serde_json::from_str(text).map_err(|e| CompressError::BadArgument(format!("{}: not a plan: {e}", path.display())))
     }
 
     /// Checks the plan against a model of `n_layers` decoder layers.

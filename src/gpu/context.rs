@@ -145,9 +145,44 @@ struct PoolInner {
     /// so they become reusable only once that thread submits (per thread: a submit by
     /// another thread does not cover this thread's open encoders).
     pending: HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>,
+    /// Bytes of `free` and `pending` buffers.
     idle_bytes: u64,
+    /// Bytes of buffers handed out.
     live_bytes: u64,
+    /// Bytes of short-lived allocations outside the pool (readback staging).
+    transient_bytes: u64,
+    /// Bytes of the uniform ring's chunks.
+    uniform_bytes: u64,
+    /// Largest `total()` seen since the last reset: the one definition of peak memory.
     peak_bytes: u64,
+}
+
+impl PoolInner {
+    fn total(&self) -> u64 {
+        self.live_bytes + self.idle_bytes + self.transient_bytes + self.uniform_bytes
+    }
+    fn note_peak(&mut self) {
+        self.peak_bytes = self.peak_bytes.max(self.total());
+    }
+    fn trim(&mut self) {
+        let freed: u64 = self.free.values().flatten().map(|b| b.size()).sum();
+        self.free.clear();
+        self.idle_bytes -= freed;
+    }
+    /// Makes room for `size` new bytes under `budget` (0 = none): idle buffers go first;
+    /// what is still held (live, pending a submit, staging) counts in full.
+    fn admit(&mut self, size: u64, budget: u64) -> Result<()> {
+        // the uniform ring grows while commands are recorded, where nothing can be refused:
+        // its usual size is held back from the budget instead
+        let held = |p: &PoolInner| p.total() - p.uniform_bytes + p.uniform_bytes.max(UNIFORM_RESERVE);
+        if budget > 0 && held(self) + size > budget {
+            self.trim();
+            if held(self) + size > budget {
+                return Err(GpuError::OverBudget { need: size, live: held(self), budget });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reuses storage buffers of identical size: per-layer passes allocate the same shapes
@@ -157,19 +192,49 @@ pub struct BufferPool {
     max_idle_bytes: u64,
 }
 
+/// Bytes of a transient allocation, counted until dropped.
+pub(crate) struct Transient<'a> {
+    pool: &'a BufferPool,
+    bytes: u64,
+}
+
+impl Drop for Transient<'_> {
+    fn drop(&mut self) {
+        self.pool.inner.lock().unwrap().transient_bytes -= self.bytes;
+    }
+}
+
 impl BufferPool {
     fn take(&self, size: u64) -> Option<wgpu::Buffer> {
         let mut p = self.inner.lock().unwrap();
         let b = p.free.get_mut(&size).and_then(|v| v.pop())?;
         p.idle_bytes -= size;
         p.live_bytes += size;
-        p.peak_bytes = p.peak_bytes.max(p.live_bytes);
         Some(b)
     }
-    fn note_new(&self, size: u64) {
+    /// Counts a new pooled buffer of `size` bytes, if the budget allows it.
+    fn admit(&self, size: u64, budget: u64) -> Result<()> {
         let mut p = self.inner.lock().unwrap();
+        p.admit(size, budget)?;
         p.live_bytes += size;
-        p.peak_bytes = p.peak_bytes.max(p.live_bytes + p.idle_bytes);
+        p.note_peak();
+        Ok(())
+    }
+    /// Counts a short-lived allocation of `bytes` outside the pool until the guard drops.
+    pub(crate) fn transient(&self, bytes: u64, budget: u64) -> Result<Transient<'_>> {
+        let mut p = self.inner.lock().unwrap();
+        p.admit(bytes, budget)?;
+        p.transient_bytes += bytes;
+        p.note_peak();
+        Ok(Transient { pool: self, bytes })
+    }
+    /// Records the bytes of the uniform ring's chunks (small: at most a few MiB).
+    fn set_uniform_bytes(&self, bytes: u64) {
+        let mut p = self.inner.lock().unwrap();
+        if p.uniform_bytes != bytes {
+            p.uniform_bytes = bytes;
+            p.note_peak();
+        }
     }
     fn give(&self, buf: wgpu::Buffer) {
         let size = buf.size();
@@ -191,20 +256,13 @@ impl BufferPool {
             p.free.entry(b.size()).or_default().push(b);
         }
     }
-    fn footprint(&self) -> (u64, u64) {
-        let p = self.inner.lock().unwrap();
-        (p.live_bytes, p.idle_bytes)
-    }
     /// Releases every idle buffer.
     pub fn trim(&self) {
-        let mut p = self.inner.lock().unwrap();
-        let freed: u64 = p.free.values().flatten().map(|b| b.size()).sum();
-        p.free.clear();
-        p.idle_bytes -= freed;
+        self.inner.lock().unwrap().trim();
     }
     fn reset_peak(&self) {
         let mut p = self.inner.lock().unwrap();
-        p.peak_bytes = p.live_bytes + p.idle_bytes;
+        p.peak_bytes = p.total();
     }
 }
 
@@ -280,6 +338,10 @@ struct PipelineCache {
 const UNIFORM_CHUNK: u64 = 64 << 10;
 /// Idle chunks kept for reuse; more are released.
 const UNIFORM_IDLE_CHUNKS: usize = 64;
+/// Bytes of uniform chunks the budget keeps free for the ring: a layer's passes use a few
+/// chunks (one holds 256 dispatches' parameters); more than this may overshoot the budget
+/// by the difference.
+const UNIFORM_RESERVE: u64 = 4 * UNIFORM_CHUNK;
 /// Encoders tracked at once; past it the ring forgets the others' chunks (which is always
 /// safe: a forgotten chunk is never reused, and recorded commands keep it alive).
 const UNIFORM_MAX_OPEN: usize = 64;
@@ -325,11 +387,15 @@ struct OpenChunks {
 struct UniformRing {
     free: Vec<wgpu::Buffer>,
     open: HashMap<EncoderKey, OpenChunks>,
+    /// Chunks that exist (free, open, or dropped but not yet counted out): GPU memory the
+    /// budget and the peak include.
+    alive: u64,
 }
 
 impl UniformRing {
-    fn new_chunk(free: &mut Vec<wgpu::Buffer>, device: &wgpu::Device) -> wgpu::Buffer {
+    fn new_chunk(free: &mut Vec<wgpu::Buffer>, alive: &mut u64, device: &wgpu::Device) -> wgpu::Buffer {
         free.pop().unwrap_or_else(|| {
+            *alive += 1;
             // not create_buffer_init: it panics when the device is lost; write_buffer
             // reports through the error handler instead, and `wait` turns that into an error
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -346,12 +412,14 @@ impl UniformRing {
         assert!(size <= UNIFORM_CHUNK, "uniform parameters of {size} bytes exceed a ring chunk");
         if !self.open.contains_key(&key) && self.open.len() >= UNIFORM_MAX_OPEN {
             // encoders dropped unsubmitted (error paths) leave entries behind: forget them
+            let forgotten: usize = self.open.values().map(|oc| oc.full.len() + 1).sum();
+            self.alive -= forgotten as u64;
             self.open.clear();
         }
-        let free = &mut self.free;
-        let oc = self.open.entry(key).or_insert_with(|| OpenChunks { full: Vec::new(), current: Self::new_chunk(free, device), used: 0 });
+        let (free, alive) = (&mut self.free, &mut self.alive);
+        let oc = self.open.entry(key).or_insert_with(|| OpenChunks { full: Vec::new(), current: Self::new_chunk(free, alive, device), used: 0 });
         if oc.used + size > UNIFORM_CHUNK {
-            let next = Self::new_chunk(free, device);
+            let next = Self::new_chunk(free, alive, device);
             oc.full.push(std::mem::replace(&mut oc.current, next));
             oc.used = 0;
         }
@@ -366,6 +434,8 @@ impl UniformRing {
             for b in oc.full.into_iter().chain([oc.current]) {
                 if self.free.len() < UNIFORM_IDLE_CHUNKS {
                     self.free.push(b);
+                } else {
+                    self.alive -= 1;
                 }
             }
         }
@@ -391,6 +461,9 @@ pub struct Gpu {
     device_error: Arc<Mutex<Option<GpuError>>>,
     /// Bytes of storage buffers allowed at once (0 = no budget).
     budget: std::sync::atomic::AtomicU64,
+    /// Nanoseconds the host spent blocked on the device (`wait`, and every read): the
+    /// host-idle share of a phase, for the per-phase report.
+    blocked_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl Gpu {
@@ -458,6 +531,7 @@ impl Gpu {
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
             device_error,
             budget: std::sync::atomic::AtomicU64::new(0),
+            blocked_nanos: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -477,10 +551,18 @@ impl Gpu {
         ((self.max_binding - self.limits.min_storage_buffer_offset_alignment as u64) / 4) as usize
     }
 
-    /// Bytes of storage buffers alive now and the peak since the start.
+    /// GPU memory this crate holds now and the peak since the last `reset_peak`, in bytes.
+    /// Both count everything it allocates: storage buffers in use, pooled idle buffers
+    /// (released ones still pending a submit included), readback staging and uniform
+    /// chunks; the driver's own allocations (pipelines, descriptor sets) are not known.
     pub fn memory_stats(&self) -> (u64, u64) {
         let p = self.pool.inner.lock().unwrap();
-        (p.live_bytes, p.peak_bytes)
+        (p.total(), p.peak_bytes)
+    }
+
+    /// Seconds the host has spent blocked on the device since it was opened.
+    pub fn blocked_seconds(&self) -> f64 {
+        self.blocked_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// Drops idle pooled buffers (between phases that use different shapes).
@@ -492,6 +574,8 @@ impl Gpu {
     /// fails with `GpuError::OverBudget` instead of letting the driver run out.
     pub fn set_budget(&self, bytes: u64) {
         self.budget.store(bytes, std::sync::atomic::Ordering::Relaxed);
+        // idle buffers of earlier work would otherwise count against the new budget
+        self.pool.trim();
     }
 
     /// The budget set by `set_budget` (0 = none).
@@ -512,8 +596,10 @@ impl Gpu {
         }
     }
 
-    /// Starts a new peak-memory measurement from the current footprint.
+    /// Starts a new peak-memory measurement from the current footprint (idle pooled
+    /// buffers of earlier work released first: they are not the new work's).
     pub fn reset_peak(&self) {
+        self.pool.trim();
         self.pool.reset_peak()
     }
 
@@ -526,17 +612,7 @@ impl Gpu {
         let buf = match self.pool.take(size) {
             Some(b) => b,
             None => {
-                let budget = self.budget.load(std::sync::atomic::Ordering::Relaxed);
-                if budget > 0 {
-                    let (live, idle) = self.pool.footprint();
-                    if live + idle + size > budget {
-                        self.pool.trim();
-                    }
-                    if live + size > budget {
-                        return Err(GpuError::OverBudget { need: size, live, budget });
-                    }
-                }
-                self.pool.note_new(size);
+                self.pool.admit(size, self.budget())?;
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: None,
                     size,
@@ -598,19 +674,37 @@ impl Gpu {
 
     /// Reads `len` f32 from element offset `at`.
     pub fn read_range(&self, buf: &GpuBuf, at: usize, len: usize) -> Result<Vec<f32>> {
-        assert!(at + len <= buf.len, "read past the end of a buffer");
-        if len == 0 {
-            return Ok(Vec::new());
+        Ok(self.read_ranges(&[(buf, at, len)])?.pop().unwrap_or_default())
+    }
+
+    /// Reads several (buffer, element offset, length) ranges with one submit and one wait:
+    /// every read is a full drain of the queue, so a phase that needs several results
+    /// fetches them together.
+    pub fn read_ranges(&self, ranges: &[(&GpuBuf, usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        for &(buf, at, len) in ranges {
+            assert!(at + len <= buf.len, "read past the end of a buffer");
         }
-        let bytes = (len * 4) as u64;
+        let total: u64 = ranges.iter().map(|r| (r.2 * 4) as u64).sum();
+        if total == 0 {
+            return Ok(ranges.iter().map(|_| Vec::new()).collect());
+        }
+        // the staging copy is GPU-visible memory too: it counts against the budget
+        let _staging_bytes = self.pool.transient(total, self.budget())?;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size: bytes.next_multiple_of(4),
+            size: total,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         let mut enc = self.encoder();
-        enc.copy_buffer_to_buffer(buf.raw(), (at * 4) as u64, &staging, 0, bytes);
+        let mut offset = 0u64;
+        for &(buf, at, len) in ranges {
+            let bytes = (len * 4) as u64;
+            if bytes > 0 {
+                enc.copy_buffer_to_buffer(buf.raw(), (at * 4) as u64, &staging, offset, bytes);
+            }
+            offset += bytes;
+        }
         self.submit(enc);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -622,15 +716,28 @@ impl Gpu {
             .map_err(|e| GpuError::Device(e.to_string()))?
             .map_err(|e| GpuError::Device(e.to_string()))?;
         let view = slice.get_mapped_range().map_err(|e| GpuError::Device(e.to_string()))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        let all: &[f32] = bytemuck::cast_slice(&view);
+        let mut out = Vec::with_capacity(ranges.len());
+        let mut first = 0;
+        for &(_, _, len) in ranges {
+            out.push(all[first..first + len].to_vec());
+            first += len;
+        }
         drop(view);
         staging.unmap();
+        staging.destroy();
         Ok(out)
     }
 
     /// Reads the whole buffer.
     pub fn read(&self, buf: &GpuBuf) -> Result<Vec<f32>> {
         self.read_range(buf, 0, buf.len)
+    }
+
+    /// Reads several whole buffers with one submit and one wait.
+    pub fn read_many(&self, bufs: &[&GpuBuf]) -> Result<Vec<Vec<f32>>> {
+        let ranges: Vec<(&GpuBuf, usize, usize)> = bufs.iter().map(|&b| (b, 0, b.len)).collect();
+        self.read_ranges(&ranges)
     }
 
     pub fn encoder(&self) -> wgpu::CommandEncoder {
@@ -643,12 +750,16 @@ impl Gpu {
         self.queue.submit([enc.finish()]);
         self.pool.submitted();
         // only after the submit: a write staged before it would run ahead of these commands
-        self.uniforms.lock().unwrap().submitted(&key);
+        let mut ring = self.uniforms.lock().unwrap();
+        ring.submitted(&key);
+        self.pool.set_uniform_bytes(ring.alive * UNIFORM_CHUNK);
     }
 
     /// Blocks until all submitted work finished.
     pub fn wait(&self) -> Result<()> {
+        let t = std::time::Instant::now();
         let polled = self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
+        self.blocked_nanos.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         self.check()?;
         polled.map_err(|e| GpuError::Device(e.to_string()))
     }
@@ -716,7 +827,12 @@ impl Gpu {
         }
         let size = (params.len() as u64).next_multiple_of(16).max(16);
         let align = (self.limits.min_uniform_buffer_offset_alignment as u64).max(16);
-        let (uniform, offset) = self.uniforms.lock().unwrap().slot(&self.device, EncoderKey::of(enc), size, align);
+        let (uniform, offset) = {
+            let mut ring = self.uniforms.lock().unwrap();
+            let slot = ring.slot(&self.device, EncoderKey::of(enc), size, align);
+            self.pool.set_uniform_bytes(ring.alive * UNIFORM_CHUNK);
+            slot
+        };
         self.queue.write_buffer(&uniform, offset, params);
         let binding = wgpu::BufferBinding { buffer: &uniform, offset, size: std::num::NonZeroU64::new(size) };
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(binding) }];

@@ -57,6 +57,14 @@ pub enum Allocation {
     Uniform,
 }
 
+impl Allocation {
+    /// Whether the ranks depend on the singular values (the greedy schemes); the others
+    /// follow from the shapes alone, so each matrix is decomposed only to its own rank.
+    pub fn needs_spectrum(self) -> bool {
+        matches!(self, Allocation::Spectrum | Allocation::Relative)
+    }
+}
+
 /// Ranks for q, k, v, o (in that order) keeping `budget` parameters.
 pub fn allocate(specs: &[MatrixSpec], budget: usize, how: Allocation) -> Ranks {
     assert_eq!(specs.len(), 4, "q, k, v, o");

@@ -11,7 +11,7 @@ use super::{BuiltLayer, LayerInput, LayerMethod, LorapOptions};
 use crate::calib::stats::SITE_OF;
 use crate::format::plan::LayerPlan;
 use crate::gpu::Gpu;
-use crate::model::forward::{LinearKind, LINEARS};
+use crate::model::forward::LinearKind;
 
 /// Factors of one attention matrix: A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T S^-1.
 pub fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -30,11 +30,17 @@ pub fn factors(dec: &svd::Svd, r: usize, scale: &[f32]) -> (Vec<f32>, Vec<f32>) 
     (a, b)
 }
 
+/// W S (each column j of W times s_j) and ||W S||_F^2.
+pub fn weighted_matrix(w: &[f32], inp: usize, scales: &[f32]) -> (Vec<f32>, f64) {
+    let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(scales).map(|(a, b)| a * b)).collect();
+    let energy = ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    (ws, energy)
+}
+
 /// Truncated SVD of the activation-weighted W S (to the break-even rank) and what the rank
 /// allocation needs of it (spectrum and ||W S||_F^2). `scales` = S's diagonal.
 pub fn weighted_svd(gpu: &Gpu, w: &[f32], out: usize, inp: usize, scales: &[f32], svd_opts: svd::SvdOptions) -> Result<(svd::Svd, MatrixSpec)> {
-    let ws: Vec<f32> = w.chunks(inp).flat_map(|row| row.iter().zip(scales).map(|(a, b)| a * b)).collect();
-    let energy = ws.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+    let (ws, energy) = weighted_matrix(w, inp, scales);
     let dec = svd::randomized_svd(gpu, &gpu.upload(&ws)?, out, inp, out * inp / (out + inp), svd_opts)?;
     let spec = MatrixSpec { out, inp, sigma: dec.sigma.clone(), energy };
     Ok((dec, spec))
@@ -65,58 +71,86 @@ impl LayerMethod for Lorap {
 
     /// Activation-weighted SVD of q/k/v/o with the attention budget allocated across them,
     /// then FFN channel pruning with the reservation.
-    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
         attention(self, input, built, progress)?;
         ffn_channels(self, input, built, progress)
     }
 }
 
-fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
-    let LayerInput { gpu, store, cfg, layer: i, stats, setting, .. } = *input;
-    let f = cfg.intermediate_size;
-    progress("attention SVD");
-    let name = |s: &str| crate::format::names::layer(i, s);
-    let full = LayerPlan { ffn_width: f, ..Default::default() };
-    let mut decs = Vec::new();
-    let mut specs = Vec::new();
-    let mut used_scales = Vec::new();
+/// One attention matrix on its way through the allocation: the weight, S's diagonal, W S
+/// and what the allocation knows of it.
+struct AttentionMatrix {
+    w: Vec<f32>,
+    scales: Vec<f32>,
+    ws: Vec<f32>,
+    spec: MatrixSpec,
+    /// Its SVD, once computed (to the break-even rank for spectrum-driven allocations).
+    dec: Option<svd::Svd>,
+}
+
+fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
+    let LayerInput { gpu, cfg, stats, setting, .. } = *input;
+    progress(super::Phase::Decomposition);
+    let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+    let mut mats = Vec::new();
     for j in 0..4 {
-        let (out_dim, in_dim) = cfg.linear_shape(&full, j);
-        let w = store.f32(&name(&format!("{}.weight", LINEARS[j])), &[out_dim, in_dim])?;
-        let sc: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; in_dim] };
-        let (dec, spec) = weighted_svd(gpu, &w, out_dim, in_dim, &sc, opts.svd)?;
-        specs.push(spec);
-        decs.push((dec, w));
-        used_scales.push(sc);
+        let (out, inp) = cfg.linear_shape(&full, j);
+        let w = input.host.weights[j].clone();
+        let scales: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; inp] };
+        let (ws, energy) = weighted_matrix(&w, inp, &scales);
+        mats.push(AttentionMatrix { w, scales, ws, spec: MatrixSpec { out, inp, sigma: Vec::new(), energy }, dec: None });
     }
-    let dense_att: usize = specs.iter().map(|s| s.out * s.inp).sum();
+    let dense_att: usize = mats.iter().map(|m| m.spec.out * m.spec.inp).sum();
     let ranks = if setting.attention_keep >= 1.0 {
         vec![None; 4]
     } else {
+        if opts.allocation.needs_spectrum() {
+            // the greedy allocations weigh every singular value up to break-even
+            for m in &mut mats {
+                let dec = decompose(gpu, m, m.spec.break_even(), opts.svd, built)?;
+                m.spec.sigma = dec.sigma.clone();
+                m.dec = Some(dec);
+            }
+        }
         let budget = (setting.attention_keep * dense_att as f64).round() as usize;
+        let specs: Vec<MatrixSpec> = mats.iter().map(|m| m.spec.clone()).collect();
         allocate::allocate(&specs, budget, opts.allocation)
     };
-    for (j, ((dec, w), r)) in decs.iter().zip(&ranks).enumerate() {
-        let (out_dim, in_dim) = (dec.m, dec.n);
+    for (j, (m, r)) in mats.into_iter().zip(&ranks).enumerate() {
+        let (out_dim, in_dim) = (m.spec.out, m.spec.inp);
         match r {
-            None => built.dense(gpu, j, w, out_dim, in_dim)?,
+            // a matrix that stays dense needs no decomposition
+            None => built.dense(gpu, j, &m.w, out_dim, in_dim)?,
             Some(r) => {
-                let (a, b) = factors(dec, *r, &used_scales[j]);
+                let dec = match m.dec {
+                    Some(ref d) if d.rank() >= *r => d.clone(),
+                    // the subspace is sized for the rank actually kept
+                    _ => decompose(gpu, &m, *r, opts.svd, built)?,
+                };
+                let (a, b) = factors(&dec, *r, &m.scales);
                 let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
-                let energy = specs[j].energy;
+                let energy = m.spec.energy;
                 built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
                 built.low_rank(gpu, j, &a, &b, *r)?;
+                built.spectra[j] = dec.sigma;
             }
         }
     }
-    built.spectra = [0, 1, 2, 3].map(|j| decs[j].0.sigma.clone());
     Ok(())
 }
 
-fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
-    let LayerInput { gpu, store, cfg, layer: i, dense, stats, setting } = *input;
+/// The top-`rank` SVD of W S, its host time added to the layer's.
+fn decompose(gpu: &Gpu, m: &AttentionMatrix, rank: usize, svd_opts: svd::SvdOptions, built: &mut BuiltLayer) -> Result<svd::Svd> {
+    let a = gpu.upload(&m.ws)?;
+    let dec = svd::randomized_svd(gpu, &a, m.spec.out, m.spec.inp, rank, svd_opts)?;
+    built.host_seconds += dec.host_seconds;
+    Ok(dec)
+}
+
+fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
+    let LayerInput { gpu, cfg, layer: i, dense, host, stats, setting, .. } = *input;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
-    progress("FFN pruning");
+    progress(super::Phase::FfnScoring);
     let ones_d = vec![1f32; d];
     let ones_f = vec![1f32; f];
     let (sx, sh) = if opts.ffn_activation_scores { (&stats.scales[2], &stats.scales[3]) } else { (&ones_d, &ones_f) };
@@ -127,7 +161,8 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let scores = ffn::channel_scores(gpu, [wg, wu, wd], &sxg, sh, d)?;
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
     let kept = ffn::kept_channels(&scores, remove, opts.reserve);
-    let [gate, up, down] = ffn::pruned_weights(store, i, d, f, &kept)?;
+    let (gate, up) = (ffn::gather_rows(&host.weights[4], d, &kept), ffn::gather_rows(&host.weights[5], d, &kept));
+    let down = ffn::gather_cols(&host.weights[6], d, f, &kept);
     let fk = kept.len();
     built.plan.ffn_width = fk;
     built.dense(gpu, 4, &gate, fk, d)?;

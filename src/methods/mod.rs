@@ -7,6 +7,7 @@ pub mod allocate;
 pub mod ffn;
 pub mod lorap;
 pub mod mpo;
+pub mod phase;
 pub mod sfsd;
 pub mod svd;
 
@@ -15,6 +16,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use self::allocate::Allocation;
+pub use self::phase::Phase;
 use self::svd::SvdOptions;
 use crate::format::dtype::{encode, round_trip};
 use crate::format::output::OutTensor;
@@ -23,7 +25,7 @@ use crate::format::weights::WeightStore;
 pub use crate::calib::stats::StatsNeed;
 use crate::calib::stats::LayerStats;
 use crate::gpu::Gpu;
-use crate::model::forward::{GpuLinear, LayerWeights, LinearKind, LINEARS};
+use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LinearKind, LINEARS};
 use crate::model::ModelConfig;
 
 /// What a method gets for one decoder layer.
@@ -35,6 +37,8 @@ pub struct LayerInput<'a> {
     pub layer: usize,
     /// The dense layer on the GPU.
     pub dense: &'a LayerWeights,
+    /// The same layer's tensors in f32 on the host (read once, ahead of time).
+    pub host: &'a DenseHost,
     /// Statistics of its inputs, from states that went through the compressed layers before.
     pub stats: &'a LayerStats,
     /// The layer's share of the run's ratio or plan.
@@ -50,7 +54,7 @@ pub trait LayerMethod {
         StatsNeed::Scales
     }
     /// Fills `built` with the seven linears of the layer, in `LINEARS` order.
-    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()>;
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(Phase)) -> Result<()>;
     /// Tensors stored once per model, after the layers (e.g. a shared MPO centre).
     fn model_tensors(&self, _dtype: Dtype) -> Vec<OutTensor> {
         Vec::new()
@@ -183,11 +187,14 @@ pub struct BuiltLayer {
     /// Relative (weighted where the method weights) error of q, k, v, o.
     pub errors: [f64; 4],
     pub spectra: [Vec<f64>; 4],
+    /// Seconds of host-side linear algebra in the method's decompositions (the report
+    /// splits decomposition time into GPU and host with it).
+    pub host_seconds: f64,
 }
 
 impl BuiltLayer {
     pub fn new(dtype: Dtype, out_index: usize) -> Self {
-        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default() }
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0 }
     }
 
     fn name(&self, j: usize, suffix: &str) -> String {

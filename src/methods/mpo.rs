@@ -332,7 +332,7 @@ impl super::LayerMethod for MpoMethod {
         "mpo"
     }
 
-    fn compress_layer(&self, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    fn compress_layer(&self, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> anyhow::Result<()> {
         mpo_layer(self, input, built, progress)
     }
 
@@ -351,11 +351,12 @@ impl super::LayerMethod for MpoMethod {
     }
 }
 
-fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
-    
+fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> anyhow::Result<()> {
+    // the cores are fitted on the host in f64: all of it is host linear algebra
+    let mut host = super::svd::HostClock::default();
     let super::LayerInput { gpu, store, cfg, layer: i, setting, .. } = *input;
     let shared = &opts.shared;
-    progress("MPO decomposition");
+    progress(super::Phase::Decomposition);
     let full = crate::format::plan::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
     for j in 0..7 {
@@ -368,7 +369,7 @@ fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::Bui
             continue;
         };
         if let Some(sh) = shared.get(&j) {
-            let m = refit_outer(&w, sh, 20);
+            let m = host.time(|| refit_outer(&w, sh, 20));
             if j < 4 {
                 built.errors[j] = relative_error(&m, &w);
             }
@@ -383,12 +384,13 @@ fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::Bui
             built.dense(gpu, j, &w, out, inp)?;
             continue;
         }
-        let m = Mpo::decompose(&w, out, inp, &row_f, &col_f, Some(cap));
+        let m = host.time(|| Mpo::decompose(&w, out, inp, &row_f, &col_f, Some(cap)));
         if j < 4 {
             built.errors[j] = relative_error(&m, &w);
         }
         built.mpo(gpu, j, &m, false)?;
     }
+    built.host_seconds += host.seconds();
     Ok(())
 }
 

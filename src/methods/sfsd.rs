@@ -43,6 +43,8 @@ pub struct FeaturePair {
     pub b: Vec<f32>,
     pub eigenvalues: Vec<f64>,
     pub trace: f64,
+    /// Seconds of host-side linear algebra spent on it.
+    pub host_seconds: f64,
 }
 
 impl FeaturePair {
@@ -64,21 +66,26 @@ impl FeaturePair {
 /// Lower Cholesky factor L of a symmetric positive semi-definite [n, n] matrix (f64 on the
 /// CPU), with the smallest diagonal shift that makes it positive definite (a covariance
 /// from fewer tokens than features is singular).
-pub fn psd_cholesky(a: &[f32], n: usize) -> Vec<f32> {
+pub fn psd_cholesky(a: &[f32], n: usize) -> svd::SvdResult<Vec<f32>> {
+    if a.iter().any(|x| !x.is_finite()) {
+        return Err(svd::SvdError::NonFinite { m: n, n });
+    }
     let m = nalgebra::DMatrix::<f64>::from_fn(n, n, |i, j| 0.5 * (a[i * n + j] as f64 + a[j * n + i] as f64));
     let trace = m.trace().max(f64::MIN_POSITIVE);
+    // bounded: shifts up to the whole trace; beyond that the matrix is numerically zero
     let mut shift = 0.0;
-    loop {
+    while shift <= trace {
         let mut h = m.clone();
         for i in 0..n {
             h[(i, i)] += shift;
         }
         if let Some(c) = nalgebra::Cholesky::new(h) {
             let l = c.l();
-            return (0..n * n).map(|k| l[(k / n, k % n)] as f32).collect();
+            return Ok((0..n * n).map(|k| l[(k / n, k % n)] as f32).collect());
         }
         shift = if shift == 0.0 { 1e-7 * trace / n as f64 } else { shift * 10.0 };
     }
+    Ok((0..n * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect())
 }
 
 /// Largest side of a symmetric problem solved exactly (GPU Gram product, CPU f64 eigen-
@@ -109,18 +116,20 @@ fn top_eigen(g: &[f32], n: usize, r: usize) -> (Vec<f64>, Vec<f32>) {
 /// When W is tall (out > inp) they come from the smaller M = W L (Sigma = L L^T): U = M V
 /// S^-1 with M^T M = V S^2 V^T; otherwise from C = W Sigma W^T itself. Small problems are
 /// solved exactly, large ones by the randomized SVD.
-pub fn feature_pair(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, out: usize, inp: usize, r: usize, opts: SvdOptions) -> GpuResult<FeaturePair> {
+pub fn feature_pair(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, out: usize, inp: usize, r: usize, opts: SvdOptions) -> svd::SvdResult<FeaturePair> {
     debug_assert_eq!(w.len(), out * inp);
     feature_pair_with(gpu, w, sigma, inp, r, opts, EXACT_EIGEN_MAX)
 }
 
 /// `feature_pair` with the exact/randomized threshold given (tests cover both paths);
 /// w is [out, inp] row-major.
-pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: usize, opts: SvdOptions, exact_max: usize) -> GpuResult<FeaturePair> {
+pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: usize, opts: SvdOptions, exact_max: usize) -> svd::SvdResult<FeaturePair> {
     let out = w.len() / inp;
+    let mut host = svd::HostClock::default();
     let wg = gpu.upload(w)?;
     let (u, k, eigenvalues, trace) = if out > inp {
-        let l = gpu.upload(&psd_cholesky(&gpu.read(sigma)?, inp))?;
+        let sv = gpu.read(sigma)?;
+        let l = gpu.upload(&host.time(|| psd_cholesky(&sv, inp))?)?;
         let mut enc = gpu.encoder();
         let m = matmul::matmul(gpu, &mut enc, &wg, &l, out, inp, inp)?;
         gpu.submit(enc);
@@ -130,7 +139,8 @@ pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: us
             let mut enc = gpu.encoder();
             matmul::gram_accumulate(gpu, &mut enc, &m, out, inp, &g)?;
             gpu.submit(enc);
-            let (ev, v) = top_eigen(&gpu.read(&g)?, inp, r);
+            let gv = gpu.read(&g)?;
+            let (ev, v) = host.time(|| top_eigen(&gv, inp, r));
             let k = ev.len();
             // U = M V S^-1: the columns of M V have norms sqrt(eigenvalue)
             let mut enc = gpu.encoder();
@@ -145,6 +155,7 @@ pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: us
             (u, k, ev, trace)
         } else {
             let dec = svd::randomized_svd(gpu, &m, out, inp, r, opts)?;
+            host.add(dec.host_seconds);
             let ev = dec.sigma.iter().map(|s| s * s).collect();
             (dec.u, dec.sigma.len(), ev, trace)
         }
@@ -153,11 +164,12 @@ pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: us
         let cv = gpu.read(&c)?;
         let trace: f64 = (0..out).map(|i| cv[i * out + i] as f64).sum();
         if out <= exact_max {
-            let (ev, u) = top_eigen(&cv, out, r);
+            let (ev, u) = host.time(|| top_eigen(&cv, out, r));
             (u, ev.len(), ev, trace)
         } else {
             // C is symmetric positive semi-definite: its left singular vectors are its eigenvectors
             let dec = svd::randomized_svd(gpu, &c, out, out, r, opts)?;
+            host.add(dec.host_seconds);
             (dec.u, dec.sigma.len(), dec.sigma, trace)
         }
     };
@@ -166,7 +178,7 @@ pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: us
     let mut enc = gpu.encoder();
     matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: k, n: inp, k: out }, matmul::Operand::new(&ug, k).t(), matmul::Operand::new(&wg, inp), &b, 0, inp, 1.0, 0.0)?;
     gpu.submit(enc);
-    Ok(FeaturePair { a: u, b: gpu.read(&b)?, eigenvalues, trace })
+    Ok(FeaturePair { a: u, b: gpu.read(&b)?, eigenvalues, trace, host_seconds: host.seconds() })
 }
 
 /// Rank for keeping the fraction `keep` of the break-even rank; `None` (dense) for a keep of
@@ -197,14 +209,14 @@ impl LayerMethod for Sfsd {
         StatsNeed::Covariance { centred: self.centred }
     }
 
-    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
         sfsd_layer(input, self.svd, built, progress)
     }
 }
 
-fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, progress: &mut dyn FnMut(&str)) -> Result<()> {
+fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
     let LayerInput { gpu, store, cfg, layer: i, stats, setting, .. } = *input;
-    progress("feature-space decomposition");
+    progress(super::Phase::Decomposition);
     let cov = stats.cov.as_ref().context("feature-space decomposition needs the input covariances")?;
     let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
@@ -220,6 +232,7 @@ fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, prog
                     sigma[s] = Some(gpu.upload(&cov[s])?);
                 }
                 let pair = feature_pair(gpu, &w, sigma[s].as_ref().unwrap(), out, inp, r, opts)?;
+                built.host_seconds += pair.host_seconds;
                 if j < 4 {
                     built.errors[j] = pair.relative_error(r);
                     built.spectra[j] = pair.eigenvalues.iter().map(|e| e.max(0.0).sqrt()).collect();

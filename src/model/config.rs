@@ -7,16 +7,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::plan::{CompressionSection, LayerPlan, LinearRepr};
 
+/// Failures of config.json. Messages leave an underlying error out (it is the `source`,
+/// which the CLI prints after them), so no cause is said twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
     Input(#[from] crate::format::input::InputError),
-    #[error("{path}: invalid JSON or missing field: {source}")]
+    #[error("{path}: invalid JSON or missing field")]
     Parse { path: String, source: serde_json::Error },
     #[error("{path}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2)")]
     Unsupported { path: String, model_type: String },
     #[error("{path}: inconsistent config: {what}")]
     Invalid { path: String, what: String },
+    /// A valid setting the forward pass does not implement (refused rather than ignored,
+    /// which would give a wrong model).
+    #[error("{path}: {what}")]
+    Feature { path: String, what: String },
 }
 
 /// The architectures the forward pass implements.
@@ -99,6 +105,12 @@ pub struct ModelConfig {
     #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
     pub hidden_act: Option<Activation>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
@@ -109,6 +121,62 @@ pub struct ModelConfig {
     /// Every field, kept so a compressed model's config keeps the original ones.
     #[serde(skip)]
     pub raw: serde_json::Map<String, serde_json::Value>,
+    /// Where it was read from (for messages about what it implies).
+    #[serde(skip)]
+    pub path: String,
+    /// The attention window the model was trained with, if shorter attention than causal
+    /// (see `attention_window`).
+    #[serde(skip)]
+    window: Option<usize>,
+}
+
+/// The rope types `rope_scaling` may name, as spelled there.
+const ROPE_TYPES: &[&str] = &["default", "llama3"];
+
+/// Mistral's sliding window when config.json does not give one (transformers'
+/// `MistralConfig` default); `null` there means none.
+const MISTRAL_DEFAULT_WINDOW: usize = 4096;
+
+/// Refuses `rope_scaling` settings the forward pass does not implement (naming the key) and
+/// llama3 parameters that would give NaN or infinite frequencies (a zero factor, equal
+/// low/high frequency factors).
+fn check_rope_scaling(raw: &serde_json::Value, path: &str) -> Result<(), ConfigError> {
+    let invalid = |what: String| Err(ConfigError::Invalid { path: path.into(), what });
+    let Some(s) = raw.get("rope_scaling").filter(|v| !v.is_null()) else { return Ok(()) };
+    let Some(obj) = s.as_object() else { return invalid("rope_scaling must be an object or null".into()) };
+    let Some(key) = ["rope_type", "type"].into_iter().find(|k| obj.contains_key(*k)) else {
+        return invalid("rope_scaling has no rope_type".into());
+    };
+    let Some(kind) = obj[key].as_str() else { return invalid(format!("rope_scaling.{key} must be a string, got {}", obj[key])) };
+    if !ROPE_TYPES.contains(&kind) {
+        return Err(ConfigError::Feature { path: path.into(), what: format!("rope_scaling.{key} {kind:?} is not supported (supported: {})", ROPE_TYPES.join(", ")) });
+    }
+    if kind != "llama3" {
+        return Ok(());
+    }
+    let value = |k: &str, default: f64| -> Result<f64, ConfigError> {
+        match obj.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                _ => Err(ConfigError::Invalid { path: path.into(), what: format!("rope_scaling.{k} must be a positive finite number, got {v}") }),
+            },
+        }
+    };
+    let (defaults, lo, hi) = (RopeScaling::LLAMA3_DEFAULTS, "low_freq_factor", "high_freq_factor");
+    value("factor", defaults.0)?;
+    value("original_max_position_embeddings", defaults.3)?;
+    let (l, h) = (value(lo, defaults.1)?, value(hi, defaults.2)?);
+    if h <= l {
+        return invalid(format!("rope_scaling.{hi} ({h}) must be larger than rope_scaling.{lo} ({l})"));
+    }
+    Ok(())
+}
+
+impl RopeScaling {
+    /// llama3's factor, low and high frequency factors and original context when
+    /// config.json leaves one out (Llama 3.1's values).
+    pub const LLAMA3_DEFAULTS: (f64, f64, f64, f64) = (8.0, 1.0, 4.0, 8192.0);
 }
 
 fn default_eps() -> f64 {
@@ -135,13 +203,30 @@ impl ModelConfig {
         if let Some(act) = text_of(raw.get("hidden_act")).filter(|a| a != "silu") {
             return Err(ConfigError::Invalid { path: path.into(), what: format!("hidden_act {act:?} (only silu)") });
         }
-        let scaling = raw.get("rope_scaling");
-        if let Some(t) = text_of(scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type")))).filter(|t| !matches!(t.as_str(), "llama3" | "default")) {
-            return Err(ConfigError::Invalid { path: path.into(), what: format!("rope_scaling type {t:?} not supported (llama3, default)") });
-        }
+        check_rope_scaling(&raw, path)?;
         let mut c: ModelConfig = serde_json::from_value(raw.clone()).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         c.raw = raw.as_object().cloned().unwrap_or_default();
+        c.path = path.into();
         let bad = |what: String| Err(ConfigError::Invalid { path: path.into(), what });
+        let unsupported = |what: String| Err(ConfigError::Feature { path: path.into(), what });
+        // biases the forward pass lacks: refused, not dropped (qwen2's q/k/v biases are
+        // implemented; transformers' qwen2 has them whatever attention_bias says)
+        if c.attention_bias == Some(true) && c.model_type != ModelType::Qwen2 {
+            return unsupported("attention_bias: true (biases on q/k/v/o_proj) is not supported: the forward pass has no o_proj bias".into());
+        }
+        if c.mlp_bias == Some(true) {
+            return unsupported("mlp_bias: true (biases on gate/up/down_proj) is not supported: the forward pass has no FFN biases".into());
+        }
+        if c.sliding_window == Some(0) {
+            return bad("sliding_window must be positive (or null for none)".into());
+        }
+        c.window = match c.model_type {
+            ModelType::Mistral if !c.raw.contains_key("sliding_window") => Some(MISTRAL_DEFAULT_WINDOW),
+            ModelType::Mistral => c.sliding_window,
+            // transformers' qwen2 uses it only with use_sliding_window (off by default)
+            ModelType::Qwen2 => c.sliding_window.filter(|_| c.use_sliding_window == Some(true)),
+            ModelType::Llama => None,
+        };
         if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
             return bad("a size is zero".into());
         }
@@ -204,9 +289,29 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads() * self.head_dim()
     }
-    /// q/k/v carry biases (qwen2 always; llama/mistral when attention_bias is set).
+    /// q/k/v carry biases: qwen2 always (llama's and mistral's `attention_bias`, which
+    /// adds an o_proj bias too, is refused when parsed).
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias.unwrap_or(self.model_type == ModelType::Qwen2)
+        self.model_type == ModelType::Qwen2
+    }
+
+    /// The sliding attention window the model uses (Mistral's `sliding_window`, Qwen2's
+    /// with `use_sliding_window`), if any.
+    pub fn attention_window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// Refuses running windows of `tokens` tokens (what asks for them: `asked`) on a model
+    /// whose sliding attention window is shorter: the forward pass attends over the whole
+    /// window, which matches the model's own attention only up to its window.
+    pub fn check_window(&self, tokens: usize, asked: &str) -> Result<(), ConfigError> {
+        match self.window {
+            Some(w) if tokens > w => Err(ConfigError::Feature {
+                path: self.path.clone(),
+                what: format!("sliding_window {w} is shorter than the {tokens} tokens {asked}; sliding-window attention is not supported, so use at most {w}"),
+            }),
+            _ => Ok(()),
+        }
     }
     /// Shapes of layer `i` (dense unless the lorap section says otherwise).
     pub fn layer_plan(&self, i: usize) -> LayerPlan {
@@ -220,10 +325,11 @@ impl ModelConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let base = crate::gpu::rope::inv_freq(self.head_dim(), self.rope_theta);
         let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == RopeType::Llama3) else { return base };
-        let factor = s.factor.unwrap_or(8.0);
-        let lo = s.low_freq_factor.unwrap_or(1.0);
-        let hi = s.high_freq_factor.unwrap_or(4.0);
-        let old = s.original_max_position_embeddings.unwrap_or(8192.0);
+        let (factor, lo, hi, old) = RopeScaling::LLAMA3_DEFAULTS;
+        let factor = s.factor.unwrap_or(factor);
+        let lo = s.low_freq_factor.unwrap_or(lo);
+        let hi = s.high_freq_factor.unwrap_or(hi);
+        let old = s.original_max_position_embeddings.unwrap_or(old);
         let (lo_wl, hi_wl) = (old / lo, old / hi);
         base.iter()
             .map(|&f| {
@@ -325,6 +431,51 @@ mod tests {
         assert!(ModelConfig::parse(&qwen, "c").unwrap().qkv_bias());
         assert!(matches!(ModelConfig::parse(&config("").replace("llama", "gpt_neox"), "c"), Err(ConfigError::Unsupported { .. })));
         assert!(matches!(ModelConfig::parse(&config(r#", "hidden_act": "gelu""#), "c"), Err(ConfigError::Invalid { .. })));
-        assert!(matches!(ModelConfig::parse(&config(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#), "c"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(ModelConfig::parse(&config(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#), "c"), Err(ConfigError::Feature { .. })));
+    }
+
+    /// What the forward pass lacks is refused with the key named; what is off is off.
+    #[test]
+    fn unsupported_features_and_bad_rope_settings_are_refused() {
+        let err = |extra: &str| ModelConfig::parse(&config(extra), "c").err().map(|e| e.to_string()).unwrap_or_default();
+        let feature = |extra: &str, with: &str| match ModelConfig::parse(&config(extra), "c") {
+            Err(ConfigError::Feature { what, .. }) => assert!(what.contains(with), "{extra}: {what}"),
+            other => panic!("{extra}: expected a refused feature, got {other:?}"),
+        };
+        let invalid = |extra: &str, with: &str| match ModelConfig::parse(&config(extra), "c") {
+            Err(ConfigError::Invalid { what, .. }) => assert!(what.contains(with), "{extra}: {what}"),
+            other => panic!("{extra}: expected an invalid config, got {other:?}"),
+        };
+        feature(r#", "attention_bias": true"#, "attention_bias");
+        feature(r#", "mlp_bias": true"#, "mlp_bias");
+        feature(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#, "rope_scaling.type \"linear\"");
+        feature(r#", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}"#, "rope_scaling.rope_type");
+        for bad in [r#"{"rope_type": "llama3", "factor": 0}"#, r#"{"rope_type": "llama3", "factor": -2}"#, r#"{"rope_type": "llama3", "factor": "8"}"#] {
+            invalid(&format!(r#", "rope_scaling": {bad}"#), "rope_scaling.factor");
+        }
+        invalid(r#", "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 4, "high_freq_factor": 4}"#, "high_freq_factor");
+        invalid(r#", "rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 0}"#, "original_max_position_embeddings");
+        invalid(r#", "rope_scaling": {"factor": 2}"#, "rope_type");
+        invalid(r#", "rope_scaling": 3"#, "object");
+        invalid(r#", "sliding_window": 0"#, "sliding_window");
+        assert_eq!(err(r#", "attention_bias": false, "mlp_bias": false, "rope_scaling": null"#), "");
+        // every llama3 frequency is finite with sane settings
+        let c = ModelConfig::parse(&config(r#", "rope_scaling": {"rope_type": "llama3", "factor": 32, "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 8192}"#), "c").unwrap();
+        assert!(c.inv_freq().iter().all(|f| f.is_finite() && *f > 0.0));
+        // sliding windows: mistral's (4096 when not given), qwen2's only when switched on
+        let with = |t: &str, extra: &str| ModelConfig::parse(&config(extra).replace("llama", t), "c").unwrap().attention_window();
+        assert_eq!(with("mistral", ""), Some(4096));
+        assert_eq!(with("mistral", r#", "sliding_window": null"#), None);
+        assert_eq!(with("mistral", r#", "sliding_window": 512"#), Some(512));
+        assert_eq!(with("qwen2", r#", "sliding_window": 512"#), None);
+        assert_eq!(with("qwen2", r#", "sliding_window": 512, "use_sliding_window": false"#), None);
+        assert_eq!(with("qwen2", r#", "sliding_window": 512, "use_sliding_window": true"#), Some(512));
+        assert_eq!(with("llama", r#", "sliding_window": 512"#), None);
+        let m = ModelConfig::parse(&config(r#", "sliding_window": 512"#).replace("llama", "mistral"), "m/config.json").unwrap();
+        assert!(m.check_window(512, "per window").is_ok());
+        let e = m.check_window(513, "per window (--seq-len)").unwrap_err().to_string();
+        assert!(e.starts_with("m/config.json: sliding_window 512 is shorter than the 513 tokens per window (--seq-len)"), "{e}");
+        // qwen2's q/k/v biases stay whatever attention_bias says
+        assert!(ModelConfig::parse(&config(r#", "attention_bias": false"#).replace("llama", "qwen2"), "c").unwrap().qkv_bias());
     }
 }

@@ -58,9 +58,9 @@ pub type Result<T> = std::result::Result<T, DecodeError>;
 /// `MAX_POSITIONS`), or `DEFAULT_POSITIONS` without one; and where that figure came from.
 pub fn position_limit(cfg: &ModelConfig) -> (usize, String) {
     match cfg.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).filter(|&n| n > 0) {
-        Some(n) if n as usize > MAX_POSITIONS => (MAX_POSITIONS, format!("max_position_embeddings {n}, capped at {MAX_POSITIONS}")),
-        Some(n) => (n as usize, "max_position_embeddings in config.json".into()),
-        None => (DEFAULT_POSITIONS, format!("config.json gives no max_position_embeddings; {DEFAULT_POSITIONS} assumed")),
+        Some(n) if n as usize > MAX_POSITIONS => (MAX_POSITIONS, format!("max_position_embeddings {n} in {}, capped at {MAX_POSITIONS}", cfg.path)),
+        Some(n) => (n as usize, format!("max_position_embeddings in {}", cfg.path)),
+        None => (DEFAULT_POSITIONS, format!("{} gives no max_position_embeddings; {DEFAULT_POSITIONS} assumed", cfg.path)),
     }
 }
 

@@ -87,6 +87,8 @@ pub enum ForwardError {
     Weights(#[from] WeightError),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("window of {window} tokens: {what}")]
@@ -123,6 +125,63 @@ fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan,
     };
     let bias = if j < 3 && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
     Ok(GpuLinear { out, inp, kind, bias })
+}
+
+/// A dense decoder layer's tensors converted to f32 on the host: the compression pipeline
+/// reads the next layer on another thread while the GPU works on the current one, and
+/// methods take their weights from here instead of converting them again.
+pub struct DenseHost {
+    pub layer: usize,
+    /// The seven linears' weights [out, in], in `LINEARS` order.
+    pub weights: Vec<Vec<f32>>,
+    /// Biases of q, k, v where the model has them.
+    pub biases: Vec<Option<Vec<f32>>>,
+    pub in_norm: Vec<f32>,
+    pub post_norm: Vec<f32>,
+}
+
+impl DenseHost {
+    /// Reads dense layer `i` (no GPU involved: safe on any thread).
+    pub fn read(store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+        let d = cfg.hidden_size;
+        let mut weights = Vec::with_capacity(LINEARS.len());
+        let mut biases = Vec::new();
+        for j in 0..LINEARS.len() {
+            let (out, inp) = cfg.linear_shape(&full, j);
+            let name = crate::format::names::linear_base(i, j);
+            weights.push(store.f32(&format!("{name}.weight"), &[out, inp])?);
+            if j < 3 {
+                biases.push(if cfg.qkv_bias() { Some(store.f32(&format!("{name}.bias"), &[out])?) } else { None });
+            }
+        }
+        let n = |s: &str| crate::format::names::layer(i, s);
+        Ok(DenseHost { layer: i, weights, biases, in_norm: store.f32(&n("input_layernorm.weight"), &[d])?, post_norm: store.f32(&n("post_attention_layernorm.weight"), &[d])? })
+    }
+
+    /// The layer on the GPU.
+    pub fn upload(&self, gpu: &Gpu, cfg: &ModelConfig) -> Result<LayerWeights> {
+        let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
+        let lin = |j: usize| -> Result<GpuLinear> {
+            let (out, inp) = cfg.linear_shape(&full, j);
+            let bias = match self.biases.get(j) {
+                Some(Some(b)) => Some(gpu.upload(b)?),
+                _ => None,
+            };
+            Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&self.weights[j])? }, bias })
+        };
+        Ok(LayerWeights {
+            q: lin(0)?,
+            k: lin(1)?,
+            v: lin(2)?,
+            o: lin(3)?,
+            gate: lin(4)?,
+            up: lin(5)?,
+            down: lin(6)?,
+            in_norm: gpu.upload(&self.in_norm)?,
+            post_norm: gpu.upload(&self.post_norm)?,
+        })
+    }
 }
 
 impl LayerWeights {
@@ -193,8 +252,34 @@ pub fn layer_forward(
     lw: &LayerWeights,
     table: &rope::RopeTable,
     batch: Batch,
-    mut obs: Option<&mut dyn Observer>,
+    obs: Option<&mut dyn Observer>,
 ) -> GpuResult<GpuBuf> {
+    let d = cfg.hidden_size;
+    let tokens = batch.tokens;
+    let (h2, a) = up_to_down_input(gpu, enc, cfg, lw, table, batch, obs)?;
+    let dn = lw.down.forward(gpu, enc, &a, tokens)?;
+    drop(a);
+    let h3 = gpu.alloc(tokens * d)?;
+    elementwise::add(gpu, enc, &h2, &dn, &h3, tokens * d)?;
+    Ok(h3)
+}
+
+/// Shows `obs` the inputs of every linear of layer `lw` and nothing more: down_proj and the
+/// last residual are skipped (a statistics pass throws the layer's output away).
+pub fn observe_inputs(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, cfg: &ModelConfig, lw: &LayerWeights, table: &rope::RopeTable, batch: Batch, obs: &mut dyn Observer) -> GpuResult<()> {
+    up_to_down_input(gpu, enc, cfg, lw, table, batch, Some(obs)).map(drop)
+}
+
+/// The layer up to down_proj's input: (h + attention, silu(gate) * up).
+fn up_to_down_input(
+    gpu: &Gpu,
+    enc: &mut wgpu::CommandEncoder,
+    cfg: &ModelConfig,
+    lw: &LayerWeights,
+    table: &rope::RopeTable,
+    batch: Batch,
+    mut obs: Option<&mut dyn Observer>,
+) -> GpuResult<(GpuBuf, GpuBuf)> {
     let Batch { h, tokens, window } = batch;
     let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
     let xn = gpu.alloc(tokens * d)?;
@@ -235,12 +320,12 @@ pub fn layer_forward(
     if let Some(o) = obs {
         o.see(gpu, enc, Site::DownInput, &a, tokens, f)?;
     }
-    let dn = lw.down.forward(gpu, enc, &a, tokens)?;
-    drop(a);
-    let h3 = gpu.alloc(tokens * d)?;
-    elementwise::add(gpu, enc, &h2, &dn, &h3, tokens * d)?;
-    Ok(h3)
+    Ok((h2, a))
 }
+
+/// Tokens per GPU batch unless a caller asks otherwise: large enough to keep the matmuls
+/// efficient, small enough that a 7B layer's activations stay well under a GiB.
+pub const DEFAULT_BATCH_TOKENS: usize = 4096;
 
 /// Final norm and lm_head on the GPU.
 pub struct Head {
@@ -277,7 +362,7 @@ impl Runner {
     /// the model fits); otherwise each layer is uploaded, used for all windows, and dropped.
     pub fn new(gpu: Arc<Gpu>, cfg: ModelConfig, store: Arc<WeightStore>, keep_resident: bool) -> Self {
         let resident = keep_resident.then(|| (0..cfg.num_hidden_layers).map(|_| None).collect());
-        Runner { gpu, cfg, store, table: None, resident, head: None, batch_tokens: 4096 }
+        Runner { gpu, cfg, store, table: None, resident, head: None, batch_tokens: DEFAULT_BATCH_TOKENS }
     }
 
     /// Keeps layers resident when all weights (as f32) fit in half of `max_vram_bytes`,
@@ -315,6 +400,8 @@ impl Runner {
     /// Runs all decoder layers over `batches` (hidden states of whole windows), in place.
     pub fn run_layers(&mut self, batches: &mut [(GpuBuf, usize)], window: usize, progress: Progress) -> Result<()> {
         let n_layers = self.cfg.num_hidden_layers;
+        // attention runs over the whole window: refused past a shorter sliding window
+        self.cfg.check_window(window, "per window")?;
         self.table(window)?;
         for i in 0..n_layers {
             let streamed;

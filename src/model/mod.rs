@@ -8,9 +8,10 @@ pub mod synthetic;
 pub mod tokens;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use config::ModelConfig;
+pub use crate::format::digest::Digest;
 pub use crate::format::weights::{self, WeightStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +22,14 @@ pub enum ModelError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Weights(#[from] weights::WeightError),
+    #[error("{0}: no tokenizer.json in the model folder")]
+    NoTokenizer(String),
     #[error("{path}: cannot load tokenizer: {what}")]
     Tokenizer { path: String, what: String },
     #[error(transparent)]
     Input(#[from] crate::format::input::InputError),
+    #[error("{tokenizer}: token {token:?} has id {id}, outside the vocabulary of {vocab} in {config}; the tokenizer does not belong to this model")]
+    Vocabulary { tokenizer: String, config: String, token: String, id: u32, vocab: usize },
 }
 
 /// A model folder: config, weights (memory-mapped), tokenizer if present.
@@ -32,6 +37,9 @@ pub struct Model {
     pub dir: PathBuf,
     pub cfg: ModelConfig,
     pub store: Arc<WeightStore>,
+    /// The digest of the weights and the magnitude limit they were checked against, once
+    /// `check_weights` has read them (so a run reads them for that only once).
+    checked: OnceLock<(f64, Digest)>,
 }
 
 impl Model {
@@ -42,18 +50,62 @@ impl Model {
         let cfg = ModelConfig::load(dir)?;
         let store = Arc::new(WeightStore::open(dir)?);
         check_shapes(&cfg, &store)?;
-        Ok(Model { dir: dir.to_path_buf(), cfg, store })
+        Ok(Model { dir: dir.to_path_buf(), cfg, store, checked: OnceLock::new() })
     }
 
+    /// The tokenizer, checked against config.json: every id it can produce must be inside
+    /// the model's vocabulary (otherwise the first text with such a token would fail late,
+    /// or a window of text would be embedded from another model's rows).
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, ModelError> {
-        load_tokenizer(&self.dir)
+        let tok = load_tokenizer(&self.dir)?;
+        if let Some((token, &id)) = tok.get_vocab(true).iter().max_by_key(|(_, &id)| id) {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(ModelError::Vocabulary {
+                    tokenizer: self.dir.join("tokenizer.json").display().to_string(),
+                    config: self.dir.join("config.json").display().to_string(),
+                    token: token.clone(),
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+        }
+        Ok(tok)
+    }
+
+    /// Reads every tensor the model uses once (in parallel): refuses NaN, infinities and
+    /// magnitudes above `max_abs`, naming the tensor and its file, and returns the digest of
+    /// their content. Later calls with a limit no lower return the digest without reading
+    /// again. `progress` gets (bytes done, bytes in all).
+    pub fn check_weights(&self, max_abs: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<Digest, ModelError> {
+        if let Some(&(limit, digest)) = self.checked.get() {
+            if max_abs >= limit {
+                return Ok(digest);
+            }
+        }
+        let names: Vec<String> = expected_tensors(&self.cfg).into_iter().map(|(n, _)| n).collect();
+        let digest = self.store.scan(&names, max_abs, progress)?;
+        let _ = self.checked.set((max_abs, digest));
+        Ok(digest)
+    }
+
+    /// The weights' content digest (for `--resume` fingerprints): the one `check_weights`
+    /// found, or, when nothing checked them yet, a check with the default limit.
+    pub fn weights_digest(&self) -> Result<Digest, ModelError> {
+        match self.checked.get() {
+            Some(&(_, digest)) => Ok(digest),
+            None => self.check_weights(weights::DEFAULT_MAX_ABS, &mut |_, _| {}),
+        }
     }
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
     use crate::format::input::{self, InputKind};
     let path = dir.join("tokenizer.json");
-    let bad = |e: tokenizers::Error| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string() };
+    if !path.exists() {
+        return Err(ModelError::NoTokenizer(dir.display().to_string()));
+    }
+    // one line: the tokenizers crate's messages may span several
+    let bad = |e: tokenizers::Error| ModelError::Tokenizer { path: path.display().to_string(), what: e.to_string().replace('\n', " ") };
     let mut tok = tokenizers::Tokenizer::from_bytes(input::read_bytes(&path, InputKind::Tokenizer)?).map_err(bad)?;
     // the tool cuts texts into windows itself: a truncation or padding setting in
     // tokenizer.json would drop or add tokens (and differently per streamed piece)
@@ -62,43 +114,49 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
     Ok(tok)
 }
 
-/// Every tensor config.json implies exists with the implied shape (checked up front, so a
-/// mismatch fails before any GPU work).
-fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::WeightError> {
-    let expect = |name: &str, want: &[usize]| -> Result<(), weights::WeightError> {
-        store.check_dtype(name)?;
-        let got = store.shape(name)?;
-        if got != want {
-            return Err(weights::WeightError::Shape { name: name.into(), got: got.to_vec(), want: want.to_vec() });
-        }
-        Ok(())
-    };
+/// Every tensor config.json implies, with the shape it implies, in a fixed order (the
+/// embeddings, final norm and untied head, then layer by layer): what a forward pass or a
+/// compression reads.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use crate::format::names;
     let d = cfg.hidden_size;
-    expect(crate::format::names::EMBED, &[cfg.vocab_size, d])?;
-    expect(crate::format::names::FINAL_NORM, &[d])?;
+    let mut out = vec![(names::EMBED.to_string(), vec![cfg.vocab_size, d]), (names::FINAL_NORM.to_string(), vec![d])];
     if !cfg.tie_word_embeddings {
-        expect(crate::format::names::LM_HEAD, &[cfg.vocab_size, d])?;
+        out.push((names::LM_HEAD.to_string(), vec![cfg.vocab_size, d]));
     }
+    let mut shared: Vec<String> = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(i);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         for (j, lin) in forward::LINEARS.iter().enumerate() {
-            for (name, shape) in cfg.stored_tensors(&p, j, &crate::format::names::layer(i, lin)) {
-                expect(&name, &shape)?;
-            }
+            out.extend(cfg.stored_tensors(&p, j, &names::layer(i, lin)));
         }
         for (lin, m) in &p.mpo {
             let c = m.centre();
-            if m.shared_centre {
-                expect(&m.core_name(i, lin, c), &m.core_shapes()[c])?;
+            let name = m.core_name(i, lin, c);
+            if m.shared_centre && !shared.contains(&name) {
+                shared.push(name.clone());
+                out.push((name, m.core_shapes()[c].to_vec()));
             }
         }
-        expect(&crate::format::names::layer(i, "input_layernorm.weight"), &[d])?;
-        expect(&crate::format::names::layer(i, "post_attention_layernorm.weight"), &[d])?;
+        out.push((names::layer(i, "input_layernorm.weight"), vec![d]));
+        out.push((names::layer(i, "post_attention_layernorm.weight"), vec![d]));
         if cfg.qkv_bias() {
-            for (n, out) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
-                expect(&crate::format::names::layer(i, &format!("self_attn.{n}.bias")), &[out])?;
+            for (n, width) in [("q_proj", cfg.q_dim()), ("k_proj", cfg.kv_dim()), ("v_proj", cfg.kv_dim())] {
+                out.push((names::layer(i, &format!("self_attn.{n}.bias")), vec![width]));
             }
+        }
+    }
+    out
+}
+
+/// Every tensor config.json implies exists with the implied shape (checked up front, so a
+/// mismatch fails before any GPU work).
+fn check_shapes(cfg: &ModelConfig, store: &WeightStore) -> Result<(), weights::WeightError> {
+    for (name, want) in expected_tensors(cfg) {
+        store.check_dtype(&name)?;
+        let got = store.shape(&name)?;
+        if got != want.as_slice() {
+            return Err(weights::WeightError::Shape { name, got: got.to_vec(), want });
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! the 1% reservation; or feature-space decomposition, or MPO), an optional per-layer plan
 //! (`--plan`: keep fractions, dropped layers), and the compressed model written as it goes.
 
+pub mod fingerprint;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use anyhow::{Context, Result};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+pub use fingerprint::Fingerprint;
 pub use summary::{CompressionReport, LayerReport};
 
 use crate::calib::walker::Walker;
@@ -21,8 +23,9 @@ use crate::format::dtype::round_trip;
 use crate::format::output::{OutTensor, OutputFolder};
 use crate::format::plan::{CompressionSection, LayerPlan};
 use crate::gpu::Gpu;
-use crate::methods::{self, BuiltLayer, LayerInput, LayerMethod, LayerSetting, LorapOptions, Method};
-use crate::model::forward::{LayerWeights, LINEARS};
+use crate::methods::phase::PhaseClock;
+use crate::methods::{self, BuiltLayer, LayerInput, LayerMethod, LayerSetting, LorapOptions, Method, Phase};
+use crate::model::forward::{DenseHost, LayerWeights, LINEARS};
 use crate::model::{Model, WeightStore};
 
 /// How a compression run treats its output folder, beyond what it computes.
@@ -73,7 +76,7 @@ impl<'a> Run<'a> {
 /// finished layers' results.
 #[derive(Serialize, Deserialize)]
 struct ResumeState {
-    fingerprint: String,
+    fingerprint: Fingerprint,
     layers_done: usize,
     /// One entry per finished original layer; `None` = dropped.
     plans: Vec<Option<LayerPlan>>,
@@ -82,23 +85,9 @@ struct ResumeState {
 }
 
 /// Records the finished layers in the partial folder, for `--resume`.
-fn checkpoint(folder: &mut OutputFolder, fingerprint: &str, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
-    let state = ResumeState { fingerprint: fingerprint.into(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
+fn checkpoint(folder: &mut OutputFolder, fingerprint: &Fingerprint, plans: &[Option<LayerPlan>], reports: &[LayerReport], seconds_before: f64) -> Result<()> {
+    let state = ResumeState { fingerprint: fingerprint.clone(), layers_done: plans.len(), plans: plans.to_vec(), reports: reports.to_vec(), seconds_before };
     folder.checkpoint(serde_json::to_value(&state)?)
-}
-
-/// Identifies a run: model config, options, calibration tokens and window length.
-fn fingerprint(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<String> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    calib.hash(&mut h);
-    let v = serde_json::json!({
-        "config": serde_json::Value::Object(model.cfg.raw.clone()),
-        "options": opts,
-        "svd": [opts.svd.power_iters, opts.svd.oversample, opts.svd.seed as usize],
-        "calibration": [calib.len(), seq_len, h.finish() as usize],
-    });
-    Ok(serde_json::to_string(&v)?)
 }
 
 /// Checks everything about a run that can be checked before any GPU work or output.
@@ -131,7 +120,7 @@ pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOption
 }
 
 /// Compresses the run's model with the method its options select.
-pub fn compress(gpu: &std::sync::Arc<Gpu>, run: &Run, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<(PathBuf, CompressionReport)> {
+pub fn compress(gpu: &std::sync::Arc<Gpu>, run: &Run, progress: &mut dyn FnMut(usize, usize, Phase)) -> Result<(PathBuf, CompressionReport)> {
     validate(run.model, run.calib, run.seq_len, run.opts)?;
     let method = methods::for_options(run.opts, &run.model.store, &run.model.cfg)?;
     compress_with(gpu, run, method.as_ref(), progress)
@@ -139,7 +128,7 @@ pub fn compress(gpu: &std::sync::Arc<Gpu>, run: &Run, progress: &mut dyn FnMut(u
 
 /// Compresses the run's model layer by layer with `method`: each layer's statistics come
 /// from states that went through the already compressed layers.
-pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMethod, progress: &mut dyn FnMut(usize, usize, &str)) -> Result<(PathBuf, CompressionReport)> {
+pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMethod, progress: &mut dyn FnMut(usize, usize, Phase)) -> Result<(PathBuf, CompressionReport)> {
     let Run { model, calib, seq_len, opts, out, ref control } = *run;
     validate(model, calib, seq_len, opts)?;
     let cfg = &model.cfg;
@@ -148,7 +137,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let windows = calib.len() / seq_len;
     let t_start = Instant::now();
     gpu.reset_peak();
-    let print = fingerprint(model, calib, seq_len, opts)?;
+    let print = Fingerprint::of(model, calib, seq_len, opts)?;
     let (mut folder, saved) = if control.resume {
         OutputFolder::resume(out, &model.dir, control.force, n_layers + 1)?
     } else {
@@ -162,9 +151,11 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let mut seconds_before = 0.0;
     if let Some(state) = saved {
         let ck = folder.partial_dir().display().to_string();
-        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: format!("unreadable state: {e}") })?;
-        if st.fingerprint != print {
-            return Err(CompressError::ResumeMismatch { path: ck, what: "it was made from another model, calibration text or options".into() }.into());
+        // an older tool's checkpoint held its fingerprint as one string
+        let what = if state.get("fingerprint").is_some_and(|f| f.is_string()) { "it was made by an older lorap-gpu".to_string() } else { String::new() };
+        let st: ResumeState = serde_json::from_value(state).map_err(|e| CompressError::ResumeMismatch { path: ck.clone(), what: if what.is_empty() { format!("unreadable state: {e}") } else { what } })?;
+        if let Some(what) = st.fingerprint.mismatch(&print) {
+            return Err(CompressError::ResumeMismatch { path: ck, what }.into());
         }
         plans = st.plans;
         layer_reports = st.reports;
@@ -172,20 +163,25 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         tracing::info!(layers_done = st.layers_done, "resuming");
     }
     let first_layer = plans.len();
+    let reports_before = layer_reports.len();
 
     let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
-    let on_host = crate::calib::states::keep_on_host(gpu, state_bytes);
+    let resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()));
+    let on_host = crate::calib::states::keep_on_host(gpu, state_bytes, resident);
     if on_host {
-        tracing::info!(state_bytes, "calibration states kept on the host (over half the GPU budget)");
+        tracing::info!(state_bytes, resident, "calibration states kept on the host (with a layer's work they would cross the GPU budget)");
     }
+    let mut run_clock = PhaseClock::start(gpu);
+    run_clock.enter(Phase::Loading);
     let mut walker = Walker::start(gpu, model, calib, seq_len, control.batch_tokens, on_host)?;
     if first_layer > 0 {
+        run_clock.enter(Phase::Replaying);
         // rebuild the calibration states: the finished layers, as stored, run again
         let done = WeightStore::open(folder.partial_dir()).context("reading the finished layers of the interrupted run")?;
         let mut c2 = cfg.clone();
         c2.lorap = Some(plan_section(cfg, opts, method.name(), &plans));
         for (j, _) in plans.iter().flatten().enumerate() {
-            progress(j, n_layers, "replaying finished layer");
+            progress(j, n_layers, Phase::Replaying);
             let layer = LayerWeights::load(gpu, &done, &c2, j)?;
             walker.advance(&layer)?;
         }
@@ -193,6 +189,8 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
 
     let dtype_of = store.dtype(&format!("model.layers.0.{}.weight", LINEARS[0]))?;
     let out_dtype = if matches!(dtype_of, Dtype::F16 | Dtype::BF16) { dtype_of } else { Dtype::F32 };
+    let mut run_phases = run_clock.finish();
+    let mut prefetch: Option<std::thread::JoinHandle<Result<DenseHost>>> = None;
     for i in first_layer..n_layers {
         let t_layer = Instant::now();
         let setting = LayerSetting::of(opts, i);
@@ -200,21 +198,40 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             // a dropped layer is the identity: the states go on unchanged
             plans.push(None);
             checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
-            progress(i + 1, n_layers, "dropped");
+            progress(i + 1, n_layers, Phase::Dropped);
             continue;
         }
         let out_index = plans.iter().flatten().count();
-        progress(i, n_layers, "statistics");
-        let dense = LayerWeights::load(gpu, store, cfg, i)?;
+        let mut clock = PhaseClock::start(gpu);
+        let mut enter = |clock: &mut PhaseClock, phase: Phase| {
+            clock.enter(phase);
+            progress(i, n_layers, phase);
+        };
+        enter(&mut clock, Phase::Loading);
+        let host = match prefetch.take().map(|p| p.join()) {
+            Some(Ok(Ok(h))) if h.layer == i => h,
+            // none (first layer), another layer, or a failed read: read it here, where an
+            // error is reported in order
+            _ => DenseHost::read(store, cfg, i)?,
+        };
+        let dense = host.upload(gpu, cfg)?;
+        enter(&mut clock, Phase::Statistics);
         let stats = walker.stats(&dense, method.stats_need())?;
+        // the next layer's tensors are converted on another thread while this one works
+        if let Some(next) = (i + 1..n_layers).find(|&j| !LayerSetting::of(opts, j).dropped) {
+            let (store, cfg) = (model.store.clone(), cfg.clone());
+            prefetch = Some(std::thread::spawn(move || DenseHost::read(&store, &cfg, next).map_err(anyhow::Error::from)));
+        }
         let mut built = BuiltLayer::new(out_dtype, out_index);
-        let input = LayerInput { gpu, store, cfg, layer: i, dense: &dense, stats: &stats, setting: &setting };
-        method.compress_layer(&input, &mut built, &mut |what| progress(i, n_layers, what))?;
+        let input = LayerInput { gpu, store, cfg, layer: i, dense: &dense, host: &host, stats: &stats, setting: &setting };
+        method.compress_layer(&input, &mut built, &mut |phase| enter(&mut clock, phase))?;
+        enter(&mut clock, Phase::Writing);
+        clock.host_linear_algebra(built.host_seconds);
         let name = |s: &str| crate::format::names::layer(i, s);
         if cfg.qkv_bias() {
             for j in 0..3 {
-                let bias = store.f32(&name(&format!("{}.bias", LINEARS[j])), &[built.linears[j].out])?;
-                built.linears[j].bias = Some(gpu.upload(&round_trip(&bias, out_dtype))?);
+                let bias = host.biases[j].as_deref().context("a q/k/v bias the config promises is missing")?;
+                built.linears[j].bias = Some(gpu.upload(&round_trip(bias, out_dtype))?);
                 built.push_copy(store, &name(&format!("{}.bias", LINEARS[j])))?;
             }
         }
@@ -222,15 +239,28 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             built.push_copy(store, &name(n))?;
         }
         let BuiltLayer { tensors, linears, plan, errors, spectra, .. } = built;
+        // the dense linears go before propagation: under a budget only one copy of the
+        // layer's weights is on the GPU while the states run through it
+        let LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm } = dense;
+        drop((q, k, v, o, gate, up, down));
         let mut it = linears.into_iter();
         let mut next = || it.next().context("a method built fewer than seven linears");
-        let compressed = LayerWeights { q: next()?, k: next()?, v: next()?, o: next()?, gate: next()?, up: next()?, down: next()?, in_norm: dense.in_norm, post_norm: dense.post_norm };
-        progress(i, n_layers, "writing");
-        folder.write_shard(i, &tensors)?;
-        drop(tensors);
-
-        progress(i, n_layers, "propagating");
-        walker.advance(&compressed)?;
+        let compressed = LayerWeights { q: next()?, k: next()?, v: next()?, o: next()?, gate: next()?, up: next()?, down: next()?, in_norm, post_norm };
+        enter(&mut clock, Phase::Propagation);
+        // the shard is serialized and written on another thread while the states run
+        // through the layer; only the part of the write propagation did not hide is
+        // charged to writing
+        std::thread::scope(|scope| -> Result<()> {
+            let writer = scope.spawn(|| folder.write_shard(i, &tensors));
+            let advanced = walker.advance(&compressed);
+            enter(&mut clock, Phase::Writing);
+            let written = writer.join().map_err(|_| anyhow::anyhow!("layer {i}: the shard writer thread panicked"))?;
+            advanced?;
+            written
+        })?;
+        drop((tensors, compressed, host));
+        let phases = clock.finish();
+        run_phases.add(&phases);
         layer_reports.push(LayerReport {
             layer: i,
             ranks: [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank],
@@ -241,10 +271,11 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             params_before: cfg.layer_params(i),
             params_after: cfg.plan_params(&plan),
             seconds: t_layer.elapsed().as_secs_f64(),
+            phases,
         });
         plans.push(Some(plan));
         checkpoint(&mut folder, &print, &plans, &layer_reports, seconds_before + t_start.elapsed().as_secs_f64())?;
-        progress(i + 1, n_layers, "done");
+        progress(i + 1, n_layers, Phase::Done);
         if control.stop_after_layers == Some(i + 1) && i + 1 < n_layers {
             return Err(CompressError::Interrupted(i + 1).into());
         }
@@ -252,6 +283,8 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     drop(walker);
 
     // embeddings, final norm, untied head: copied exactly
+    let mut end_clock = PhaseClock::start(gpu);
+    end_clock.enter(Phase::Writing);
     let mut rest = Vec::new();
     for n in [crate::format::names::EMBED, crate::format::names::FINAL_NORM, crate::format::names::LM_HEAD] {
         if n == crate::format::names::LM_HEAD && (cfg.tie_word_embeddings || !store.contains(n)) {
@@ -274,6 +307,12 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     raw.insert("lorap".into(), serde_json::to_value(new_cfg.lorap.as_ref().unwrap())?);
     folder.write_json("config.json", &serde_json::Value::Object(raw))?;
     folder.copy_side_files(&model.dir)?;
+    run_phases.add(&end_clock.finish());
+    // layers finished before a resume keep their own phase times
+    let phases = layer_reports[..reports_before].iter().fold(run_phases, |mut acc, l| {
+        acc.add(&l.phases);
+        acc
+    });
     let (before, after) = (cfg.decoder_params(), new_cfg.decoder_params());
     let (tb, ta) = (cfg.total_params(), new_cfg.total_params());
     let report = CompressionReport {
@@ -289,8 +328,10 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         total_params_after: ta,
         achieved_total_ratio: 1.0 - ta as f64 / tb as f64,
         peak_gpu_bytes: gpu.memory_stats().1,
+        states_on_host: on_host,
         seconds: seconds_before + t_start.elapsed().as_secs_f64(),
         adapter: gpu.info.name.clone(),
+        phases,
         layers: layer_reports,
     };
     folder.write_json("compression_report.json", &serde_json::to_value(&report)?)?;
@@ -302,6 +343,19 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     }
     let path = folder.finish().context("finishing the output folder")?;
     Ok((path, report))
+}
+
+/// GPU bytes a layer's work holds at its peak beside the calibration states (the estimate
+/// that decides where the states live; the allocator enforces the budget itself): the
+/// largest dense layer in f32 and its compressed copy, one batch's activations, and the
+/// decomposition's buffers for the largest attention matrix.
+fn resident_bytes(cfg: &crate::model::ModelConfig, batch_tokens: usize) -> u64 {
+    let layer = (0..cfg.num_hidden_layers).map(|i| cfg.layer_params(i)).max().unwrap_or(0) as u64 * 4;
+    let (d, f, q) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.q_dim() as u64);
+    let activations = batch_tokens as u64 * (3 * d + 3 * q + 3 * f) * 4;
+    // W S, Y, Z, Q, B at up to the break-even rank: about four copies of the matrix
+    let decomposition = 4 * d.max(q) * d.max(q) * 4;
+    2 * layer + activations + decomposition
 }
 
 /// The `lorap` config section for the finished `plans` (`None` = dropped layer); the

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::methods::phase::PhaseSeconds;
 use crate::methods::LorapOptions;
 
 /// Per-layer outcome, as written to compression_report.json.
@@ -20,6 +21,9 @@ pub struct LayerReport {
     pub params_before: usize,
     pub params_after: usize,
     pub seconds: f64,
+    /// Where the layer's time went.
+    #[serde(default)]
+    pub phases: PhaseSeconds,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,9 +42,19 @@ pub struct CompressionReport {
     pub total_params_before: usize,
     pub total_params_after: usize,
     pub achieved_total_ratio: f64,
+    /// Most GPU memory held at once (everything the tool allocates: buffers in use, pooled
+    /// idle ones, readback staging, uniform chunks).
     pub peak_gpu_bytes: u64,
+    /// Whether the calibration states lived on the host (with a layer's work they would
+    /// have crossed the `--max-vram` budget on the GPU).
+    #[serde(default)]
+    pub states_on_host: bool,
     pub seconds: f64,
     pub adapter: String,
+    /// Where the run's time went (the layers' phases plus embedding, replaying and the
+    /// final shard).
+    #[serde(default)]
+    pub phases: PhaseSeconds,
     pub layers: Vec<LayerReport>,
 }
 

@@ -29,6 +29,18 @@ pub fn compress_files(rep: &CompressionReport, model_name: &str) -> Vec<(String,
     render(rep, model_name, None)
 }
 
+/// "Where the time went": seconds and share of each phase, and the host's time blocked on
+/// the GPU.
+fn phase_table(p: &crate::methods::phase::PhaseSeconds) -> String {
+    let total = p.total().max(f64::MIN_POSITIVE);
+    let mut html = String::from("<h2>Where the time went</h2><table><tr><th>phase</th><th>seconds</th><th>share</th></tr>");
+    for (name, secs) in p.rows() {
+        let _ = write!(html, "<tr><td style=\"text-align:left\">{name}</td><td>{secs:.2}</td><td>{:.1}%</td></tr>", 100.0 * secs / total);
+    }
+    let _ = write!(html, "<tr><td style=\"text-align:left\">of which the host waited on the GPU</td><td>{:.2}</td><td>{:.1}%</td></tr></table>", p.blocked_on_gpu, 100.0 * p.blocked_on_gpu / total);
+    html
+}
+
 /// report.html and each chart as an SVG file, from a compression report.
 pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexities>) -> Vec<(String, String)> {
     let layers = &rep.layers;
@@ -74,7 +86,7 @@ pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexiti
             .collect();
         charts.push((
             format!("report-spectrum-{m}.svg"),
-            format!("Weighted singular values of {m} (sigma_i / sigma_1, up to the break-even rank)."),
+            format!("Weighted singular values of {m} (sigma_i / sigma_1, as far as computed: the kept rank, or the break-even rank under the spectrum-driven allocations; none where the matrix stayed dense)."),
             line_chart(&Chart { title: &format!("{m}: weighted spectrum"), x_label: "index i", y_label: "sigma_i / sigma_1", log_y: true }, &series),
         ));
     }
@@ -119,6 +131,7 @@ pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexiti
         let _ = write!(html, "<tr><th>perplexity ({})</th><td>{:.3} &rarr; {:.3}</td></tr>", esc(&p.text), p.dense, p.compressed);
     }
     html.push_str("</table>");
+    html.push_str(&phase_table(&rep.phases));
     for (file, caption, svg) in &charts {
         let _ = write!(html, "<figure>{svg}<figcaption>{} (<a href=\"{file}\">{file}</a>)</figcaption></figure>", esc(caption));
     }
