@@ -5,9 +5,9 @@
 //! ones), unlike the full recomputation, whose buffers grow with the sequence.
 
 use crate::error::ErrorClass;
-use crate::gpu::{attention, context::Result as GpuResult, elementwise, norms, rope, Gpu, GpuBuf};
+use crate::gpu::{attention, context::Result as GpuResult, rope, Gpu, GpuBuf};
 use crate::model::config::ModelConfig;
-use crate::model::forward::{ForwardError, LayerWeights, Runner};
+use crate::model::forward::{ForwardError, LayerPass, LayerWeights, Runner};
 
 /// Positions assumed when config.json gives no `max_position_embeddings` (transformers'
 /// default for LLaMA).
@@ -126,19 +126,14 @@ struct Step<'a> {
     pos0: usize,
 }
 
-/// One decoder layer for new tokens: the operations of `forward::layer_forward` in the same
-/// order (so a step reproduces the full pass), except that the new keys and values are
-/// written into the layer's cache rows and attention reads the cache. Kept apart from
-/// `layer_forward` so the statistics path stays as it is.
+/// One decoder layer for new tokens: `forward::layer_forward`'s operations in the same order
+/// (the shared `LayerPass` parts), except that the new keys and values are written into the
+/// layer's cache rows and attention reads the cache.
 fn layer_step(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, cfg: &ModelConfig, lw: &LayerWeights, cache: (&GpuBuf, &GpuBuf), table: &rope::RopeTable, step: Step) -> GpuResult<GpuBuf> {
     let Step { h, tokens, pos0 } = step;
-    let (d, eps, kd) = (cfg.hidden_size, cfg.rms_norm_eps as f32, cfg.kv_dim());
-    let xn = gpu.alloc(tokens * d)?;
-    norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, eps)?;
-    let q = lw.q.forward(gpu, enc, &xn, tokens)?;
-    let k = lw.k.forward(gpu, enc, &xn, tokens)?;
-    let v = lw.v.forward(gpu, enc, &xn, tokens)?;
-    drop(xn);
+    let kd = cfg.kv_dim();
+    let pass = LayerPass { gpu, cfg, lw, tokens };
+    let (q, k, v) = pass.qkv(enc, h, None)?;
     rope::apply_at(gpu, enc, &q, tokens, cfg.n_heads(), pos0, table)?;
     rope::apply_at(gpu, enc, &k, tokens, cfg.n_kv_heads(), pos0, table)?;
     let (row, bytes) = ((pos0 * kd * 4) as u64, (tokens * kd * 4) as u64);
@@ -149,25 +144,8 @@ fn layer_step(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, cfg: &ModelConfig, lw: 
     let shape = attention::CachedShape { tokens, pos0, n_heads: cfg.n_heads(), n_kv: cfg.n_kv_heads(), head_dim: cfg.head_dim() };
     attention::cached_attention(gpu, enc, shape, &q, cache.0, cache.1, &att)?;
     drop(q);
-    let o = lw.o.forward(gpu, enc, &att, tokens)?;
-    drop(att);
-    let h2 = gpu.alloc(tokens * d)?;
-    elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
-    drop(o);
-    let xn2 = gpu.alloc(tokens * d)?;
-    norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, eps)?;
-    let g = lw.gate.forward(gpu, enc, &xn2, tokens)?;
-    let u = lw.up.forward(gpu, enc, &xn2, tokens)?;
-    drop(xn2);
-    let f = lw.gate.out;
-    let a = gpu.alloc(tokens * f)?;
-    elementwise::silu_mul(gpu, enc, &g, &u, &a, tokens * f)?;
-    drop((g, u));
-    let dn = lw.down.forward(gpu, enc, &a, tokens)?;
-    drop(a);
-    let h3 = gpu.alloc(tokens * d)?;
-    elementwise::add(gpu, enc, &h2, &dn, &h3, tokens * d)?;
-    Ok(h3)
+    let (h2, a) = pass.after_attention(enc, h, att, None)?;
+    pass.down_and_residual(enc, &h2, a)
 }
 
 /// Runs `tokens` at the cache's next positions and returns the logits of the last one.

@@ -254,14 +254,9 @@ pub fn layer_forward(
     batch: Batch,
     obs: Option<&mut dyn Observer>,
 ) -> GpuResult<GpuBuf> {
-    let d = cfg.hidden_size;
     let tokens = batch.tokens;
     let (h2, a) = up_to_down_input(gpu, enc, cfg, lw, table, batch, obs)?;
-    let dn = lw.down.forward(gpu, enc, &a, tokens)?;
-    drop(a);
-    let h3 = gpu.alloc(tokens * d)?;
-    elementwise::add(gpu, enc, &h2, &dn, &h3, tokens * d)?;
-    Ok(h3)
+    LayerPass { gpu, cfg, lw, tokens }.down_and_residual(enc, &h2, a)
 }
 
 /// Shows `obs` the inputs of every linear of layer `lw` and nothing more: down_proj and the
@@ -281,46 +276,81 @@ fn up_to_down_input(
     mut obs: Option<&mut dyn Observer>,
 ) -> GpuResult<(GpuBuf, GpuBuf)> {
     let Batch { h, tokens, window } = batch;
-    let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
-    let xn = gpu.alloc(tokens * d)?;
-    norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, eps)?;
-    if let Some(o) = obs.as_deref_mut() {
-        o.see(gpu, enc, Site::AttnInput, &xn, tokens, d)?;
-    }
-    let q = lw.q.forward(gpu, enc, &xn, tokens)?;
-    let k = lw.k.forward(gpu, enc, &xn, tokens)?;
-    let v = lw.v.forward(gpu, enc, &xn, tokens)?;
-    drop(xn);
+    let pass = LayerPass { gpu, cfg, lw, tokens };
+    let (q, k, v) = pass.qkv(enc, h, obs.as_deref_mut())?;
     rope::apply(gpu, enc, &q, tokens, cfg.n_heads(), window, table)?;
     rope::apply(gpu, enc, &k, tokens, cfg.n_kv_heads(), window, table)?;
     let att = gpu.alloc(tokens * cfg.q_dim())?;
     let shape = attention::AttnShape { tokens, window, n_heads: cfg.n_heads(), n_kv: cfg.n_kv_heads(), head_dim: cfg.head_dim() };
     attention::causal_attention(gpu, enc, shape, &q, &k, &v, &att)?;
     drop((q, k, v));
-    if let Some(o) = obs.as_deref_mut() {
-        o.see(gpu, enc, Site::OInput, &att, tokens, cfg.q_dim())?;
+    pass.after_attention(enc, h, att, obs)
+}
+
+/// The parts of one decoder layer every way of running it shares (the windowed pass here,
+/// the KV-cached step in `model::decode`): only the attention between them differs, so the
+/// operations and their order (and with them the results) stay the same in both.
+pub(crate) struct LayerPass<'a> {
+    pub gpu: &'a Gpu,
+    pub cfg: &'a ModelConfig,
+    pub lw: &'a LayerWeights,
+    pub tokens: usize,
+}
+
+impl LayerPass<'_> {
+    /// q, k, v of the normalized input h (rope not applied yet).
+    pub(crate) fn qkv<'o>(&self, enc: &mut wgpu::CommandEncoder, h: &GpuBuf, obs: Option<&mut (dyn Observer + 'o)>) -> GpuResult<(GpuBuf, GpuBuf, GpuBuf)> {
+        let LayerPass { gpu, cfg, lw, tokens } = *self;
+        let d = cfg.hidden_size;
+        let xn = gpu.alloc(tokens * d)?;
+        norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, cfg.rms_norm_eps as f32)?;
+        if let Some(o) = obs {
+            o.see(gpu, enc, Site::AttnInput, &xn, tokens, d)?;
+        }
+        Ok((lw.q.forward(gpu, enc, &xn, tokens)?, lw.k.forward(gpu, enc, &xn, tokens)?, lw.v.forward(gpu, enc, &xn, tokens)?))
     }
-    let o = lw.o.forward(gpu, enc, &att, tokens)?;
-    drop(att);
-    let h2 = gpu.alloc(tokens * d)?;
-    elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
-    drop(o);
-    let xn2 = gpu.alloc(tokens * d)?;
-    norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, eps)?;
-    if let Some(o) = obs.as_deref_mut() {
-        o.see(gpu, enc, Site::FfnInput, &xn2, tokens, d)?;
+
+    /// From the attention output `att`: h2 = h + o(att), then the FFN up to down_proj's
+    /// input a = silu(gate(xn2)) * up(xn2); returns (h2, a).
+    pub(crate) fn after_attention<'o>(&self, enc: &mut wgpu::CommandEncoder, h: &GpuBuf, att: GpuBuf, mut obs: Option<&mut (dyn Observer + 'o)>) -> GpuResult<(GpuBuf, GpuBuf)> {
+        let LayerPass { gpu, cfg, lw, tokens } = *self;
+        let d = cfg.hidden_size;
+        if let Some(o) = obs.as_deref_mut() {
+            o.see(gpu, enc, Site::OInput, &att, tokens, cfg.q_dim())?;
+        }
+        let o = lw.o.forward(gpu, enc, &att, tokens)?;
+        drop(att);
+        let h2 = gpu.alloc(tokens * d)?;
+        elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
+        drop(o);
+        let xn2 = gpu.alloc(tokens * d)?;
+        norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, cfg.rms_norm_eps as f32)?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.see(gpu, enc, Site::FfnInput, &xn2, tokens, d)?;
+        }
+        let g = lw.gate.forward(gpu, enc, &xn2, tokens)?;
+        let u = lw.up.forward(gpu, enc, &xn2, tokens)?;
+        drop(xn2);
+        let f = lw.gate.out;
+        let a = gpu.alloc(tokens * f)?;
+        elementwise::silu_mul(gpu, enc, &g, &u, &a, tokens * f)?;
+        drop((g, u));
+        if let Some(o) = obs {
+            o.see(gpu, enc, Site::DownInput, &a, tokens, f)?;
+        }
+        Ok((h2, a))
     }
-    let g = lw.gate.forward(gpu, enc, &xn2, tokens)?;
-    let u = lw.up.forward(gpu, enc, &xn2, tokens)?;
-    drop(xn2);
-    let f = lw.gate.out;
-    let a = gpu.alloc(tokens * f)?;
-    elementwise::silu_mul(gpu, enc, &g, &u, &a, tokens * f)?;
-    drop((g, u));
-    if let Some(o) = obs {
-        o.see(gpu, enc, Site::DownInput, &a, tokens, f)?;
+
+    /// h3 = h2 + down(a): the layer's output.
+    pub(crate) fn down_and_residual(&self, enc: &mut wgpu::CommandEncoder, h2: &GpuBuf, a: GpuBuf) -> GpuResult<GpuBuf> {
+        let LayerPass { gpu, cfg, lw, tokens } = *self;
+        let d = cfg.hidden_size;
+        let dn = lw.down.forward(gpu, enc, &a, tokens)?;
+        drop(a);
+        let h3 = gpu.alloc(tokens * d)?;
+        elementwise::add(gpu, enc, h2, &dn, &h3, tokens * d)?;
+        Ok(h3)
     }
-    Ok((h2, a))
 }
 
 /// Tokens per GPU batch unless a caller asks otherwise: large enough to keep the matmuls
@@ -340,6 +370,36 @@ impl Head {
         let name = if cfg.tie_word_embeddings || !store.contains(crate::format::names::LM_HEAD) { crate::format::names::EMBED } else { crate::format::names::LM_HEAD };
         Ok(Head { norm: gpu.upload(&store.f32(crate::format::names::FINAL_NORM, &[d])?)?, lm_head: gpu.upload(&store.f32(name, &[cfg.vocab_size, d])?)? })
     }
+}
+
+/// Decoder layer `i` for one use: the resident copy (loaded on first use) when the runner
+/// keeps layers, otherwise one uploaded now and dropped with the reference.
+enum LayerRef<'a> {
+    Resident(&'a LayerWeights),
+    Streamed(Box<LayerWeights>),
+}
+
+impl std::ops::Deref for LayerRef<'_> {
+    type Target = LayerWeights;
+    fn deref(&self) -> &LayerWeights {
+        match self {
+            LayerRef::Resident(l) => l,
+            LayerRef::Streamed(l) => l,
+        }
+    }
+}
+
+/// Takes the runner's fields apart so callers keep using its other fields (the rope table).
+fn layer_ref<'a>(resident: &'a mut Option<Vec<Option<LayerWeights>>>, gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<LayerRef<'a>> {
+    Ok(match resident {
+        Some(r) => {
+            if r[i].is_none() {
+                r[i] = Some(LayerWeights::load(gpu, store, cfg, i)?);
+            }
+            LayerRef::Resident(r[i].as_ref().unwrap())
+        }
+        None => LayerRef::Streamed(Box::new(LayerWeights::load(gpu, store, cfg, i)?)),
+    })
 }
 
 /// What a runner reports while it works: (layers done, layers total).
@@ -404,23 +464,11 @@ impl Runner {
         self.cfg.check_window(window, "per window")?;
         self.table(window)?;
         for i in 0..n_layers {
-            let streamed;
-            let lw: &LayerWeights = match &mut self.resident {
-                Some(r) => {
-                    if r[i].is_none() {
-                        r[i] = Some(LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?);
-                    }
-                    r[i].as_ref().unwrap()
-                }
-                None => {
-                    streamed = LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?;
-                    &streamed
-                }
-            };
+            let lw = layer_ref(&mut self.resident, &self.gpu, &self.store, &self.cfg, i)?;
             let table = self.table.as_ref().unwrap();
             for (h, tokens) in batches.iter_mut() {
                 let mut enc = self.gpu.encoder();
-                let next = layer_forward(&self.gpu, &mut enc, &self.cfg, lw, table, Batch { h, tokens: *tokens, window }, None)?;
+                let next = layer_forward(&self.gpu, &mut enc, &self.cfg, &lw, table, Batch { h, tokens: *tokens, window }, None)?;
                 self.gpu.submit(enc);
                 *h = next;
             }
@@ -518,20 +566,8 @@ impl Runner {
     /// call and dropped after it (the KV-cached generation in `model::decode` runs one
     /// token through the layers at a time).
     pub fn with_layer<T>(&mut self, i: usize, f: impl FnOnce(&Gpu, &ModelConfig, &LayerWeights) -> Result<T>) -> Result<T> {
-        let streamed;
-        let lw: &LayerWeights = match &mut self.resident {
-            Some(r) => {
-                if r[i].is_none() {
-                    r[i] = Some(LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?);
-                }
-                r[i].as_ref().unwrap()
-            }
-            None => {
-                streamed = LayerWeights::load(&self.gpu, &self.store, &self.cfg, i)?;
-                &streamed
-            }
-        };
-        f(&self.gpu, &self.cfg, lw)
+        let lw = layer_ref(&mut self.resident, &self.gpu, &self.store, &self.cfg, i)?;
+        f(&self.gpu, &self.cfg, &lw)
     }
 
     /// Greedy continuation by full recomputation: every step runs the whole sequence again
