@@ -412,25 +412,12 @@ fn with_paths(head: &[&str], pairs: &[(&str, &Path)], tail: &[&str]) -> Vec<std:
 /// Rewrites tensor `name` of `dir`/model.safetensors as `dtype` with element `index` set
 /// to `value` (the rest keeps its values).
 fn poison(dir: &Path, name: &str, dtype: safetensors::Dtype, index: usize, value: f32) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            if n != name {
-                return (n, v.dtype(), v.shape().to_vec(), v.data().to_vec());
-            }
-            assert_eq!(v.dtype(), safetensors::Dtype::F16);
-            let mut vals: Vec<f32> = v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
-            vals[index] = value;
-            (n, dtype, v.shape().to_vec(), lorap_gpu::format::dtype::encode(&vals, dtype))
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        owned.iter().map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    common::rewrite_tensor(dir, name, |stored, data| {
+        assert_eq!(stored, safetensors::Dtype::F16);
+        let mut vals: Vec<f32> = data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+        vals[index] = value;
+        (dtype, lorap_gpu::format::dtype::encode(&vals, dtype))
+    });
 }
 
 /// Item 3: a resume over a model with the same config.json but other weights is refused,

@@ -61,8 +61,9 @@ pub fn tensor_names(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// Rewrites one tensor of model.safetensors with another 2-byte dtype, same bytes.
-pub fn rewrite_dtype(dir: &std::path::Path, name: &str, dtype: safetensors::Dtype) {
+/// Rewrites tensor `name` of `dir`/model.safetensors as `edit(dtype, bytes)` returns it
+/// (the other tensors keep theirs).
+pub fn rewrite_tensor(dir: &std::path::Path, name: &str, edit: impl Fn(safetensors::Dtype, &[u8]) -> (safetensors::Dtype, Vec<u8>)) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -70,13 +71,18 @@ pub fn rewrite_dtype(dir: &std::path::Path, name: &str, dtype: safetensors::Dtyp
         .tensors()
         .into_iter()
         .map(|(n, v)| {
-            let dt = if n == name { dtype } else { v.dtype() };
-            (n, dt, v.shape().to_vec(), v.data().to_vec())
+            let (dt, data) = if n == name { edit(v.dtype(), v.data()) } else { (v.dtype(), v.data().to_vec()) };
+            (n, dt, v.shape().to_vec(), data)
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> =
         owned.iter().map(|(n, dt, sh, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// Rewrites one tensor of model.safetensors with another 2-byte dtype, same bytes.
+pub fn rewrite_dtype(dir: &std::path::Path, name: &str, dtype: safetensors::Dtype) {
+    rewrite_tensor(dir, name, |_, data| (dtype, data.to_vec()));
 }
 
 /// Every file under `dir` (recursively, symlinks not followed) with its size and a content
