@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use lorap_gpu::gpu::{matmul, Gpu, GpuOptions};
-use lorap_gpu::methods::{svd, LorapOptions};
+use lorap_gpu::methods::{svd, CompressOptions};
 use lorap_gpu::model::synthetic::{self, Preset};
 use lorap_gpu::model::{Model, ModelConfig};
 use lorap_gpu::pipeline::{self, CompressionReport, Run, RunControl};
@@ -106,7 +106,7 @@ fn main() {
     let budget = (max_vram * (1u64 << 30) as f64) as u64;
     gpu.set_budget(budget);
     let out = root.join(format!("{preset_name}-out"));
-    let opts = LorapOptions { ratio: 0.2, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.2, ..Default::default() };
     let t = Instant::now();
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, seq, &opts, &out).with_control(RunControl { force: true, ..Default::default() }), &mut |d, n, what| {
         eprint!("\r  layer {d}/{n}: {:<24}", what.label())

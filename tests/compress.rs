@@ -24,7 +24,7 @@ fn lorap_compresses_a_random_model_to_the_requested_ratio() {
     let calib = tokens(8 * 16, 101, 1);
     for ratio in [0.2, 0.5] {
         let out = dir.path().join(format!("out{ratio}"));
-        let opts = methods::LorapOptions { ratio, ..Default::default() };
+        let opts = methods::CompressOptions { ratio, ..Default::default() };
         let control = pipeline::RunControl { report_files: Some(lorap_gpu::report::compress_files), ..Default::default() };
         let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out).with_control(control), &mut |_, _, _| {}).unwrap();
         assert_eq!(path, out);
@@ -67,7 +67,7 @@ fn bad_ratios_and_short_calibration_are_refused() {
     let gpu = common::gpu();
     let calib = tokens(32, 50, 1);
     for ratio in [0.0, 1.0, -0.5, 1.5] {
-        let opts = methods::LorapOptions { ratio, ..Default::default() };
+        let opts = methods::CompressOptions { ratio, ..Default::default() };
         let out = dir.path().join("never");
         let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap_err();
         assert!(e.to_string().contains("ratio"), "{e}");
@@ -118,7 +118,7 @@ fn hf_dense_export_round_trips_through_eval() {
     let model = Model::open(&src).unwrap();
     let gpu = common::gpu();
     let out = dir.path().join("small");
-    let opts = methods::LorapOptions { ratio: 0.4, ..Default::default() };
+    let opts = methods::CompressOptions { ratio: 0.4, ..Default::default() };
     pipeline::compress(&gpu, &Run::new(&model, &tokens(6 * 16, 101, 2), 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     let small = Model::open(&out).unwrap();
     let exported = dir.path().join("hf");
@@ -153,7 +153,7 @@ fn calibration_states_move_to_the_host_under_a_budget() {
     synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 5).unwrap();
     let model = Model::open(&src).unwrap();
     let calib = tokens(512 * 16, 101, 3);
-    let opts = methods::LorapOptions { ratio: 0.3, ..Default::default() };
+    let opts = methods::CompressOptions { ratio: 0.3, ..Default::default() };
     let try_run = |out: &str, budget: u64| {
         // its own context: the budget and the peak are per device, and tests run in parallel
         let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use clap::Parser;
 use lorap_gpu::cli::{validate::gib_to_bytes, Cli, Command};
 use lorap_gpu::format::plan::Plan;
-use lorap_gpu::methods::{LayerSetting, LorapOptions};
+use lorap_gpu::methods::{LayerSetting, CompressOptions};
 use proptest::prelude::*;
 
 const SUBCOMMANDS: &[&str] = &["compress", "search", "eval", "generate", "export", "report", "synth", "gpu-info", "nope"];
@@ -88,7 +88,7 @@ fn assert_in_range(cli: &Cli) {
             assert!(a.samples >= 1 && a.seq_len >= 2 && a.batch_tokens >= 1 && (2..=8).contains(&a.mpo_cores));
             assert!(a.max_vram.is_none_or(|v| gib_to_bytes("--max-vram", v).is_ok_and(|b| b > 0)));
             assert!(a.surgical_tolerance.is_finite() && a.surgical_tolerance >= 0.0);
-            assert!(a.mpo_matrix_indices().is_ok());
+            assert!(a.mpo_matrices().is_ok());
         }
         Command::Search(a) => {
             assert!(a.target_ratio.is_none_or(|t| t > 0.0 && t < 1.0), "target {:?}", a.target_ratio);
@@ -140,11 +140,11 @@ fn read_plan(text: &str) {
             continue;
         }
         assert_eq!(plan.layers.len(), n);
-        let opts = LorapOptions { ratio: 0.0, plan: Some(plan.clone()), ..Default::default() };
+        let opts = CompressOptions { ratio: 0.0, plan: Some(plan.clone()), ..Default::default() };
         for i in 0..n {
             let s = LayerSetting::of(&opts, i);
             let ok = |k: f64| k > 0.0 && k <= 1.0;
-            assert!(ok(s.attention_keep) && ok(s.ffn_keep) && s.module_keep.iter().flatten().all(|&k| ok(k)), "layer {i} of {text}");
+            assert!(ok(s.attention_keep) && ok(s.ffn_keep) && s.module_keep.values().flatten().all(|&k| ok(k)), "layer {i} of {text}");
         }
     }
 }

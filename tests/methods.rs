@@ -5,6 +5,8 @@
 mod common;
 
 use lorap_gpu::format::plan;
+use lorap_gpu::format::linear::Linear;
+use lorap_gpu::methods::mpo::MpoOptions;
 use lorap_gpu::methods::{self, sfsd, svd::SvdOptions};
 use lorap_gpu::pipeline::{self, Run};
 use lorap_gpu::search::{self, surgical};
@@ -106,7 +108,7 @@ fn sfsd_compresses_every_linear_to_the_ratio_and_runs() {
     let gpu = common::gpu();
     let calib = tokens(8 * 16, 101, 1);
     let out = dir.path().join("sfsd");
-    let opts = methods::LorapOptions { method: methods::Method::Sfsd, ratio: 0.3, ..Default::default() };
+    let opts = methods::CompressOptions { method: methods::MethodOptions::Sfsd(Default::default()), ratio: 0.3, ..Default::default() };
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     assert!((rep.achieved_decoder_ratio - 0.3).abs() < 0.03, "{}", rep.achieved_decoder_ratio);
     let small = Model::open(&out).unwrap();
@@ -114,7 +116,7 @@ fn sfsd_compresses_every_linear_to_the_ratio_and_runs() {
     assert_eq!(sec.method, "sfsd");
     for l in &sec.layers {
         assert_eq!(l.ffn_width, 160, "feature-space decomposition keeps the FFN width");
-        assert!((0..7).all(|j| l.rank(j).is_some()), "every linear factored: {l:?}");
+        assert!(Linear::ALL.into_iter().all(|j| l.rank(j).is_some()), "every linear factored: {l:?}");
     }
     assert!(rep.layers.iter().all(|l| l.weighted_rel_error.iter().all(|&e| e > 0.0 && e < 1.0)));
     let (nll, e) = gpu_vs_reference(&gpu, &small, &tokens(2 * 12, 101, 5), 12);
@@ -133,7 +135,7 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     // full bonds: the cores hold W exactly up to their f16 storage (the model is f16), so
     // the model computes the same function to f16 rounding
     let exact = dir.path().join("mpo-exact");
-    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.01, mpo_max_bond: Some(1 << 16), mpo_matrices: vec![0, 6], ..Default::default() };
+    let opts = methods::CompressOptions { method: methods::MethodOptions::Mpo(MpoOptions { max_bond: Some(1 << 16), matrices: vec![Linear::Q, Linear::Down], ..Default::default() }), ratio: 0.01, ..Default::default() };
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &exact), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&exact).unwrap();
     let sec = m.cfg.lorap.as_ref().unwrap();
@@ -145,7 +147,7 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(d < 1e-3, "full-bond MPO differs from the dense model: {d:e}");
     // one shared centre per linear: stored once, every layer refitted around it
     let shared = dir.path().join("mpo-shared");
-    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.4, mpo_share_centre: true, mpo_matrices: vec![0, 4], ..Default::default() };
+    let opts = methods::CompressOptions { method: methods::MethodOptions::Mpo(MpoOptions { share_centre: true, matrices: vec![Linear::Q, Linear::Gate], ..Default::default() }), ratio: 0.4, ..Default::default() };
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &shared), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&shared).unwrap();
     let names: Vec<String> = m.store.names().map(String::from).collect();
@@ -158,13 +160,13 @@ fn mpo_is_stored_as_cores_and_exact_at_full_bonds() {
     assert!(e < 1e-4, "shared-centre model GPU vs CPU: {e:e}");
     // a ratio below what one shared centre removes at full bonds is refused, not overshot
     let too_little = dir.path().join("mpo-shared-10");
-    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.1, mpo_share_centre: true, mpo_matrices: vec![0], ..Default::default() };
+    let opts = methods::CompressOptions { method: methods::MethodOptions::Mpo(MpoOptions { share_centre: true, matrices: vec![Linear::Q], ..Default::default() }), ratio: 0.1, ..Default::default() };
     let err = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &too_little), &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("removes at least 37.5%"), "{err}");
     assert!(!too_little.exists());
     // truncated bonds: smaller, still runs, error grows
     let cut = dir.path().join("mpo-cut");
-    let opts = methods::LorapOptions { method: methods::Method::Mpo, ratio: 0.5, ..Default::default() };
+    let opts = methods::CompressOptions { method: methods::MethodOptions::Mpo(Default::default()), ratio: 0.5, ..Default::default() };
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &cut), &mut |_, _, _| {}).unwrap();
     assert!(rep.achieved_decoder_ratio > 0.4 && rep.achieved_decoder_ratio < 0.55, "{}", rep.achieved_decoder_ratio);
     let m = Model::open(&cut).unwrap();
@@ -184,20 +186,20 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
     p.layers[2].attention_keep = Some(0.5);
     p.layers[2].ffn_keep = Some(0.25);
     let out = dir.path().join("planned");
-    let opts = methods::LorapOptions { plan: Some(p.clone()), ratio: 0.0, ..Default::default() };
+    let opts = methods::CompressOptions { plan: Some(p.clone()), ratio: 0.0, ..Default::default() };
     let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &out), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&out).unwrap();
     assert_eq!(m.cfg.num_hidden_layers, 2);
     let sec = m.cfg.lorap.as_ref().unwrap();
     assert_eq!(sec.dropped_layers, vec![1]);
     // layer 0 kept whole: an exact copy of the input's layer 0
-    assert!((0..4).all(|j| sec.layers[0].rank(j).is_none()) && sec.layers[0].ffn_width == 160);
+    assert!(Linear::ATTENTION.into_iter().all(|j| sec.layers[0].rank(j).is_none()) && sec.layers[0].ffn_width == 160);
     assert_eq!(m.store.raw("model.layers.0.self_attn.q_proj.weight").unwrap().2, model.store.raw("model.layers.0.self_attn.q_proj.weight").unwrap().2);
     // the input's layer 2 is the output's layer 1, at the planned shapes
     assert_eq!(sec.layers[1].ffn_width, 40);
     assert_eq!(m.store.raw("model.layers.1.input_layernorm.weight").unwrap().2, model.store.raw("model.layers.2.input_layernorm.weight").unwrap().2);
-    let att: usize = (0..4).map(|j| m.cfg.linear_params(&sec.layers[1], j)).sum();
-    let dense_att: usize = (0..4).map(|j| model.cfg.linear_params(&model.cfg.layer_plan(2), j)).sum();
+    let att: usize = Linear::ATTENTION.into_iter().map(|j| m.cfg.linear_params(&sec.layers[1], j)).sum();
+    let dense_att: usize = Linear::ATTENTION.into_iter().map(|j| model.cfg.linear_params(&model.cfg.layer_plan(2), j)).sum();
     assert!((att as f64 / dense_att as f64 - 0.5).abs() < 0.03, "attention kept {}", att as f64 / dense_att as f64);
     assert_eq!(rep.layers.len(), 2);
     let (_, e) = gpu_vs_reference(&gpu, &m, &tokens(2 * 12, 101, 5), 12);
@@ -205,7 +207,7 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
     // bad plans are refused before any output
     for bad in [plan::Plan::uniform(2, 0.5), plan::Plan { layers: vec![plan::PlanLayer { dropped: true, ..Default::default() }; 3], note: String::new() }, plan::Plan::uniform(3, 1.5)] {
         let o = dir.path().join("never");
-        let opts = methods::LorapOptions { plan: Some(bad), ratio: 0.0, ..Default::default() };
+        let opts = methods::CompressOptions { plan: Some(bad), ratio: 0.0, ..Default::default() };
         let e = pipeline::compress(&gpu, &Run::new(&model, &calib, 16, &opts, &o), &mut |_, _, _| {}).unwrap_err();
         assert!(e.to_string().contains("plan"), "{e}");
         assert!(!o.exists());
@@ -238,7 +240,7 @@ fn search_returns_a_front_whose_plans_compress_to_their_parameter_counts() {
     for k in [best, res.front[0]] {
         let c = &res.candidates[k];
         let out = dir.path().join(format!("applied-{k}"));
-        let o = methods::LorapOptions { plan: Some(c.plan.clone()), ratio: 0.0, ..Default::default() };
+        let o = methods::CompressOptions { plan: Some(c.plan.clone()), ratio: 0.0, ..Default::default() };
         let (_, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib[..8 * 16], 16, &o, &out), &mut |_, _, _| {}).unwrap();
         assert_eq!(rep.decoder_params_after, c.decoder_params, "{}", c.origin);
     }
@@ -257,12 +259,12 @@ fn surgical_search_respects_its_bound_and_its_plan_applies() {
     assert!(rep.steps.iter().all(|s| s.keep == Some(0.2)));
     assert!(plan.layers[0].module_keep.values().all(|&k| k >= 1.0), "skipped layer stays dense");
     let out = dir.path().join("surgical");
-    let o = methods::LorapOptions { method: methods::Method::Sfsd, plan: Some(plan), ratio: 0.0, ..Default::default() };
+    let o = methods::CompressOptions { method: methods::MethodOptions::Sfsd(Default::default()), plan: Some(plan), ratio: 0.0, ..Default::default() };
     let (_, crep) = pipeline::compress(&gpu, &Run::new(&model, &calib[..8 * 16], 16, &o, &out), &mut |_, _, _| {}).unwrap();
     let m = Model::open(&out).unwrap();
     let sec = m.cfg.lorap.as_ref().unwrap();
-    assert!((0..7).all(|j| sec.layers[0].rank(j).is_none()));
-    assert!((1..3).all(|i| (0..7).all(|j| sec.layers[i].rank(j).is_some())));
+    assert!(Linear::ALL.into_iter().all(|j| sec.layers[0].rank(j).is_none()));
+    assert!((1..3).all(|i| Linear::ALL.into_iter().all(|j| sec.layers[i].rank(j).is_some())));
     assert!(crep.achieved_decoder_ratio > 0.3);
     // a tight bound: every decision stays within it
     let tight = surgical::SurgicalOptions { skip_first: 1, tolerance: 0.001, grid: vec![0.2, 0.5, 0.8], ..Default::default() };

@@ -73,7 +73,7 @@ fn lorap_on_the_real_model_keeps_perplexity_bounded() {
     let calib = calib::calibration_windows(&calib_tokens, 8, 128).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm-lorap-0.2");
-    let opts = methods::LorapOptions { ratio: 0.2, ..Default::default() };
+    let opts = methods::CompressOptions { ratio: 0.2, ..Default::default() };
     let (_, rep) = pipeline::compress(&common::gpu(), &Run::new(&m, &calib, 128, &opts, &out), &mut |_, _, _| {}).unwrap();
     assert!((rep.achieved_decoder_ratio - 0.2).abs() < 0.01, "achieved {}", rep.achieved_decoder_ratio);
     let wiki = common::tokenize(&m.dir, "wiki.txt");

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lorap_gpu::methods::LorapOptions;
+use lorap_gpu::methods::CompressOptions;
 use lorap_gpu::pipeline::{self, Run, RunControl};
 use lorap_gpu::cli::classify;
 use lorap_gpu::error::ErrorClass;
@@ -29,7 +29,7 @@ fn assert_no_output(parent: &Path, name: &str) {
     assert!(!parent.join(format!(".{name}.partial")).exists(), "partial folder of {name} left behind");
 }
 
-fn compress_lib(model: &Model, out: &Path, opts: &LorapOptions, control: &RunControl) -> anyhow::Result<pipeline::CompressionReport> {
+fn compress_lib(model: &Model, out: &Path, opts: &CompressOptions, control: &RunControl) -> anyhow::Result<pipeline::CompressionReport> {
     let calib = tokens(6 * 16, 101, 1);
     pipeline::compress(&common::gpu(), &Run::new(model, &calib, 16, opts, out).with_control(control.clone()), &mut |_, _, _| {}).map(|(_, r)| r)
 }
@@ -157,7 +157,7 @@ fn disk_full_leaves_no_output_and_keeps_only_a_resumable_partial() {
     let dir = tempfile::tempdir().unwrap();
     let src = small_model(dir.path(), 3);
     let model = Model::open(&src).unwrap();
-    let opts = LorapOptions { ratio: 0.3, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.3, ..Default::default() };
     // full at the first shard: nothing at all is left
     let out = dir.path().join("out");
     let e = compress_lib(&model, &out, &opts, &RunControl { output_byte_limit: Some(1000), ..Default::default() }).unwrap_err();
@@ -191,7 +191,7 @@ fn interrupted_compression_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let src = small_model(dir.path(), 3);
     let model = Model::open(&src).unwrap();
-    let opts = LorapOptions { ratio: 0.4, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.4, ..Default::default() };
     let whole = compress_lib(&model, &dir.path().join("whole"), &opts, &RunControl::default()).unwrap();
     let out = dir.path().join("out");
     for stop in [1, 2] {
@@ -200,7 +200,7 @@ fn interrupted_compression_resumes_to_the_same_result() {
         assert!(!out.exists(), "an interrupted run must not look complete");
     }
     // other options: refused, and the partial is kept
-    let other = LorapOptions { ratio: 0.3, ..Default::default() };
+    let other = CompressOptions { ratio: 0.3, ..Default::default() };
     let e = compress_lib(&model, &out, &other, &RunControl { resume: true, ..Default::default() }).unwrap_err();
     assert_eq!(classify(&e), ErrorClass::ResumeMismatch, "{e:#}");
     let resumed = compress_lib(&model, &out, &opts, &RunControl { resume: true, ..Default::default() }).unwrap();
@@ -215,7 +215,7 @@ fn gpu_out_of_memory_and_device_loss_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let src = small_model(dir.path(), 2);
     let model = Model::open(&src).unwrap();
-    let opts = LorapOptions { ratio: 0.3, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.3, ..Default::default() };
     let calib = tokens(6 * 16, 101, 1);
     // a budget far below one layer: the allocation that would pass it fails, cleanly
     let gpu = lorap_gpu::gpu::Gpu::new(&common::options()).unwrap();
@@ -426,7 +426,7 @@ fn poison(dir: &Path, name: &str, dtype: safetensors::Dtype, index: usize, value
 fn resume_refuses_other_weights_with_the_same_config() {
     let dir = tempfile::tempdir().unwrap();
     let src = small_model(dir.path(), 3);
-    let opts = LorapOptions { ratio: 0.4, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.4, ..Default::default() };
     let out = dir.path().join("out");
     let e = compress_lib(&Model::open(&src).unwrap(), &out, &opts, &RunControl { stop_after_layers: Some(1), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("stopped after 1 layers"), "{e}");
@@ -484,7 +484,7 @@ fn non_finite_and_absurd_weights_are_refused_up_front() {
     }
     // the same through the library: compress refuses before its output exists
     let model = Model::open(&src).unwrap();
-    let e = compress_lib(&model, &out, &LorapOptions { ratio: 0.3, ..Default::default() }, &RunControl::default()).unwrap_err();
+    let e = compress_lib(&model, &out, &CompressOptions { ratio: 0.3, ..Default::default() }, &RunControl::default()).unwrap_err();
     assert_eq!(classify(&e), ErrorClass::CorruptWeights, "{e:#}");
     assert_no_output(dir.path(), "out");
     // generate and search too
@@ -593,6 +593,8 @@ fn arguments_out_of_range_are_refused_before_any_work() {
         (compress(&["--ratio", "0.3", "--mpo-max-bond", "0"]), "--mpo-max-bond must be at least 1"),
         (compress(&["--ratio", "0.3", "--mpo-matrices", "q,x"]), "--mpo-matrices: unknown matrix \"x\""),
         (compress(&["--ratio", "0.3", "--mpo-matrices", "q,q"]), "--mpo-matrices: \"q\" given twice"),
+        (compress(&["--ratio", "0.3", "--mpo-matrices", "q"]), "--mpo-matrices applies to --method mpo, not lorap"),
+        (compress(&["--ratio", "0.3", "--method", "sfsd", "--plain-svd"]), "--plain-svd applies to --method lorap, not sfsd"),
         (compress(&["--method", "sfsd", "--surgical", "--surgical-tolerance=-1"]), "--surgical-tolerance must be a finite number >= 0"),
         (compress(&["--method", "sfsd", "--surgical", "--surgical-last-layers", "0"]), "--surgical-last-layers must be at least 1"),
         (compress(&["--method", "sfsd", "--surgical", "--samples", "2", "--search-windows", "2"]), "--samples (2) must exceed --search-windows (2)"),

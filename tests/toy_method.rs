@@ -6,9 +6,9 @@
 mod common;
 
 use anyhow::Result;
-use lorap_gpu::format::linear::LINEARS;
+use lorap_gpu::format::linear::Linear;
 use lorap_gpu::methods::ffn::{gather_cols, gather_rows};
-use lorap_gpu::methods::{BuiltLayer, LayerInput, LayerMethod, LorapOptions, Phase};
+use lorap_gpu::methods::{BuiltLayer, LayerInput, LayerMethod, CompressOptions, Phase};
 use lorap_gpu::model::forward::Runner;
 use lorap_gpu::model::{synthetic, Model};
 use lorap_gpu::pipeline::{self, Run};
@@ -24,18 +24,16 @@ impl LayerMethod for MagnitudeFfn {
 
     fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(Phase)) -> Result<()> {
         progress(Phase::FfnScoring);
-        let (cfg, i) = (input.cfg, input.layer);
+        let cfg = input.cfg;
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let full = lorap_gpu::format::plan::LayerPlan { ffn_width: f, ..Default::default() };
-        let weight = |j: usize| {
-            let (out, inp) = cfg.linear_shape(&full, j);
-            input.store.f32(&format!("model.layers.{i}.{}.weight", LINEARS[j]), &[out, inp]).map(|w| (w, out, inp))
-        };
-        for j in 0..4 {
-            let (w, out, inp) = weight(j)?;
-            built.dense(input.gpu, j, &w, out, inp)?;
+        // the dense layer's weights in f32, as the pipeline read them
+        let weights = &input.host.weights;
+        for lin in Linear::ATTENTION {
+            let (out, inp) = cfg.linear_shape(&full, lin);
+            built.dense(input.gpu, lin, &weights[lin], out, inp)?;
         }
-        let ((gate, ..), (up, ..), (down, ..)) = (weight(4)?, weight(5)?, weight(6)?);
+        let (gate, up, down) = (&weights[Linear::Gate], &weights[Linear::Up], &weights[Linear::Down]);
         let score = |c: usize| -> f32 { gate[c * d..(c + 1) * d].iter().chain(&up[c * d..(c + 1) * d]).map(|x| x.abs()).sum::<f32>() + (0..d).map(|r| down[r * f + c].abs()).sum::<f32>() };
         let mut order: Vec<usize> = (0..f).collect();
         order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
@@ -43,9 +41,9 @@ impl LayerMethod for MagnitudeFfn {
         kept.sort();
         let fk = kept.len();
         built.plan.ffn_width = fk;
-        built.dense(input.gpu, 4, &gather_rows(&gate, d, &kept), fk, d)?;
-        built.dense(input.gpu, 5, &gather_rows(&up, d, &kept), fk, d)?;
-        built.dense(input.gpu, 6, &gather_cols(&down, d, f, &kept), d, fk)?;
+        built.dense(input.gpu, Linear::Gate, &gather_rows(gate, d, &kept), fk, d)?;
+        built.dense(input.gpu, Linear::Up, &gather_rows(up, d, &kept), fk, d)?;
+        built.dense(input.gpu, Linear::Down, &gather_cols(down, d, f, &kept), d, fk)?;
         Ok(())
     }
 }
@@ -57,7 +55,7 @@ fn a_toy_method_in_one_file_runs_through_the_pipeline() {
     synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: true }), 3).unwrap();
     let model = Model::open(&src).unwrap();
     let calib: Vec<u32> = (0..4 * 16).map(|i| (i * 37 % 101) as u32).collect();
-    let opts = LorapOptions { ratio: 0.5, ..Default::default() };
+    let opts = CompressOptions { ratio: 0.5, ..Default::default() };
     let out = dir.path().join("toy");
     let (path, rep) = pipeline::compress_with(&common::gpu(), &Run::new(&model, &calib, 16, &opts, &out), &MagnitudeFfn, &mut |_, _, _| {}).unwrap();
     assert_eq!(rep.method, "magnitude-ffn");

@@ -7,6 +7,7 @@ use anyhow::Result;
 use super::states::CalibStates;
 use crate::gpu::matmul;
 use crate::gpu::{context::Result as GpuResult, norms, Gpu, GpuBuf};
+use crate::format::linear::Linear;
 use crate::model::forward::{self, LayerWeights, Observer, Site};
 
 /// Statistics of the inputs of every linear, accumulated on the GPU over all calibration
@@ -20,21 +21,9 @@ struct InputStats {
     tokens: usize,
 }
 
-fn site_index(site: Site) -> usize {
-    match site {
-        Site::AttnInput => 0,
-        Site::OInput => 1,
-        Site::FfnInput => 2,
-        Site::DownInput => 3,
-    }
-}
-
-/// Input site (index into `InputStats`) of linear `j`.
-pub const SITE_OF: [usize; 7] = [0, 0, 0, 1, 2, 2, 3];
-
 impl Observer for InputStats {
     fn see(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, site: Site, x: &GpuBuf, rows: usize, cols: usize) -> GpuResult<()> {
-        let s = site_index(site);
+        let s = site.index();
         if s == 0 {
             self.tokens += rows;
         }
@@ -54,11 +43,28 @@ impl Observer for InputStats {
 
 /// What the per-layer methods get to work from.
 pub struct LayerStats {
-    /// Activation scales s of each input site.
+    /// Activation scales s of each input site (`Site::index` order).
     pub scales: [Vec<f32>; 4],
     /// Input covariance [cols, cols] of each site (methods that need it): the uncentred
     /// second moment by default.
     pub cov: Option<[Vec<f32>; 4]>,
+}
+
+impl LayerStats {
+    /// Activation scales of the inputs at `site`.
+    pub fn site_scales(&self, site: Site) -> &[f32] {
+        &self.scales[site.index()]
+    }
+
+    /// Activation scales of `linear`'s input.
+    pub fn input_scales(&self, linear: Linear) -> &[f32] {
+        self.site_scales(Site::of(linear))
+    }
+
+    /// Covariance of `linear`'s input, when collected.
+    pub fn input_cov(&self, linear: Linear) -> Option<&[f32]> {
+        self.cov.as_ref().map(|c| c[Site::of(linear).index()].as_slice())
+    }
 }
 
 /// s_j = sqrt(mean over windows of ||X_w[:, j]||^2), zeros replaced by 1e-4.

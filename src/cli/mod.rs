@@ -107,7 +107,7 @@ pub struct SearchArgs {
     #[arg(long)]
     pub no_drop: bool,
     /// Attention rank allocation of the candidates (use the same in `compress --plan`).
-    #[arg(long, value_enum, default_value_t = crate::methods::LorapOptions::default().allocation)]
+    #[arg(long, value_enum, default_value_t = crate::methods::lorap::LorapOptions::default().allocation)]
     pub allocation: crate::methods::allocate::Allocation,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -222,7 +222,7 @@ pub struct CompressArgs {
     pub resume: bool,
     /// Attention rank allocation. fixed31 is the default: on held-out perplexity it beat the
     /// greedy spectrum allocation, and the relative one at 50% (docs/results.md).
-    #[arg(long, value_enum, default_value_t = crate::methods::LorapOptions::default().allocation)]
+    #[arg(long, value_enum, default_value_t = crate::methods::lorap::LorapOptions::default().allocation)]
     pub allocation: crate::methods::allocate::Allocation,
     /// Ablation: plain SVD of W instead of the activation-weighted W S.
     #[arg(long)]
@@ -329,7 +329,10 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     use crate::error::CompressError;
-    use crate::methods::{self as lorap, svd::SvdOptions};
+    use crate::methods::lorap::LorapOptions;
+    use crate::methods::mpo::MpoOptions;
+    use crate::methods::sfsd::SfsdOptions;
+    use crate::methods::{svd::SvdOptions, CompressOptions, Method, MethodOptions};
     use crate::pipeline::{self, Run, RunControl};
     let model = Model::open(&a.model)?;
     // the output before the text is tokenized (minutes for a long one)
@@ -351,20 +354,20 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     }
     let tok = model.tokenizer()?;
     let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
-    let mpo_matrices = a.mpo_matrix_indices()?;
-    let opts = lorap::LorapOptions {
-        method: a.method,
-        mpo_cores: a.mpo_cores,
-        mpo_max_bond: a.mpo_max_bond,
-        mpo_share_centre: a.mpo_share_centre,
-        sfsd_centred: a.sfsd_centred,
-        mpo_matrices,
+    let method = match a.method {
+        Method::Lorap => MethodOptions::Lorap(LorapOptions {
+            allocation: a.allocation,
+            weighted_svd: !a.plain_svd,
+            reserve: if a.no_reserve { 0.0 } else { 0.01 },
+            ffn_activation_scores: !a.magnitude_ffn,
+        }),
+        Method::Sfsd => MethodOptions::Sfsd(SfsdOptions { centred: a.sfsd_centred }),
+        Method::Mpo => MethodOptions::Mpo(MpoOptions { cores: a.mpo_cores, max_bond: a.mpo_max_bond, share_centre: a.mpo_share_centre, matrices: a.mpo_matrices()? }),
+    };
+    let opts = CompressOptions {
+        method,
         ratio: a.ratio.unwrap_or(0.0),
         plan,
-        allocation: a.allocation,
-        weighted_svd: !a.plain_svd,
-        reserve: if a.no_reserve { 0.0 } else { 0.01 },
-        ffn_activation_scores: !a.magnitude_ffn,
         svd: SvdOptions { power_iters: a.power_iters, oversample: a.oversample, ..Default::default() },
     };
     let mut opts = opts;

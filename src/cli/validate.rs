@@ -5,6 +5,7 @@
 //! `tests/fuzz_cli.rs` runs parsing and these checks on arbitrary argument vectors.
 
 use crate::error::CompressError;
+use crate::format::linear::Linear;
 
 use super::{Cli, Command, CompressArgs, EvalArgs, GenerateArgs, MemArgs, PerplexityArgs, ReportArgs, SearchArgs, SynthArgs};
 
@@ -23,6 +24,12 @@ const MAX_EVALUATIONS: usize = 100_000;
 
 /// The smallest storage binding the GPU layer accepts (it raises smaller caps to this).
 const MIN_BINDING: u64 = 256;
+
+/// The CLI spelling of a method (`lorap`, `sfsd`, `mpo`).
+fn method_name(m: crate::methods::Method) -> String {
+    use clap::ValueEnum;
+    m.to_possible_value().map_or_else(|| format!("{m:?}"), |v| v.get_name().to_string())
+}
 
 fn bad(what: String) -> CompressError {
     CompressError::BadArgument(what)
@@ -206,21 +213,41 @@ impl CompressArgs {
         if self.mpo_max_bond == Some(0) {
             return Err(bad("--mpo-max-bond must be at least 1".into()));
         }
-        self.mpo_matrix_indices().map(|_| ())
+        self.mpo_matrices()?;
+        self.method_flags_match()
     }
 
-    /// `--mpo-matrices` as indices into `format::linear::LINEARS` (unknown or repeated
-    /// names refused).
-    pub fn mpo_matrix_indices(&self) -> Result<Vec<usize>, CompressError> {
-        let short = crate::format::linear::SHORT_NAMES;
+    /// `--mpo-matrices` as linears (unknown or repeated names refused).
+    pub fn mpo_matrices(&self) -> Result<Vec<Linear>, CompressError> {
         let mut out = Vec::new();
         for m in &self.mpo_matrices {
-            let j = short.iter().position(|s| s == m).ok_or_else(|| bad(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", short.join(","))))?;
-            if out.contains(&j) {
+            let lin = Linear::from_short(m).ok_or_else(|| {
+                let names: Vec<&str> = Linear::ALL.iter().map(|l| l.short()).collect();
+                bad(format!("--mpo-matrices: unknown matrix {m:?} (one of {})", names.join(",")))
+            })?;
+            if out.contains(&lin) {
                 return Err(bad(format!("--mpo-matrices: {m:?} given twice")));
             }
-            out.push(j);
+            out.push(lin);
         }
         Ok(out)
+    }
+
+    /// A method's own flags given with another `--method` are refused, not ignored.
+    fn method_flags_match(&self) -> Result<(), CompressError> {
+        use crate::methods::Method;
+        let given: [(&str, bool, Method); 7] = [
+            ("--plain-svd", self.plain_svd, Method::Lorap),
+            ("--no-reserve", self.no_reserve, Method::Lorap),
+            ("--magnitude-ffn", self.magnitude_ffn, Method::Lorap),
+            ("--sfsd-centred", self.sfsd_centred, Method::Sfsd),
+            ("--mpo-max-bond", self.mpo_max_bond.is_some(), Method::Mpo),
+            ("--mpo-share-centre", self.mpo_share_centre, Method::Mpo),
+            ("--mpo-matrices", !self.mpo_matrices.is_empty(), Method::Mpo),
+        ];
+        match given.iter().find(|(_, on, m)| *on && *m != self.method) {
+            Some((flag, _, m)) => Err(bad(format!("{flag} applies to --method {}, not {}", method_name(*m), method_name(self.method)))),
+            None => Ok(()),
+        }
     }
 }

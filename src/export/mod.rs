@@ -12,7 +12,8 @@ use crate::format::output::{OutTensor, OutputFolder};
 use crate::error::CompressError;
 use crate::gpu::{matmul, Gpu};
 use crate::format::plan::LinearRepr;
-use crate::model::forward::{mpo_dense, LINEARS};
+use crate::format::linear::Linear;
+use crate::model::forward::mpo_dense;
 use safetensors::Dtype;
 use crate::model::Model;
 
@@ -50,12 +51,12 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
         let f_kept = plan.ffn_width;
         let dtype = store.dtype(&name("input_layernorm.weight"))?;
         let dtype = if matches!(dtype, Dtype::F16 | Dtype::BF16) { dtype } else { Dtype::F32 };
-        for (j, lin) in LINEARS.iter().enumerate() {
-            let base = name(lin);
+        for lin in Linear::ALL {
+            let base = crate::format::names::linear_base(i, lin);
             let wname = format!("{base}.weight");
-            let (o, inp) = cfg.linear_shape(&plan, j);
-            let w = match plan.repr(j) {
-                LinearRepr::Dense if f_kept == f_full || j < 4 => {
+            let (o, inp) = cfg.linear_shape(&plan, lin);
+            let w = match plan.repr(lin) {
+                LinearRepr::Dense if f_kept == f_full || lin.is_attention() => {
                     tensors.push(OutTensor::copied(store, &wname)?);
                     continue;
                 }
@@ -65,16 +66,16 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
                     let b = store.f32(&format!("{base}.factor_b"), &[r, inp])?;
                     multiply(gpu, &a, &b, o, r, inp)?
                 }
-                LinearRepr::Mpo(m) => mpo_dense(store, i, j, &m)?,
+                LinearRepr::Mpo(m) => mpo_dense(store, i, lin, &m)?,
             };
             // zero channels are exact no-ops: silu(0) * 0 = 0 feeds zero columns of down_proj
-            let (w, shape) = match j {
-                4 | 5 => {
+            let (w, shape) = match lin {
+                Linear::Gate | Linear::Up => {
                     let mut w = w;
                     w.resize(f_full * d, 0.0);
                     (w, vec![f_full, d])
                 }
-                6 => {
+                Linear::Down => {
                     let mut padded = vec![0f32; d * f_full];
                     for (row, src) in padded.chunks_mut(f_full).zip(w.chunks(f_kept.max(1))) {
                         row[..f_kept].copy_from_slice(&src[..f_kept]);
@@ -86,8 +87,8 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
             tensors.push(OutTensor { name: wname, dtype, bytes: encode(&w, dtype), shape });
         }
         if cfg.qkv_bias() {
-            for lin in &LINEARS[..3] {
-                tensors.push(OutTensor::copied(store, &name(&format!("{lin}.bias")))?);
+            for lin in Linear::ALL.into_iter().filter(|l| l.is_qkv()) {
+                tensors.push(OutTensor::copied(store, &crate::format::names::linear(i, lin, "bias"))?);
             }
         }
         for m in ["input_layernorm.weight", "post_attention_layernorm.weight"] {

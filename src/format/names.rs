@@ -1,7 +1,7 @@
 //! Tensor names in checkpoints: the one place that spells them (Hugging Face LLaMA
 //! layout, plus this tool's factor pairs and MPO cores).
 
-use super::linear::LINEARS;
+use super::linear::Linear;
 
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
@@ -14,14 +14,14 @@ pub fn layer(layer: usize, rest: &str) -> String {
     format!("model.layers.{layer}.{rest}")
 }
 
-/// `model.layers.{layer}.{linear j}` (a linear's prefix, without a suffix).
-pub fn linear_base(layer: usize, j: usize) -> String {
-    format!("model.layers.{layer}.{}", LINEARS[j])
+/// `model.layers.{layer}.{linear}` (a linear's prefix, without a suffix).
+pub fn linear_base(layer: usize, linear: Linear) -> String {
+    format!("model.layers.{layer}.{}", linear.name())
 }
 
-/// `model.layers.{layer}.{linear j}.{suffix}` (suffix: weight, bias, factor_a, ...).
-pub fn linear(layer: usize, j: usize, suffix: &str) -> String {
-    format!("model.layers.{layer}.{}.{suffix}", LINEARS[j])
+/// `model.layers.{layer}.{linear}.{suffix}` (suffix: weight, bias, factor_a, ...).
+pub fn linear(layer: usize, linear: Linear, suffix: &str) -> String {
+    format!("model.layers.{layer}.{}.{suffix}", linear.name())
 }
 
 /// An MPO core stored with its layer: `{base}.mpo_core_{k}`.
@@ -30,8 +30,8 @@ pub fn mpo_core(base: &str, k: usize) -> String {
 }
 
 /// The central MPO core shared by all layers: `model.mpo_shared.{linear}.mpo_core_{k}`.
-pub fn shared_mpo_core(linear: &str, k: usize) -> String {
-    format!("model.mpo_shared.{linear}.mpo_core_{k}")
+pub fn shared_mpo_core(linear: Linear, k: usize) -> String {
+    format!("model.mpo_shared.{}.mpo_core_{k}", linear.name())
 }
 
 /// The part of a layer tensor's name after `model.layers.{i}.`, if it is one.

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::linear::LINEARS;
+use super::linear::Linear;
 use crate::error::CompressError;
 
 /// Settings of one decoder layer; a missing field falls back to the run's uniform ratio.
@@ -73,8 +73,9 @@ impl Plan {
             if l.attention_keep.is_some_and(|k| !ok(k)) || l.ffn_keep.is_some_and(|k| !ok(k)) || l.module_keep.values().any(|&k| !ok(k)) {
                 return bad(format!("layer {i}: keep fractions must be in (0, 1]"));
             }
-            if let Some(name) = l.module_keep.keys().find(|k| !LINEARS.contains(&k.as_str())) {
-                return bad(format!("layer {i}: unknown linear {name:?} (one of {})", LINEARS.join(", ")));
+            if let Some(name) = l.module_keep.keys().find(|k| Linear::from_name(k).is_none()) {
+                let names: Vec<&str> = Linear::ALL.iter().map(|l| l.name()).collect();
+                return bad(format!("layer {i}: unknown linear {name:?} (one of {})", names.join(", ")));
             }
         }
         Ok(())
@@ -147,11 +148,11 @@ impl MpoShape {
     }
 
     /// Tensor name of core `k` of linear `linear` in layer `layer`.
-    pub fn core_name(&self, layer: usize, linear: &str, k: usize) -> String {
+    pub fn core_name(&self, layer: usize, linear: Linear, k: usize) -> String {
         if self.is_shared(k) {
             super::names::shared_mpo_core(linear, k)
         } else {
-            super::names::mpo_core(&super::names::layer(layer, linear), k)
+            super::names::mpo_core(&super::names::linear_base(layer, linear), k)
         }
     }
 
@@ -180,30 +181,38 @@ pub enum LinearRepr {
 }
 
 impl LayerPlan {
-    /// Rank of linear `j` (index into `forward::LINEARS`).
-    pub fn rank(&self, j: usize) -> Option<usize> {
-        [self.q_rank, self.k_rank, self.v_rank, self.o_rank, self.gate_rank, self.up_rank, self.down_rank][j]
+    fn rank_slot(&mut self, linear: Linear) -> &mut Option<usize> {
+        match linear {
+            Linear::Q => &mut self.q_rank,
+            Linear::K => &mut self.k_rank,
+            Linear::V => &mut self.v_rank,
+            Linear::O => &mut self.o_rank,
+            Linear::Gate => &mut self.gate_rank,
+            Linear::Up => &mut self.up_rank,
+            Linear::Down => &mut self.down_rank,
+        }
     }
 
-    pub fn set_rank(&mut self, j: usize, r: Option<usize>) {
-        let slot = match j {
-            0 => &mut self.q_rank,
-            1 => &mut self.k_rank,
-            2 => &mut self.v_rank,
-            3 => &mut self.o_rank,
-            4 => &mut self.gate_rank,
-            5 => &mut self.up_rank,
-            _ => &mut self.down_rank,
-        };
-        *slot = r;
+    /// Factor-pair rank of `linear` (`None`: not a factor pair).
+    pub fn rank(&self, linear: Linear) -> Option<usize> {
+        [self.q_rank, self.k_rank, self.v_rank, self.o_rank, self.gate_rank, self.up_rank, self.down_rank][linear.index()]
     }
 
-    /// How linear `j` is stored.
-    pub fn repr(&self, j: usize) -> LinearRepr {
-        if let Some(m) = self.mpo.get(crate::format::linear::LINEARS[j]) {
+    pub fn set_rank(&mut self, linear: Linear, r: Option<usize>) {
+        *self.rank_slot(linear) = r;
+    }
+
+    /// MPO shape of `linear`, if it is stored as MPO cores.
+    pub fn mpo_shape(&self, linear: Linear) -> Option<&MpoShape> {
+        self.mpo.get(linear.name())
+    }
+
+    /// How `linear` is stored.
+    pub fn repr(&self, linear: Linear) -> LinearRepr {
+        if let Some(m) = self.mpo_shape(linear) {
             return LinearRepr::Mpo(m.clone());
         }
-        self.rank(j).map_or(LinearRepr::Dense, LinearRepr::LowRank)
+        self.rank(linear).map_or(LinearRepr::Dense, LinearRepr::LowRank)
     }
 }
 

@@ -4,11 +4,13 @@
 
 use anyhow::{bail, Result};
 
-use super::allocate::{self, MatrixSpec};
+use serde::{Deserialize, Serialize};
+
+use super::allocate::{self, Allocation, MatrixSpec};
 use super::ffn;
 use super::svd;
-use super::{BuiltLayer, LayerInput, LayerMethod, LorapOptions};
-use crate::calib::stats::SITE_OF;
+use super::{BuiltLayer, LayerInput, LayerMethod};
+use crate::format::linear::Linear;
 use crate::format::plan::LayerPlan;
 use crate::gpu::Gpu;
 use crate::model::forward::LinearKind;
@@ -46,22 +48,29 @@ pub fn weighted_svd(gpu: &Gpu, w: &[f32], out: usize, inp: usize, scales: &[f32]
     Ok((dec, spec))
 }
 
-/// LoRAP's settings (the ablation switches default to LoRAP itself).
-pub struct Lorap {
-    pub allocation: super::allocate::Allocation,
+/// LoRAP's options (the ablation switches default to LoRAP itself).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LorapOptions {
+    /// How the attention budget is split across q, k, v, o.
+    pub allocation: Allocation,
     /// Activation-weighted SVD (false: plain SVD of W).
     pub weighted_svd: bool,
-    /// Fraction of lowest-scored FFN channels kept (the paper's 1%).
+    /// Fraction of lowest-scored FFN channels kept (the paper's 1%), in [0, 1).
     pub reserve: f64,
     /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
     pub ffn_activation_scores: bool,
-    pub svd: svd::SvdOptions,
 }
 
-impl Lorap {
-    pub fn from_options(o: &LorapOptions) -> Self {
-        Lorap { allocation: o.allocation, weighted_svd: o.weighted_svd, reserve: o.reserve, ffn_activation_scores: o.ffn_activation_scores, svd: o.svd }
+impl Default for LorapOptions {
+    fn default() -> Self {
+        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true }
     }
+}
+
+/// LoRAP over one layer.
+pub struct Lorap {
+    pub opts: LorapOptions,
+    pub svd: svd::SvdOptions,
 }
 
 impl LayerMethod for Lorap {
@@ -93,10 +102,10 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
     progress(super::Phase::Decomposition);
     let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     let mut mats = Vec::new();
-    for j in 0..4 {
-        let (out, inp) = cfg.linear_shape(&full, j);
-        let w = input.host.weights[j].clone();
-        let scales: Vec<f32> = if opts.weighted_svd { stats.scales[SITE_OF[j]].clone() } else { vec![1.0; inp] };
+    for lin in Linear::ATTENTION {
+        let (out, inp) = cfg.linear_shape(&full, lin);
+        let w = input.host.weights[lin].clone();
+        let scales: Vec<f32> = if opts.opts.weighted_svd { stats.input_scales(lin).to_vec() } else { vec![1.0; inp] };
         let (ws, energy) = weighted_matrix(&w, inp, &scales);
         mats.push(AttentionMatrix { w, scales, ws, spec: MatrixSpec { out, inp, sigma: Vec::new(), energy }, dec: None });
     }
@@ -104,7 +113,7 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
     let ranks = if setting.attention_keep >= 1.0 {
         vec![None; 4]
     } else {
-        if opts.allocation.needs_spectrum() {
+        if opts.opts.allocation.needs_spectrum() {
             // the greedy allocations weigh every singular value up to break-even
             for m in &mut mats {
                 let dec = decompose(gpu, m, m.spec.break_even(), opts.svd, built)?;
@@ -114,13 +123,13 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
         }
         let budget = (setting.attention_keep * dense_att as f64).round() as usize;
         let specs: Vec<MatrixSpec> = mats.iter().map(|m| m.spec.clone()).collect();
-        allocate::allocate(&specs, budget, opts.allocation)
+        allocate::allocate(&specs, budget, opts.opts.allocation)
     };
-    for (j, (m, r)) in mats.into_iter().zip(&ranks).enumerate() {
-        let (out_dim, in_dim) = (m.spec.out, m.spec.inp);
+    for ((lin, m), r) in Linear::ATTENTION.into_iter().zip(mats).zip(&ranks) {
+        let (j, out_dim, in_dim) = (lin.index(), m.spec.out, m.spec.inp);
         match r {
             // a matrix that stays dense needs no decomposition
-            None => built.dense(gpu, j, &m.w, out_dim, in_dim)?,
+            None => built.dense(gpu, lin, &m.w, out_dim, in_dim)?,
             Some(r) => {
                 let dec = match m.dec {
                     Some(ref d) if d.rank() >= *r => d.clone(),
@@ -131,7 +140,7 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
                 let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
                 let energy = m.spec.energy;
                 built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
-                built.low_rank(gpu, j, &a, &b, *r)?;
+                built.low_rank(gpu, lin, &a, &b, *r)?;
                 built.spectra[j] = dec.sigma;
             }
         }
@@ -153,21 +162,21 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     progress(super::Phase::FfnScoring);
     let ones_d = vec![1f32; d];
     let ones_f = vec![1f32; f];
-    let (sx, sh) = if opts.ffn_activation_scores { (&stats.scales[2], &stats.scales[3]) } else { (&ones_d, &ones_f) };
+    let (sx, sh) = if opts.opts.ffn_activation_scores { (stats.input_scales(Linear::Gate), stats.input_scales(Linear::Down)) } else { (&ones_d[..], &ones_f[..]) };
     let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
         bail!("layer {i}: FFN is not dense");
     };
     let sxg = gpu.upload(sx)?;
     let scores = ffn::channel_scores(gpu, [wg, wu, wd], &sxg, sh, d)?;
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
-    let kept = ffn::kept_channels(&scores, remove, opts.reserve);
-    let (gate, up) = (ffn::gather_rows(&host.weights[4], d, &kept), ffn::gather_rows(&host.weights[5], d, &kept));
-    let down = ffn::gather_cols(&host.weights[6], d, f, &kept);
+    let kept = ffn::kept_channels(&scores, remove, opts.opts.reserve);
+    let (gate, up) = (ffn::gather_rows(&host.weights[Linear::Gate], d, &kept), ffn::gather_rows(&host.weights[Linear::Up], d, &kept));
+    let down = ffn::gather_cols(&host.weights[Linear::Down], d, f, &kept);
     let fk = kept.len();
     built.plan.ffn_width = fk;
-    built.dense(gpu, 4, &gate, fk, d)?;
-    built.dense(gpu, 5, &up, fk, d)?;
-    built.dense(gpu, 6, &down, d, fk)?;
+    built.dense(gpu, Linear::Gate, &gate, fk, d)?;
+    built.dense(gpu, Linear::Up, &up, fk, d)?;
+    built.dense(gpu, Linear::Down, &down, d, fk)?;
     Ok(())
 }
 

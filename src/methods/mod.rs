@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use self::allocate::Allocation;
 pub use self::phase::Phase;
 use self::svd::SvdOptions;
 use crate::format::dtype::{encode, round_trip};
@@ -25,7 +24,8 @@ use crate::format::weights::WeightStore;
 pub use crate::calib::stats::StatsNeed;
 use crate::calib::stats::LayerStats;
 use crate::gpu::Gpu;
-use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LinearKind, LINEARS};
+use crate::format::linear::{Linear, PerLinear};
+use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LinearKind};
 use crate::model::ModelConfig;
 
 /// What a method gets for one decoder layer.
@@ -53,7 +53,7 @@ pub trait LayerMethod {
     fn stats_need(&self) -> StatsNeed {
         StatsNeed::Scales
     }
-    /// Fills `built` with the seven linears of the layer, in `LINEARS` order.
+    /// Fills `built` with the seven linears of the layer, in `Linear::ALL` order.
     fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(Phase)) -> Result<()>;
     /// Tensors stored once per model, after the layers (e.g. a shared MPO centre).
     fn model_tensors(&self, _dtype: Dtype) -> Vec<OutTensor> {
@@ -62,15 +62,15 @@ pub trait LayerMethod {
 }
 
 /// The method `opts` selects (done once per run: the shared MPO centres are fitted here).
-pub fn for_options(opts: &LorapOptions, store: &WeightStore, cfg: &ModelConfig) -> Result<Box<dyn LayerMethod>> {
-    Ok(match opts.method {
-        Method::Lorap => Box::new(lorap::Lorap::from_options(opts)),
-        Method::Sfsd => Box::new(sfsd::Sfsd { svd: opts.svd, centred: opts.sfsd_centred }),
-        Method::Mpo => Box::new(mpo::MpoMethod::new(opts, store, cfg)?),
+pub fn for_options(opts: &CompressOptions, store: &WeightStore, cfg: &ModelConfig) -> Result<Box<dyn LayerMethod>> {
+    Ok(match &opts.method {
+        MethodOptions::Lorap(o) => Box::new(lorap::Lorap { opts: o.clone(), svd: opts.svd }),
+        MethodOptions::Sfsd(o) => Box::new(sfsd::Sfsd { opts: o.clone(), svd: opts.svd }),
+        MethodOptions::Mpo(o) => Box::new(mpo::MpoMethod::new(o, opts, store, cfg)?),
     })
 }
 
-/// The per-layer compression method.
+/// The per-layer compression method (the CLI's `--method`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -84,38 +84,48 @@ pub enum Method {
     Mpo,
 }
 
-/// What `compress` does; the ablation switches default to LoRAP itself.
+/// The method with its own options (serialized flat, tagged by `method`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum MethodOptions {
+    Lorap(lorap::LorapOptions),
+    Sfsd(sfsd::SfsdOptions),
+    Mpo(mpo::MpoOptions),
+}
+
+impl MethodOptions {
+    /// The method's default options.
+    pub fn default_for(method: Method) -> Self {
+        match method {
+            Method::Lorap => MethodOptions::Lorap(Default::default()),
+            Method::Sfsd => MethodOptions::Sfsd(Default::default()),
+            Method::Mpo => MethodOptions::Mpo(Default::default()),
+        }
+    }
+
+    pub fn method(&self) -> Method {
+        match self {
+            MethodOptions::Lorap(_) => Method::Lorap,
+            MethodOptions::Sfsd(_) => Method::Sfsd,
+            MethodOptions::Mpo(_) => Method::Mpo,
+        }
+    }
+}
+
+impl Default for MethodOptions {
+    fn default() -> Self {
+        MethodOptions::Lorap(Default::default())
+    }
+}
+
+/// What `compress` does: the method and its options, how much to remove (a uniform ratio or
+/// a per-layer plan) and the randomized SVD's knobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LorapOptions {
-    #[serde(default)]
-    pub method: Method,
+pub struct CompressOptions {
+    #[serde(flatten)]
+    pub method: MethodOptions,
     /// Fraction of decoder-layer parameters to remove, in (0, 1).
     pub ratio: f64,
-    pub allocation: Allocation,
-    /// Activation-weighted SVD (false: plain SVD of W).
-    pub weighted_svd: bool,
-    /// Fraction of lowest-scored FFN channels kept (the paper's 1%).
-    pub reserve: f64,
-    /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
-    pub ffn_activation_scores: bool,
-    /// SFSD: mean-centred output covariance (the projection then has no bias to carry the
-    /// outputs' mean; an ablation).
-    #[serde(default)]
-    pub sfsd_centred: bool,
-    /// MPO: cores per matrix.
-    #[serde(default = "default_mpo_cores")]
-    pub mpo_cores: usize,
-    /// MPO: largest bond dimension (default: the largest that keeps 1 - ratio of each
-    /// matrix's parameters).
-    #[serde(default)]
-    pub mpo_max_bond: Option<usize>,
-    /// MPO: one central core shared by all layers per linear (3 cores), each layer's outer
-    /// cores refitted to its own weights by least squares.
-    #[serde(default)]
-    pub mpo_share_centre: bool,
-    /// MPO: the linears decomposed (indices into `forward::LINEARS`; empty = all seven).
-    #[serde(default)]
-    pub mpo_matrices: Vec<usize>,
     /// Per-layer settings overriding the uniform ratio (`--plan`).
     #[serde(default)]
     pub plan: Option<Plan>,
@@ -123,27 +133,9 @@ pub struct LorapOptions {
     pub svd: SvdOptions,
 }
 
-fn default_mpo_cores() -> usize {
-    3
-}
-
-impl Default for LorapOptions {
+impl Default for CompressOptions {
     fn default() -> Self {
-        LorapOptions {
-            method: Method::Lorap,
-            ratio: 0.2,
-            allocation: Allocation::Fixed31,
-            weighted_svd: true,
-            reserve: 0.01,
-            ffn_activation_scores: true,
-            sfsd_centred: false,
-            mpo_cores: default_mpo_cores(),
-            mpo_max_bond: None,
-            mpo_share_centre: false,
-            mpo_matrices: Vec::new(),
-            plan: None,
-            svd: SvdOptions::default(),
-        }
+        CompressOptions { method: MethodOptions::default(), ratio: 0.2, plan: None, svd: SvdOptions::default() }
     }
 }
 
@@ -156,19 +148,19 @@ pub struct LayerSetting {
     pub ffn_keep: f64,
     /// Fraction of each linear's break-even rank kept (feature-space decomposition);
     /// `None` = dense.
-    pub module_keep: [Option<f64>; 7],
+    pub module_keep: PerLinear<Option<f64>>,
 }
 
 impl LayerSetting {
-    pub fn of(opts: &LorapOptions, i: usize) -> Self {
+    pub fn of(opts: &CompressOptions, i: usize) -> Self {
         let keep = 1.0 - opts.ratio;
         match opts.plan.as_ref().and_then(|p| p.layers.get(i)) {
-            None => LayerSetting { dropped: false, attention_keep: keep, ffn_keep: keep, module_keep: [Some(keep); 7] },
+            None => LayerSetting { dropped: false, attention_keep: keep, ffn_keep: keep, module_keep: PerLinear::splat(Some(keep)) },
             Some(l) => LayerSetting {
                 dropped: l.dropped,
                 attention_keep: l.attention_keep.unwrap_or(keep),
                 ffn_keep: l.ffn_keep.unwrap_or(keep),
-                module_keep: std::array::from_fn(|j| if l.module_keep.is_empty() { Some(keep) } else { l.module_keep.get(LINEARS[j]).copied() }),
+                module_keep: PerLinear::from_fn(|lin| if l.module_keep.is_empty() { Some(keep) } else { l.module_keep.get(lin.name()).copied() }),
             },
         }
     }
@@ -181,10 +173,10 @@ pub struct BuiltLayer {
     /// Layer index in the output model (dropped layers renumber the rest).
     pub out_index: usize,
     pub tensors: Vec<OutTensor>,
-    /// The seven linears in `LINEARS` order.
+    /// The seven linears in `Linear::ALL` order.
     pub linears: Vec<GpuLinear>,
     pub plan: LayerPlan,
-    /// Relative (weighted where the method weights) error of q, k, v, o.
+    /// Relative (weighted where the method weights) error of q, k, v, o (`Linear::index`).
     pub errors: [f64; 4],
     pub spectra: [Vec<f64>; 4],
     /// Seconds of host-side linear algebra in the method's decompositions (the report
@@ -197,8 +189,8 @@ impl BuiltLayer {
         BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0 }
     }
 
-    fn name(&self, j: usize, suffix: &str) -> String {
-        crate::format::names::linear(self.out_index, j, suffix)
+    fn name(&self, linear: Linear, suffix: &str) -> String {
+        crate::format::names::linear(self.out_index, linear, suffix)
     }
 
     fn push(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
@@ -214,40 +206,40 @@ impl BuiltLayer {
         Ok(())
     }
 
-    /// Linear `j` (next in order) stays a dense [out, inp] matrix.
-    pub fn dense(&mut self, gpu: &Gpu, j: usize, w: &[f32], out: usize, inp: usize) -> Result<()> {
-        debug_assert_eq!(self.linears.len(), j);
-        self.push(self.name(j, "weight"), vec![out, inp], w);
+    /// `linear` (next in order) stays a dense [out, inp] matrix.
+    pub fn dense(&mut self, gpu: &Gpu, linear: Linear, w: &[f32], out: usize, inp: usize) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), linear.index());
+        self.push(self.name(linear, "weight"), vec![out, inp], w);
         let w = round_trip(w, self.dtype);
         self.linears.push(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
         Ok(())
     }
 
-    /// Linear `j` (next in order) becomes the pair A [out, r] B [r, inp] (shapes from the
+    /// `linear` (next in order) becomes the pair A [out, r] B [r, inp] (shapes from the
     /// lengths).
-    pub fn low_rank(&mut self, gpu: &Gpu, j: usize, a: &[f32], b: &[f32], r: usize) -> Result<()> {
+    pub fn low_rank(&mut self, gpu: &Gpu, linear: Linear, a: &[f32], b: &[f32], r: usize) -> Result<()> {
         let (out, inp) = (a.len() / r, b.len() / r);
-        debug_assert_eq!(self.linears.len(), j);
+        debug_assert_eq!(self.linears.len(), linear.index());
         // the GPU layer uses the values as stored, so calibration sees what eval will
         let (a, b) = (round_trip(a, self.dtype), round_trip(b, self.dtype));
-        self.push(self.name(j, "factor_a"), vec![out, r], &a);
-        self.push(self.name(j, "factor_b"), vec![r, inp], &b);
-        self.plan.set_rank(j, Some(r));
+        self.push(self.name(linear, "factor_a"), vec![out, r], &a);
+        self.push(self.name(linear, "factor_b"), vec![r, inp], &b);
+        self.plan.set_rank(linear, Some(r));
         self.linears.push(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
         Ok(())
     }
 
-    /// Linear `j` (next in order) is stored as MPO cores; calibration continues with the
+    /// `linear` (next in order) is stored as MPO cores; calibration continues with the
     /// matrix the stored (rounded) cores give.
     /// With `shared`, the central core is not written here (it is stored once per model).
-    pub fn mpo(&mut self, gpu: &Gpu, j: usize, m: &crate::format::mpo::Mpo, shared: bool) -> Result<()> {
-        debug_assert_eq!(self.linears.len(), j);
+    pub fn mpo(&mut self, gpu: &Gpu, linear: Linear, m: &crate::format::mpo::Mpo, shared: bool) -> Result<()> {
+        debug_assert_eq!(self.linears.len(), linear.index());
         let mut rounded = m.clone();
         let centre = m.cores.len() / 2;
         for (k, c) in rounded.cores.iter_mut().enumerate() {
             let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), self.dtype);
             if !(shared && k == centre) {
-                self.push(self.name(j, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
+                self.push(self.name(linear, &format!("mpo_core_{k}")), vec![c.left, c.i, c.j, c.right], &v);
             }
             c.data = v.iter().map(|&x| x as f64).collect();
         }
@@ -257,7 +249,7 @@ impl BuiltLayer {
             bonds: m.cores[..m.cores.len() - 1].iter().map(|c| c.right).collect(),
             shared_centre: shared,
         };
-        self.plan.mpo.insert(LINEARS[j].to_string(), shape);
+        self.plan.mpo.insert(linear.name().to_string(), shape);
         let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();
         self.linears.push(GpuLinear { out: m.rows, inp: m.cols, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
         Ok(())

@@ -2,10 +2,12 @@
 //! SVDs (method.md section 3): W [I, J] with I = i1..in and J = j1..jn is reshaped to
 //! (i1, j1, ..., in, jn) and split into n cores T_k [r_{k-1}, i_k, j_k, r_k]; bond dims
 //! are truncated to compress, and the singular-value weight is moved into the central
-//! core. CPU f64 (the matrices are attention-sized; the GPU path is future work). Not yet
-//! wired into `compress`, the model format or `eval`.
+//! core. CPU f64 (the matrices are attention-sized; the GPU path is future work).
+//! `MpoMethod` applies it to a layer's chosen linears (`compress --method mpo`).
 
 use nalgebra::DMatrix;
+
+use crate::format::linear::Linear;
 
 pub use crate::format::mpo::{Core, Mpo};
 
@@ -209,59 +211,58 @@ pub fn refit_outer(w: &[f32], shared: &Mpo, sweeps: usize) -> Mpo {
 
 /// The shared decompositions for `--mpo-share-centre`: per chosen linear, the MPO of the
 /// mean of that linear's weights over all layers (its centre is the shared core).
-pub(crate) fn shared_decompositions(store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig, opts: &super::LorapOptions) -> anyhow::Result<std::collections::BTreeMap<usize, Mpo>> {
-    
+pub(crate) fn shared_decompositions(store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig, mpo: &MpoOptions, run: &super::CompressOptions) -> anyhow::Result<std::collections::BTreeMap<Linear, Mpo>> {
     let mut out = std::collections::BTreeMap::new();
-    if !opts.mpo_share_centre {
+    if !mpo.share_centre {
         return Ok(out);
     }
     let full = crate::format::plan::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::LayerSetting::of(opts, i).dropped).collect();
-    let chosen: Vec<usize> = (0..7).filter(|j| opts.mpo_matrices.is_empty() || opts.mpo_matrices.contains(j)).collect();
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| !super::LayerSetting::of(run, i).dropped).collect();
+    let chosen: Vec<Linear> = Linear::ALL.into_iter().filter(|&l| mpo.chooses(l)).collect();
     // the centre is paid once, the outer cores once per layer
     let total = |row_f: &[usize], col_f: &[usize], cap: usize| {
         let b = bonds_for_cap(row_f, col_f, cap);
         layers.len() * (row_f[0] * col_f[0] * b[0] + b[1] * row_f[2] * col_f[2]) + b[0] * row_f[1] * col_f[1] * b[1]
     };
-    let shape = |j: usize| {
-        let (rows, cols) = cfg.linear_shape(&full, j);
+    let shape = |lin: Linear| {
+        let (rows, cols) = cfg.linear_shape(&full, lin);
         let (row_f, col_f) = (factorize(rows, 3), factorize(cols, 3));
         let full_cap = *bonds_for_cap(&row_f, &col_f, usize::MAX).iter().max().unwrap_or(&1);
         (rows, cols, row_f, col_f, full_cap)
     };
-    if opts.mpo_max_bond.is_none() {
+    if mpo.max_bond.is_none() {
         // sharing caps what can be kept: even at full bonds all layers keep one centre, so a
         // smaller ratio than that cannot be honoured (checked before any work is done)
         let least_removed = chosen
             .iter()
-            .map(|&j| {
-                let (rows, cols, row_f, col_f, full_cap) = shape(j);
+            .map(|&lin| {
+                let (rows, cols, row_f, col_f, full_cap) = shape(lin);
                 1.0 - total(&row_f, &col_f, full_cap) as f64 / (layers.len() * rows * cols) as f64
             })
             .fold(0.0f64, f64::max);
-        if opts.ratio + 0.01 < least_removed {
+        if run.ratio + 0.01 < least_removed {
             return Err(crate::error::CompressError::BadArgument(format!(
                 "a centre shared by {} layers removes at least {:.1}% of the chosen matrices' parameters even at full bonds, more than the {:.1}% asked: use --ratio {:.2} or more, or give --mpo-max-bond",
                 layers.len(),
                 100.0 * least_removed,
-                100.0 * opts.ratio,
+                100.0 * run.ratio,
                 (least_removed * 100.0).floor() / 100.0
             ))
             .into());
         }
     }
-    for &j in &chosen {
-        let (rows, cols, row_f, col_f, full_cap) = shape(j);
+    for &lin in &chosen {
+        let (rows, cols, row_f, col_f, full_cap) = shape(lin);
         let mut mean = vec![0f64; rows * cols];
         for &i in &layers {
-            let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[rows, cols])?;
+            let w = store.f32(&crate::format::names::linear(i, lin, "weight"), &[rows, cols])?;
             mean.iter_mut().zip(&w).for_each(|(m, &x)| *m += x as f64 / layers.len() as f64);
         }
         let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
         // the largest bond whose total over all layers fits this matrix's budget
-        let budget = ((1.0 - opts.ratio) * (layers.len() * rows * cols) as f64) as usize;
-        let cap = opts.mpo_max_bond.unwrap_or_else(|| (1..=full_cap).take_while(|&c| total(&row_f, &col_f, c) <= budget).last().unwrap_or(1));
-        out.insert(j, Mpo::decompose(&mean, rows, cols, &row_f, &col_f, Some(cap)));
+        let budget = ((1.0 - run.ratio) * (layers.len() * rows * cols) as f64) as usize;
+        let cap = mpo.max_bond.unwrap_or_else(|| (1..=full_cap).take_while(|&c| total(&row_f, &col_f, c) <= budget).last().unwrap_or(1));
+        out.insert(lin, Mpo::decompose(&mean, rows, cols, &row_f, &col_f, Some(cap)));
     }
     Ok(out)
 }
@@ -313,17 +314,51 @@ pub fn cap_for_budget(row_f: &[usize], col_f: &[usize], budget: usize) -> usize 
 /// bond); with a bond derived from the ratio, a linear whose cores would not be smaller stays dense. Plain (unweighted) weights,
 /// as the MPO paper decomposes them.
 pub struct MpoMethod {
-    pub cores: usize,
-    pub max_bond: Option<usize>,
-    /// Indices into `LINEARS` of the linears decomposed (empty: all seven).
-    pub matrices: Vec<usize>,
+    pub opts: MpoOptions,
     /// The shared decompositions per linear (`--mpo-share-centre`), fitted once per run.
-    pub shared: std::collections::BTreeMap<usize, Mpo>,
+    pub shared: std::collections::BTreeMap<Linear, Mpo>,
+}
+
+/// The MPO decomposition's options.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MpoOptions {
+    /// Cores per matrix (2..=8).
+    #[serde(default = "default_cores", alias = "mpo_cores")]
+    pub cores: usize,
+    /// Largest bond dimension (default: the largest that keeps 1 - ratio of each matrix's
+    /// parameters).
+    #[serde(default, alias = "mpo_max_bond")]
+    pub max_bond: Option<usize>,
+    /// One central core shared by all layers per linear (3 cores), each layer's outer cores
+    /// refitted to its own weights by least squares.
+    #[serde(default, alias = "mpo_share_centre")]
+    pub share_centre: bool,
+    /// The linears decomposed (empty: all seven).
+    #[serde(default, alias = "mpo_matrices")]
+    pub matrices: Vec<Linear>,
+}
+
+fn default_cores() -> usize {
+    3
+}
+
+impl Default for MpoOptions {
+    fn default() -> Self {
+        MpoOptions { cores: default_cores(), max_bond: None, share_centre: false, matrices: Vec::new() }
+    }
+}
+
+impl MpoOptions {
+    /// Whether `linear` is one of the linears decomposed.
+    pub fn chooses(&self, linear: Linear) -> bool {
+        self.matrices.is_empty() || self.matrices.contains(&linear)
+    }
 }
 
 impl MpoMethod {
-    pub fn new(opts: &super::LorapOptions, store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig) -> anyhow::Result<Self> {
-        Ok(MpoMethod { cores: opts.mpo_cores, max_bond: opts.mpo_max_bond, matrices: opts.mpo_matrices.clone(), shared: shared_decompositions(store, cfg, opts)? })
+    /// Fits the shared centres (if asked) for the run `run`.
+    pub fn new(opts: &MpoOptions, run: &super::CompressOptions, store: &crate::format::WeightStore, cfg: &crate::model::ModelConfig) -> anyhow::Result<Self> {
+        Ok(MpoMethod { opts: opts.clone(), shared: shared_decompositions(store, cfg, opts, run)? })
     }
 }
 
@@ -341,39 +376,39 @@ impl super::LayerMethod for MpoMethod {
         use crate::format::dtype::{encode, round_trip};
         self.shared
             .iter()
-            .map(|(&j, m)| {
+            .map(|(&lin, m)| {
                 let c = &m.cores[m.cores.len() / 2];
                 let v: Vec<f32> = round_trip(&c.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), dtype);
-                let name = crate::format::names::shared_mpo_core(crate::format::linear::LINEARS[j], m.cores.len() / 2);
+                let name = crate::format::names::shared_mpo_core(lin, m.cores.len() / 2);
                 crate::format::output::OutTensor { name, dtype, bytes: encode(&v, dtype), shape: vec![c.left, c.i, c.j, c.right] }
             })
             .collect()
     }
 }
 
-fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> anyhow::Result<()> {
+fn mpo_layer(method: &MpoMethod, input: &super::LayerInput, built: &mut super::BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> anyhow::Result<()> {
     // the cores are fitted on the host in f64: all of it is host linear algebra
     let mut host = super::svd::HostClock::default();
     let super::LayerInput { gpu, store, cfg, layer: i, setting, .. } = *input;
-    let shared = &opts.shared;
+    let shared = &method.shared;
     progress(super::Phase::Decomposition);
     let full = crate::format::plan::LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
-    for j in 0..7 {
-        let (out, inp) = cfg.linear_shape(&full, j);
-        let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
-        let chosen = opts.matrices.is_empty() || opts.matrices.contains(&j);
-        let keep = setting.module_keep[j].filter(|&k| chosen && k < 1.0);
+    let opts = &method.opts;
+    for lin in Linear::ALL {
+        let (out, inp) = cfg.linear_shape(&full, lin);
+        let w = store.f32(&crate::format::names::linear(i, lin, "weight"), &[out, inp])?;
+        let keep = setting.module_keep[lin].filter(|&k| opts.chooses(lin) && k < 1.0);
         let Some(keep) = keep else {
-            built.dense(gpu, j, &w, out, inp)?;
+            built.dense(gpu, lin, &w, out, inp)?;
             continue;
         };
-        if let Some(sh) = shared.get(&j) {
+        if let Some(sh) = shared.get(&lin) {
             let m = host.time(|| refit_outer(&w, sh, 20));
-            if j < 4 {
-                built.errors[j] = relative_error(&m, &w);
+            if lin.is_attention() {
+                built.errors[lin.index()] = relative_error(&m, &w);
             }
-            built.mpo(gpu, j, &m, true)?;
+            built.mpo(gpu, lin, &m, true)?;
             continue;
         }
         let (row_f, col_f) = (factorize(out, opts.cores), factorize(inp, opts.cores));
@@ -381,14 +416,14 @@ fn mpo_layer(opts: &MpoMethod, input: &super::LayerInput, built: &mut super::Bui
         // bonds derived from the ratio: cores that would not be smaller are pointless; a
         // bond the user gave is honoured as given
         if opts.max_bond.is_none() && params_for(&row_f, &col_f, &bonds_for_cap(&row_f, &col_f, cap)) >= out * inp {
-            built.dense(gpu, j, &w, out, inp)?;
+            built.dense(gpu, lin, &w, out, inp)?;
             continue;
         }
         let m = host.time(|| Mpo::decompose(&w, out, inp, &row_f, &col_f, Some(cap)));
-        if j < 4 {
-            built.errors[j] = relative_error(&m, &w);
+        if lin.is_attention() {
+            built.errors[lin.index()] = relative_error(&m, &w);
         }
-        built.mpo(gpu, j, &m, false)?;
+        built.mpo(gpu, lin, &m, false)?;
     }
     built.host_seconds += host.seconds();
     Ok(())

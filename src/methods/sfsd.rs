@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 
 use super::svd::{self, SvdOptions};
 use super::{BuiltLayer, LayerInput, LayerMethod, StatsNeed};
-use crate::calib::stats::SITE_OF;
+use crate::format::linear::Linear;
+use crate::model::forward::Site;
 use crate::gpu::{context::Result as GpuResult, matmul, Gpu, GpuBuf};
 use crate::format::plan::LayerPlan;
 
@@ -192,12 +193,20 @@ pub fn rank_for(keep: f64, out: usize, inp: usize) -> Option<usize> {
     (r * (out + inp) < out * inp).then_some(r)
 }
 
+/// The feature-space decomposition's options.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SfsdOptions {
+    /// Mean-centred output covariance (the projection then has no bias to carry the
+    /// outputs' mean; an ablation; the default is the second moment).
+    #[serde(default, alias = "sfsd_centred")]
+    pub centred: bool,
+}
+
 /// Feature-space decomposition of one layer: every linear with a keep fraction becomes a
 /// feature pair at that fraction of its break-even rank; the FFN keeps its width.
 pub struct Sfsd {
+    pub opts: SfsdOptions,
     pub svd: SvdOptions,
-    /// Mean-centred output covariance (an ablation; the default is the second moment).
-    pub centred: bool,
 }
 
 impl LayerMethod for Sfsd {
@@ -206,7 +215,7 @@ impl LayerMethod for Sfsd {
     }
 
     fn stats_need(&self) -> StatsNeed {
-        StatsNeed::Covariance { centred: self.centred }
+        StatsNeed::Covariance { centred: self.opts.centred }
     }
 
     fn compress_layer(&self, input: &LayerInput, built: &mut BuiltLayer, progress: &mut dyn FnMut(super::Phase)) -> Result<()> {
@@ -221,24 +230,24 @@ fn sfsd_layer(input: &LayerInput, opts: SvdOptions, built: &mut BuiltLayer, prog
     let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     built.plan.ffn_width = full.ffn_width;
     let mut sigma: [Option<GpuBuf>; 4] = Default::default();
-    for j in 0..7 {
-        let (out, inp) = cfg.linear_shape(&full, j);
-        let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
-        match setting.module_keep[j].and_then(|k| rank_for(k, out, inp)) {
-            None => built.dense(gpu, j, &w, out, inp)?,
+    for lin in Linear::ALL {
+        let (j, (out, inp)) = (lin.index(), cfg.linear_shape(&full, lin));
+        let w = store.f32(&crate::format::names::linear(i, lin, "weight"), &[out, inp])?;
+        match setting.module_keep[lin].and_then(|k| rank_for(k, out, inp)) {
+            None => built.dense(gpu, lin, &w, out, inp)?,
             Some(r) => {
-                let s = SITE_OF[j];
+                let s = Site::of(lin).index();
                 if sigma[s].is_none() {
                     sigma[s] = Some(gpu.upload(&cov[s])?);
                 }
                 let pair = feature_pair(gpu, &w, sigma[s].as_ref().unwrap(), out, inp, r, opts)?;
                 built.host_seconds += pair.host_seconds;
-                if j < 4 {
+                if lin.is_attention() {
                     built.errors[j] = pair.relative_error(r);
                     built.spectra[j] = pair.eigenvalues.iter().map(|e| e.max(0.0).sqrt()).collect();
                 }
                 let (a, b) = pair.truncated(r, out, inp);
-                built.low_rank(gpu, j, &a, &b, r)?;
+                built.low_rank(gpu, lin, &a, &b, r)?;
             }
         }
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::format::plan::{CompressionSection, LayerPlan, LinearRepr};
+use crate::format::linear::Linear;
 
 /// Failures of config.json. Messages leave an underlying error out (it is the `source`,
 /// which the CLI prints after them), so no cause is said twice.
@@ -254,17 +255,17 @@ impl ModelConfig {
                 if p.ffn_width == 0 || p.ffn_width > c.intermediate_size {
                     return bad(format!("lorap section, layer {i}: ffn_width must be in 1..={}", c.intermediate_size));
                 }
-                for j in 0..7 {
-                    let (out, inp) = c.linear_shape(p, j);
-                    if p.rank(j).is_some_and(|r| r == 0 || r > out.max(inp)) {
-                        return bad(format!("lorap section, layer {i}: rank of {} must be in 1..={}", crate::format::linear::LINEARS[j], out.max(inp)));
+                for lin in Linear::ALL {
+                    let (out, inp) = c.linear_shape(p, lin);
+                    if p.rank(lin).is_some_and(|r| r == 0 || r > out.max(inp)) {
+                        return bad(format!("lorap section, layer {i}: rank of {lin} must be in 1..={}", out.max(inp)));
                     }
                 }
                 for (name, m) in &p.mpo {
-                    let Some(j) = crate::format::linear::LINEARS.iter().position(|l| l == name) else {
+                    let Some(lin) = Linear::from_name(name) else {
                         return bad(format!("lorap section, layer {i}: unknown MPO matrix {name:?}"));
                     };
-                    let (out, inp) = c.linear_shape(p, j);
+                    let (out, inp) = c.linear_shape(p, lin);
                     if let Err(e) = m.check(out, inp) {
                         return bad(format!("lorap section, layer {i}, {name}: {e}"));
                     }
@@ -348,27 +349,33 @@ impl ModelConfig {
             .collect()
     }
 
-    /// [out, in] of linear `j` of a layer with plan `p`.
-    pub fn linear_shape(&self, p: &LayerPlan, j: usize) -> (usize, usize) {
+    /// [out, in] of `linear` in a layer with plan `p`.
+    pub fn linear_shape(&self, p: &LayerPlan, linear: Linear) -> (usize, usize) {
         let (d, qd, kvd, f) = (self.hidden_size, self.q_dim(), self.kv_dim(), p.ffn_width);
-        [(qd, d), (kvd, d), (kvd, d), (d, qd), (f, d), (f, d), (d, f)][j]
+        match linear {
+            Linear::Q => (qd, d),
+            Linear::K | Linear::V => (kvd, d),
+            Linear::O => (d, qd),
+            Linear::Gate | Linear::Up => (f, d),
+            Linear::Down => (d, f),
+        }
     }
 
-    /// Tensors (name, shape) storing linear `j` of plan `p`, named under `base`
+    /// Tensors (name, shape) storing `linear` of plan `p`, named under `base`
     /// (e.g. "model.layers.3.self_attn.q_proj").
-    pub fn stored_tensors(&self, p: &LayerPlan, j: usize, base: &str) -> Vec<(String, Vec<usize>)> {
-        let (out, inp) = self.linear_shape(p, j);
-        match p.repr(j) {
+    pub fn stored_tensors(&self, p: &LayerPlan, linear: Linear, base: &str) -> Vec<(String, Vec<usize>)> {
+        let (out, inp) = self.linear_shape(p, linear);
+        match p.repr(linear) {
             LinearRepr::Dense => vec![(format!("{base}.weight"), vec![out, inp])],
             LinearRepr::LowRank(r) => vec![(format!("{base}.factor_a"), vec![out, r]), (format!("{base}.factor_b"), vec![r, inp])],
             LinearRepr::Mpo(m) => m.core_shapes().iter().enumerate().filter(|(k, _)| !m.is_shared(*k)).map(|(k, s)| (format!("{base}.mpo_core_{k}"), s.to_vec())).collect(),
         }
     }
 
-    /// Parameters linear `j` of plan `p` stores.
-    pub fn linear_params(&self, p: &LayerPlan, j: usize) -> usize {
-        let (out, inp) = self.linear_shape(p, j);
-        match p.repr(j) {
+    /// Parameters `linear` of plan `p` stores.
+    pub fn linear_params(&self, p: &LayerPlan, linear: Linear) -> usize {
+        let (out, inp) = self.linear_shape(p, linear);
+        match p.repr(linear) {
             LinearRepr::Dense => out * inp,
             LinearRepr::LowRank(r) => r * (out + inp),
             LinearRepr::Mpo(m) => m.params(),
@@ -383,7 +390,7 @@ impl ModelConfig {
     /// Parameters of a decoder layer with plan `p`.
     pub fn plan_params(&self, p: &LayerPlan) -> usize {
         let bias = if self.qkv_bias() { self.q_dim() + 2 * self.kv_dim() } else { 0 };
-        (0..7).map(|j| self.linear_params(p, j)).sum::<usize>() + 2 * self.hidden_size + bias
+        Linear::ALL.into_iter().map(|l| self.linear_params(p, l)).sum::<usize>() + 2 * self.hidden_size + bias
     }
 
     /// Parameters of all decoder layers.
@@ -392,13 +399,15 @@ impl ModelConfig {
     }
 
     /// Shared MPO centres: (linear, tensor name, shape), once per linear.
-    pub fn shared_mpo(&self) -> Vec<(String, String, [usize; 4])> {
-        let mut out: Vec<(String, String, [usize; 4])> = Vec::new();
+    pub fn shared_mpo(&self) -> Vec<(Linear, String, [usize; 4])> {
+        let mut out: Vec<(Linear, String, [usize; 4])> = Vec::new();
         for i in 0..self.num_hidden_layers {
-            for (lin, m) in &self.layer_plan(i).mpo {
-                if m.shared_centre && !out.iter().any(|(l, _, _)| l == lin) {
+            let plan = self.layer_plan(i);
+            // names were checked against `Linear` when config.json was parsed
+            for (lin, m) in plan.mpo.iter().filter_map(|(name, m)| Some((Linear::from_name(name)?, m))) {
+                if m.shared_centre && !out.iter().any(|(l, _, _)| *l == lin) {
                     let c = m.centre();
-                    out.push((lin.clone(), m.core_name(i, lin, c), m.core_shapes()[c]));
+                    out.push((lin, m.core_name(i, lin, c), m.core_shapes()[c]));
                 }
             }
         }

@@ -49,7 +49,7 @@ impl GpuLinear {
     }
 }
 
-pub use crate::format::linear::LINEARS;
+pub use crate::format::linear::{Linear, PerLinear};
 
 /// Where a linear's input comes from, for observers collecting activation statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +62,23 @@ pub enum Site {
     FfnInput,
     /// silu(gate) * up, input of down_proj.
     DownInput,
+}
+
+impl Site {
+    /// Where `linear` takes its input from.
+    pub const fn of(linear: Linear) -> Site {
+        match linear {
+            Linear::Q | Linear::K | Linear::V => Site::AttnInput,
+            Linear::O => Site::OInput,
+            Linear::Gate | Linear::Up => Site::FfnInput,
+            Linear::Down => Site::DownInput,
+        }
+    }
+
+    /// Position in per-site arrays (the order above).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Sees the inputs of a layer's linears as the forward pass produces them.
@@ -97,33 +114,33 @@ pub enum ForwardError {
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
 
-/// Dense [out, in] matrix of MPO-stored linear `j` of layer `layer` (cores contracted on
+/// Dense [out, in] matrix of MPO-stored `linear` of layer `layer` (cores contracted on
 /// the CPU in f64).
-pub fn mpo_dense(store: &WeightStore, layer: usize, j: usize, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
+pub fn mpo_dense(store: &WeightStore, layer: usize, linear: Linear, shape: &MpoShape) -> std::result::Result<Vec<f32>, WeightError> {
     let mut cores = Vec::new();
     for (k, s) in shape.core_shapes().iter().enumerate() {
-        let data = store.f32(&shape.core_name(layer, LINEARS[j], k), s)?;
+        let data = store.f32(&shape.core_name(layer, linear, k), s)?;
         cores.push(crate::format::mpo::Core { left: s[0], i: s[1], j: s[2], right: s[3], data: data.iter().map(|&x| x as f64).collect() });
     }
     let m = crate::format::mpo::Mpo { rows: shape.row_factors.iter().product(), cols: shape.col_factors.iter().product(), cores, discarded: vec![] };
     Ok(m.reconstruct().iter().map(|&x| x as f32).collect())
 }
 
-/// Uploads linear `j` of layer `layer` as plan `p` stores it (MPO cores are contracted
+/// Uploads `linear` of layer `layer` as plan `p` stores it (MPO cores are contracted
 /// into a dense matrix: the format is about size on disk, the forward pass runs dense).
-fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, j: usize) -> Result<GpuLinear> {
-    let (out, inp) = cfg.linear_shape(p, j);
-    let name = crate::format::names::linear_base(layer, j);
-    let kind = match p.repr(j) {
+fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, linear: Linear) -> Result<GpuLinear> {
+    let (out, inp) = cfg.linear_shape(p, linear);
+    let name = crate::format::names::linear_base(layer, linear);
+    let kind = match p.repr(linear) {
         LinearRepr::Dense => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
         LinearRepr::LowRank(r) => LinearKind::LowRank {
             a: gpu.upload(&store.f32(&format!("{name}.factor_a"), &[out, r])?)?,
             b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
             rank: r,
         },
-        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, layer, j, &m)?)? },
+        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, layer, linear, &m)?)? },
     };
-    let bias = if j < 3 && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
+    let bias = if linear.is_qkv() && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
     Ok(GpuLinear { out, inp, kind, bias })
 }
 
@@ -132,10 +149,10 @@ fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan,
 /// methods take their weights from here instead of converting them again.
 pub struct DenseHost {
     pub layer: usize,
-    /// The seven linears' weights [out, in], in `LINEARS` order.
-    pub weights: Vec<Vec<f32>>,
-    /// Biases of q, k, v where the model has them.
-    pub biases: Vec<Option<Vec<f32>>>,
+    /// The seven linears' weights [out, in].
+    pub weights: PerLinear<Vec<f32>>,
+    /// Biases of q, k, v where the model has them (`None` for the others).
+    pub biases: PerLinear<Option<Vec<f32>>>,
     pub in_norm: Vec<f32>,
     pub post_norm: Vec<f32>,
 }
@@ -145,14 +162,14 @@ impl DenseHost {
     pub fn read(store: &WeightStore, cfg: &ModelConfig, i: usize) -> Result<Self> {
         let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
         let d = cfg.hidden_size;
-        let mut weights = Vec::with_capacity(LINEARS.len());
-        let mut biases = Vec::new();
-        for j in 0..LINEARS.len() {
-            let (out, inp) = cfg.linear_shape(&full, j);
-            let name = crate::format::names::linear_base(i, j);
-            weights.push(store.f32(&format!("{name}.weight"), &[out, inp])?);
-            if j < 3 {
-                biases.push(if cfg.qkv_bias() { Some(store.f32(&format!("{name}.bias"), &[out])?) } else { None });
+        let mut weights = PerLinear::<Vec<f32>>::default();
+        let mut biases = PerLinear::<Option<Vec<f32>>>::default();
+        for lin in Linear::ALL {
+            let (out, inp) = cfg.linear_shape(&full, lin);
+            let name = crate::format::names::linear_base(i, lin);
+            weights[lin] = store.f32(&format!("{name}.weight"), &[out, inp])?;
+            if lin.is_qkv() && cfg.qkv_bias() {
+                biases[lin] = Some(store.f32(&format!("{name}.bias"), &[out])?);
             }
         }
         let n = |s: &str| crate::format::names::layer(i, s);
@@ -162,22 +179,22 @@ impl DenseHost {
     /// The layer on the GPU.
     pub fn upload(&self, gpu: &Gpu, cfg: &ModelConfig) -> Result<LayerWeights> {
         let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-        let lin = |j: usize| -> Result<GpuLinear> {
-            let (out, inp) = cfg.linear_shape(&full, j);
-            let bias = match self.biases.get(j) {
-                Some(Some(b)) => Some(gpu.upload(b)?),
-                _ => None,
+        let lin = |l: Linear| -> Result<GpuLinear> {
+            let (out, inp) = cfg.linear_shape(&full, l);
+            let bias = match &self.biases[l] {
+                Some(b) => Some(gpu.upload(b)?),
+                None => None,
             };
-            Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&self.weights[j])? }, bias })
+            Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&self.weights[l])? }, bias })
         };
         Ok(LayerWeights {
-            q: lin(0)?,
-            k: lin(1)?,
-            v: lin(2)?,
-            o: lin(3)?,
-            gate: lin(4)?,
-            up: lin(5)?,
-            down: lin(6)?,
+            q: lin(Linear::Q)?,
+            k: lin(Linear::K)?,
+            v: lin(Linear::V)?,
+            o: lin(Linear::O)?,
+            gate: lin(Linear::Gate)?,
+            up: lin(Linear::Up)?,
+            down: lin(Linear::Down)?,
             in_norm: gpu.upload(&self.in_norm)?,
             post_norm: gpu.upload(&self.post_norm)?,
         })
@@ -190,36 +207,35 @@ impl LayerWeights {
         let p = cfg.layer_plan(i);
         let d = cfg.hidden_size;
         let n = |s: &str| crate::format::names::layer(i, s);
-        let lin = |j: usize| load_linear(gpu, store, cfg, &p, i, j);
+        let lin = |l: Linear| load_linear(gpu, store, cfg, &p, i, l);
         Ok(LayerWeights {
-            q: lin(0)?,
-            k: lin(1)?,
-            v: lin(2)?,
-            o: lin(3)?,
-            gate: lin(4)?,
-            up: lin(5)?,
-            down: lin(6)?,
+            q: lin(Linear::Q)?,
+            k: lin(Linear::K)?,
+            v: lin(Linear::V)?,
+            o: lin(Linear::O)?,
+            gate: lin(Linear::Gate)?,
+            up: lin(Linear::Up)?,
+            down: lin(Linear::Down)?,
             in_norm: gpu.upload(&store.f32(&n("input_layernorm.weight"), &[d])?)?,
             post_norm: gpu.upload(&store.f32(&n("post_attention_layernorm.weight"), &[d])?)?,
         })
     }
 
-    /// Linear `j` (index into `LINEARS`).
-    pub fn linear_mut(&mut self, j: usize) -> &mut GpuLinear {
-        match j {
-            0 => &mut self.q,
-            1 => &mut self.k,
-            2 => &mut self.v,
-            3 => &mut self.o,
-            4 => &mut self.gate,
-            5 => &mut self.up,
-            _ => &mut self.down,
+    pub fn linear_mut(&mut self, linear: Linear) -> &mut GpuLinear {
+        match linear {
+            Linear::Q => &mut self.q,
+            Linear::K => &mut self.k,
+            Linear::V => &mut self.v,
+            Linear::O => &mut self.o,
+            Linear::Gate => &mut self.gate,
+            Linear::Up => &mut self.up,
+            Linear::Down => &mut self.down,
         }
     }
 
-    /// Replaces linear `j` by `lin`, keeping the old one's bias.
-    pub fn replace_linear(&mut self, j: usize, lin: GpuLinear) {
-        let slot = self.linear_mut(j);
+    /// Replaces `linear` by `lin`, keeping the old one's bias.
+    pub fn replace_linear(&mut self, linear: Linear, lin: GpuLinear) {
+        let slot = self.linear_mut(linear);
         let bias = slot.bias.take();
         *slot = GpuLinear { bias, ..lin };
     }

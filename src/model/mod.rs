@@ -9,6 +9,7 @@ pub mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use crate::format::linear::Linear;
 
 pub use config::ModelConfig;
 pub use crate::format::digest::Digest;
@@ -127,10 +128,11 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut shared: Vec<String> = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(i);
-        for (j, lin) in forward::LINEARS.iter().enumerate() {
-            out.extend(cfg.stored_tensors(&p, j, &names::layer(i, lin)));
+        for lin in Linear::ALL {
+            out.extend(cfg.stored_tensors(&p, lin, &names::linear_base(i, lin)));
         }
-        for (lin, m) in &p.mpo {
+        // names were checked against `Linear` when config.json was parsed
+        for (lin, m) in p.mpo.iter().filter_map(|(name, m)| Some((Linear::from_name(name)?, m))) {
             let c = m.centre();
             let name = m.core_name(i, lin, c);
             if m.shared_centre && !shared.contains(&name) {

@@ -2,6 +2,7 @@
 //! the GPU pass, from the same weight files, dense or compressed.
 
 use super::config::ModelConfig;
+use crate::format::linear::Linear;
 use crate::format::plan::{LayerPlan, LinearRepr};
 use crate::format::weights::{WeightError, WeightStore};
 
@@ -20,14 +21,14 @@ fn f64v(v: Vec<f32>) -> Vec<f64> {
 }
 
 impl RefLinear {
-    /// Linear `j` of layer `l` as plan `p` stores it (MPO cores contracted on the CPU).
-    fn load(store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, l: usize, j: usize) -> Result<Self, WeightError> {
-        let (out, inp) = cfg.linear_shape(p, j);
-        let name = crate::format::names::linear_base(l, j);
-        let bias = if j < 3 && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
-        Ok(match p.repr(j) {
+    /// `linear` of layer `l` as plan `p` stores it (MPO cores contracted on the CPU).
+    fn load(store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, l: usize, linear: Linear) -> Result<Self, WeightError> {
+        let (out, inp) = cfg.linear_shape(p, linear);
+        let name = crate::format::names::linear_base(l, linear);
+        let bias = if linear.is_qkv() && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
+        Ok(match p.repr(linear) {
             LinearRepr::Dense => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
-            LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, l, j, &m)?), ab: None, bias },
+            LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, l, linear, &m)?), ab: None, bias },
             LinearRepr::LowRank(r) => RefLinear {
                 out,
                 inp,
@@ -76,8 +77,9 @@ pub fn window_nll_ref(cfg: &ModelConfig, store: &WeightStore, tokens: &[u32]) ->
     for l in 0..cfg.num_hidden_layers {
         let p = cfg.layer_plan(l);
         let nm = |s: &str| crate::format::names::layer(l, s);
-        let lin = |j: usize| RefLinear::load(store, cfg, &p, l, j);
-        let (q, k, v, o, g, u, dn) = (lin(0)?, lin(1)?, lin(2)?, lin(3)?, lin(4)?, lin(5)?, lin(6)?);
+        let lin = |linear: Linear| RefLinear::load(store, cfg, &p, l, linear);
+        let (q, k, v, o) = (lin(Linear::Q)?, lin(Linear::K)?, lin(Linear::V)?, lin(Linear::O)?);
+        let (g, u, dn) = (lin(Linear::Gate)?, lin(Linear::Up)?, lin(Linear::Down)?);
         let w_in = f64v(store.f32(&nm("input_layernorm.weight"), &[d])?);
         let w_post = f64v(store.f32(&nm("post_attention_layernorm.weight"), &[d])?);
         let xs: Vec<Vec<f64>> = h.iter().map(|x| rms(x, &w_in, eps)).collect();

@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::format::digest::{Digest, StableHasher};
-use crate::methods::LorapOptions;
+use crate::methods::CompressOptions;
 use crate::model::Model;
 
 /// The calibration tokens a run uses.
@@ -45,7 +45,7 @@ pub enum Part {
 impl Fingerprint {
     /// The fingerprint of compressing `model` on `calib` (windows of `seq_len`) with `opts`;
     /// reads the weights unless `Model::check_weights` already did.
-    pub fn of(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<Self> {
+    pub fn of(model: &Model, calib: &[u32], seq_len: usize, opts: &CompressOptions) -> Result<Self> {
         let mut h = StableHasher::new();
         for t in calib {
             h.update(&t.to_le_bytes());

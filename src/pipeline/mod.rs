@@ -24,8 +24,9 @@ use crate::format::output::{OutTensor, OutputFolder};
 use crate::format::plan::{CompressionSection, LayerPlan};
 use crate::gpu::Gpu;
 use crate::methods::phase::PhaseClock;
-use crate::methods::{self, BuiltLayer, LayerInput, LayerMethod, LayerSetting, LorapOptions, Method, Phase};
-use crate::model::forward::{DenseHost, LayerWeights, LINEARS};
+use crate::methods::{self, BuiltLayer, CompressOptions, LayerInput, LayerMethod, LayerSetting, MethodOptions, Phase};
+use crate::format::linear::Linear;
+use crate::model::forward::{DenseHost, LayerWeights};
 use crate::model::{Model, WeightStore};
 
 /// How a compression run treats its output folder, beyond what it computes.
@@ -57,13 +58,13 @@ pub struct Run<'a> {
     /// Calibration tokens, whole windows of `seq_len`.
     pub calib: &'a [u32],
     pub seq_len: usize,
-    pub opts: &'a LorapOptions,
+    pub opts: &'a CompressOptions,
     pub out: &'a Path,
     pub control: RunControl,
 }
 
 impl<'a> Run<'a> {
-    pub fn new(model: &'a Model, calib: &'a [u32], seq_len: usize, opts: &'a LorapOptions, out: &'a Path) -> Self {
+    pub fn new(model: &'a Model, calib: &'a [u32], seq_len: usize, opts: &'a CompressOptions, out: &'a Path) -> Self {
         Run { model, calib, seq_len, opts, out, control: RunControl::default() }
     }
 
@@ -91,24 +92,29 @@ fn checkpoint(folder: &mut OutputFolder, fingerprint: &Fingerprint, plans: &[Opt
 }
 
 /// Checks everything about a run that can be checked before any GPU work or output.
-pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &LorapOptions) -> Result<()> {
+pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &CompressOptions) -> Result<()> {
     match &opts.plan {
         None if !(opts.ratio > 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
         Some(_) if !(opts.ratio >= 0.0 && opts.ratio < 1.0) => return Err(CompressError::BadRatio(opts.ratio).into()),
         Some(p) => p.validate(model.cfg.num_hidden_layers)?,
         None => {}
     }
-    if opts.method == Method::Mpo && !(2..=8).contains(&opts.mpo_cores) {
-        return Err(CompressError::BadArgument(format!("--mpo-cores must be in 2..=8, got {}", opts.mpo_cores)).into());
-    }
-    if opts.mpo_share_centre && (opts.method != Method::Mpo || opts.mpo_cores != 3 || opts.plan.is_some()) {
-        return Err(CompressError::BadArgument("--mpo-share-centre needs --method mpo with 3 cores and no --plan".into()).into());
-    }
-    if opts.mpo_max_bond == Some(0) || opts.mpo_matrices.iter().any(|&j| j >= LINEARS.len()) {
-        return Err(CompressError::BadArgument("--mpo-max-bond must be positive and --mpo-matrices name linears of the layer".into()).into());
-    }
-    if !(0.0..1.0).contains(&opts.reserve) {
-        return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", opts.reserve)).into());
+    match &opts.method {
+        MethodOptions::Mpo(m) => {
+            if !(2..=8).contains(&m.cores) {
+                return Err(CompressError::BadArgument(format!("--mpo-cores must be in 2..=8, got {}", m.cores)).into());
+            }
+            if m.share_centre && (m.cores != 3 || opts.plan.is_some()) {
+                return Err(CompressError::BadArgument("--mpo-share-centre needs --method mpo with 3 cores and no --plan".into()).into());
+            }
+            if m.max_bond == Some(0) {
+                return Err(CompressError::BadArgument("--mpo-max-bond must be positive".into()).into());
+            }
+        }
+        MethodOptions::Lorap(l) if !(0.0..1.0).contains(&l.reserve) => {
+            return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", l.reserve)).into());
+        }
+        MethodOptions::Lorap(_) | MethodOptions::Sfsd(_) => {}
     }
     if model.cfg.lorap.is_some() {
         return Err(CompressError::AlreadyCompressed(model.dir.display().to_string()).into());
@@ -187,7 +193,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         }
     }
 
-    let dtype_of = store.dtype(&format!("model.layers.0.{}.weight", LINEARS[0]))?;
+    let dtype_of = store.dtype(&crate::format::names::linear(0, Linear::Q, "weight"))?;
     let out_dtype = if matches!(dtype_of, Dtype::F16 | Dtype::BF16) { dtype_of } else { Dtype::F32 };
     let mut run_phases = run_clock.finish();
     let mut prefetch: Option<std::thread::JoinHandle<Result<DenseHost>>> = None;
@@ -229,10 +235,10 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         clock.host_linear_algebra(built.host_seconds);
         let name = |s: &str| crate::format::names::layer(i, s);
         if cfg.qkv_bias() {
-            for j in 0..3 {
-                let bias = host.biases[j].as_deref().context("a q/k/v bias the config promises is missing")?;
-                built.linears[j].bias = Some(gpu.upload(&round_trip(bias, out_dtype))?);
-                built.push_copy(store, &name(&format!("{}.bias", LINEARS[j])))?;
+            for lin in Linear::ALL.into_iter().filter(|l| l.is_qkv()) {
+                let bias = host.biases[lin].as_deref().context("a q/k/v bias the config promises is missing")?;
+                built.linears[lin.index()].bias = Some(gpu.upload(&round_trip(bias, out_dtype))?);
+                built.push_copy(store, &crate::format::names::linear(i, lin, "bias"))?;
             }
         }
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
@@ -360,7 +366,7 @@ fn resident_bytes(cfg: &crate::model::ModelConfig, batch_tokens: usize) -> u64 {
 
 /// The `lorap` config section for the finished `plans` (`None` = dropped layer); the
 /// layers still to do are listed dense unless the run's plan drops them.
-fn plan_section(cfg: &crate::model::ModelConfig, opts: &LorapOptions, method: &str, plans: &[Option<LayerPlan>]) -> CompressionSection {
+fn plan_section(cfg: &crate::model::ModelConfig, opts: &CompressOptions, method: &str, plans: &[Option<LayerPlan>]) -> CompressionSection {
     let dense = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
     let later = (plans.len()..cfg.num_hidden_layers).filter(|&i| !LayerSetting::of(opts, i).dropped).map(|_| dense.clone());
     let layers = plans.iter().flatten().cloned().chain(later).collect();

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::methods::phase::PhaseSeconds;
-use crate::methods::LorapOptions;
+use crate::methods::CompressOptions;
 
 /// Per-layer outcome, as written to compression_report.json.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub struct CompressionReport {
     /// The dense model folder it was made from.
     #[serde(default)]
     pub source_model: String,
-    pub options: LorapOptions,
+    pub options: CompressOptions,
     pub calibration_windows: usize,
     pub calibration_seq_len: usize,
     pub decoder_params_before: usize,

@@ -111,7 +111,7 @@ pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexiti
     let _ = write!(
         html,
         "<table><tr><th>requested ratio</th><td>{:.2}</td></tr><tr><th>decoder parameters</th><td>{} &rarr; {} (removed {:.2}%)</td></tr>\
-         <tr><th>whole model</th><td>{} &rarr; {} (removed {:.2}%)</td></tr><tr><th>allocation</th><td>{:?}</td></tr>\
+         <tr><th>whole model</th><td>{} &rarr; {} (removed {:.2}%)</td></tr><tr><th>method</th><td>{}</td></tr>\
          <tr><th>calibration</th><td>{} windows &times; {} tokens</td></tr><tr><th>time</th><td>{:.1} s on {}</td></tr>\
          <tr><th>peak GPU memory</th><td>{mib:.1} MiB</td></tr>",
         rep.options.ratio,
@@ -121,7 +121,7 @@ pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexiti
         rep.total_params_before,
         rep.total_params_after,
         100.0 * rep.achieved_total_ratio,
-        rep.options.allocation,
+        esc(&method_summary(&rep.options.method)),
         rep.calibration_windows,
         rep.calibration_seq_len,
         rep.seconds,
@@ -156,4 +156,25 @@ pub fn render(rep: &CompressionReport, model_name: &str, ppl: Option<&Perplexiti
     let mut files: Vec<(String, String)> = charts.into_iter().map(|(f, _, s)| (f, s)).collect();
     files.push(("report.html".into(), html));
     files
+}
+
+/// One line of the method and the options it ran with.
+fn method_summary(m: &crate::methods::MethodOptions) -> String {
+    use crate::methods::MethodOptions;
+    match m {
+        MethodOptions::Lorap(o) => format!(
+            "lorap: {:?} allocation, {} SVD, {} FFN scores, {:.0}% reserve",
+            o.allocation,
+            if o.weighted_svd { "activation-weighted" } else { "plain" },
+            if o.ffn_activation_scores { "activation-weighted" } else { "magnitude" },
+            100.0 * o.reserve
+        ),
+        MethodOptions::Sfsd(o) => format!("sfsd: {} output covariance", if o.centred { "centred" } else { "uncentred" }),
+        MethodOptions::Mpo(o) => {
+            let matrices: Vec<&str> = o.matrices.iter().map(|l| l.short()).collect();
+            let bond = o.max_bond.map_or("from the ratio".to_string(), |b| b.to_string());
+            let which = if matrices.is_empty() { "all".to_string() } else { matrices.join(",") };
+            format!("mpo: {} cores, bond {bond}, matrices {which}{}", o.cores, if o.share_centre { ", shared centre" } else { "" })
+        }
+    }
 }

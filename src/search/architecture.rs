@@ -15,11 +15,11 @@ use super::evaluator::nll_from;
 use crate::calib::split_search_windows;
 use crate::calib::stats::StatsNeed;
 use crate::calib::walker::Walker;
-use crate::calib::stats::SITE_OF;
+use crate::format::linear::Linear;
 use crate::format::plan::{Plan, PlanLayer};
 use crate::methods::allocate::{self, Allocation, MatrixSpec};
 use crate::methods::svd::{self, SvdOptions};
-use crate::methods::{self as lorap, ffn};
+use crate::methods::ffn;
 use crate::gpu::Gpu;
 use crate::format::plan::LayerPlan;
 use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner};
@@ -51,7 +51,7 @@ pub struct SearchOptions {
 
 impl Default for SearchOptions {
     fn default() -> Self {
-        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, allocation: lorap::LorapOptions::default().allocation, seed: 1, svd: SvdOptions::default() }
+        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, allocation: crate::methods::lorap::LorapOptions::default().allocation, seed: 1, svd: SvdOptions::default() }
     }
 }
 
@@ -123,10 +123,10 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
         let stats = walker.stats(&dense, StatsNeed::Scales)?;
         let mut decs = Vec::new();
         let mut specs = Vec::new();
-        for j in 0..4 {
-            let (out, inp) = cfg.linear_shape(&full, j);
-            let w = store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
-            let sc = stats.scales[SITE_OF[j]].clone();
+        for lin in Linear::ATTENTION {
+            let (out, inp) = cfg.linear_shape(&full, lin);
+            let w = store.f32(&crate::format::names::linear(i, lin, "weight"), &[out, inp])?;
+            let sc = stats.input_scales(lin).to_vec();
             let (dec, spec) = crate::methods::lorap::weighted_svd(gpu, &w, out, inp, &sc, opts.svd)?;
             specs.push(spec);
             decs.push((dec, sc));
@@ -134,7 +134,7 @@ fn build_library(gpu: &std::sync::Arc<Gpu>, model: &Model, calib: &[u32], seq_le
         let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
             anyhow::bail!("layer {i}: FFN is not dense (search needs the dense model)");
         };
-        let ffn_scores = ffn::channel_scores(gpu, [wg, wu, wd], &gpu.upload(&stats.scales[2])?, &stats.scales[3], d)?;
+        let ffn_scores = ffn::channel_scores(gpu, [wg, wu, wd], &gpu.upload(stats.input_scales(Linear::Gate))?, stats.input_scales(Linear::Down), d)?;
         walker.advance(&dense)?;
         layers.push(LayerLibrary { decs, specs, ffn_scores });
     }
@@ -148,8 +148,8 @@ fn layer_shape(cfg: &ModelConfig, lib: &LayerLibrary, att_keep: f64, ffn_keep: f
     if att_keep < 1.0 {
         let dense_att: usize = lib.specs.iter().map(|s| s.out * s.inp).sum();
         let ranks = allocate::allocate(&lib.specs, (att_keep * dense_att as f64).round() as usize, opts.allocation);
-        for (j, r) in ranks.into_iter().enumerate() {
-            plan.set_rank(j, r);
+        for (lin, r) in Linear::ATTENTION.into_iter().zip(ranks) {
+            plan.set_rank(lin, r);
         }
     }
     let remove = (((1.0 - ffn_keep) * f as f64).round() as usize).min(f - 1);
@@ -177,8 +177,8 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
     let (plan, kept) = layer_shape(cfg, lib, l.attention_keep.unwrap_or(1.0), l.ffn_keep.unwrap_or(1.0), opts);
     let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
     let mut lin = Vec::new();
-    for (j, (dec, sc)) in lib.decs.iter().enumerate() {
-        lin.push(match plan.rank(j) {
+    for (linear, (dec, sc)) in Linear::ATTENTION.into_iter().zip(&lib.decs) {
+        lin.push(match plan.rank(linear) {
             None => None,
             Some(r) => {
                 let (a, b) = crate::methods::lorap::factors(dec, r, sc);
@@ -187,17 +187,17 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
         });
     }
     let mut lw = dense;
-    for (j, l) in lin.into_iter().enumerate() {
+    for (linear, l) in Linear::ATTENTION.into_iter().zip(lin) {
         if let Some(l) = l {
-            lw.replace_linear(j, l);
+            lw.replace_linear(linear, l);
         }
     }
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     if kept.len() < f {
         let fk = kept.len();
         let [gate, up, down] = ffn::pruned_weights(&model.store, i, d, f, &kept)?;
-        for (j, w, out, inp) in [(4, gate, fk, d), (5, up, fk, d), (6, down, d, fk)] {
-            lw.replace_linear(j, GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        for (linear, w, out, inp) in [(Linear::Gate, gate, fk, d), (Linear::Up, up, fk, d), (Linear::Down, down, d, fk)] {
+            lw.replace_linear(linear, GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
         }
     }
     Ok(Some(lw))
@@ -295,7 +295,7 @@ pub fn search(
         }
     }
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let att_unit = (0..4).map(|j| cfg.linear_params(&LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() }, j)).sum::<usize>() as f64;
+    let att_unit = Linear::ATTENTION.into_iter().map(|l| cfg.linear_params(&LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() }, l)).sum::<usize>() as f64;
     let ffn_unit = (3 * cfg.hidden_size * cfg.intermediate_size) as f64;
     for step in 0..opts.evaluations {
         progress(opts.uniform_ratios.len() + 1 + n + 2 + step, total, "local search");

@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CompressError;
 use crate::format::plan::{LayerPlan, Plan, PlanLayer};
-use crate::calib::stats::SITE_OF;
 use crate::gpu::{context::Result as GpuResult, Gpu, GpuBuf};
 use crate::methods::sfsd::{feature_pair, rank_for, FeaturePair};
 use crate::methods::svd::SvdOptions;
-use crate::format::linear::LINEARS;
+use crate::format::linear::{Linear, PerLinear};
+use crate::model::forward::Site;
 
 /// Settings of the surgical search.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,23 +86,23 @@ pub fn surgical(
     let mut runner = Runner::new(gpu.clone(), cfg.clone(), model.store.clone(), false);
     let mut entering = vec![runner.embed(search_tokens)?];
     let full = LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() };
-    let mut pairs: Vec<Vec<Option<FeaturePair>>> = Vec::new();
+    let mut pairs: Vec<PerLinear<Option<FeaturePair>>> = Vec::new();
     for i in 0..n {
         progress(i, n, "statistics");
         let dense = LayerWeights::load(gpu, &model.store, cfg, i)?;
-        let mut layer_pairs = Vec::new();
+        let mut layer_pairs = PerLinear::<Option<FeaturePair>>::default();
         if i >= first {
             let stats = walker.stats(&dense, crate::calib::stats::StatsNeed::Covariance { centred: false })?;
             let cov = stats.cov.as_ref().context("covariances")?;
             let sig: Vec<GpuBuf> = cov.iter().map(|c| gpu.upload(c)).collect::<GpuResult<_>>()?;
-            for j in 0..7 {
-                let (out, inp) = cfg.linear_shape(&full, j);
-                let w = model.store.f32(&crate::format::names::linear(i, j, "weight"), &[out, inp])?;
+            for lin in Linear::ALL {
+                let (out, inp) = cfg.linear_shape(&full, lin);
+                let w = model.store.f32(&crate::format::names::linear(i, lin, "weight"), &[out, inp])?;
                 let top = rank_for(opts.grid[opts.grid.len() - 1], out, inp);
-                layer_pairs.push(match top {
-                    Some(r) => Some(feature_pair(gpu, &w, &sig[SITE_OF[j]], out, inp, r, opts.svd)?),
+                layer_pairs[lin] = match top {
+                    Some(r) => Some(feature_pair(gpu, &w, &sig[Site::of(lin).index()], out, inp, r, opts.svd)?),
                     None => None,
-                });
+                };
             }
         }
         pairs.push(layer_pairs);
@@ -117,27 +117,27 @@ pub fn surgical(
     let table = walker.finish();
 
     // layer weights with the keeps decided so far (plus one candidate)
-    let build = |i: usize, keeps: &[Option<f64>; 7]| -> Result<LayerWeights> {
+    let build = |i: usize, keeps: &PerLinear<Option<f64>>| -> Result<LayerWeights> {
         let mut lw = LayerWeights::load(gpu, &model.store, cfg, i)?;
-        for j in 0..7 {
-            let (Some(k), Some(Some(pair))) = (keeps[j], pairs[i].get(j)) else { continue };
-            let (out, inp) = cfg.linear_shape(&full, j);
+        for lin in Linear::ALL {
+            let (Some(k), Some(pair)) = (keeps[lin], &pairs[i][lin]) else { continue };
+            let (out, inp) = cfg.linear_shape(&full, lin);
             let Some(r) = rank_for(k, out, inp) else { continue };
             let (a, b) = pair.truncated(r, out, inp);
-            lw.replace_linear(j, GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+            lw.replace_linear(lin, GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
         }
         Ok(lw)
     };
-    let mut keeps: Vec<[Option<f64>; 7]> = vec![[None; 7]; n];
+    let mut keeps: Vec<PerLinear<Option<f64>>> = vec![PerLinear::default(); n];
     let (base_nll, _) = super::evaluator::nll_from(&mut runner, &table, &entering[0], 0, &mut |k| Ok(Some(build(k, &keeps[k])?)), search_tokens, seq_len)?;
     let base = base_nll.exp();
-    let modules: Vec<(usize, usize)> = (first..n).rev().flat_map(|i| (0..7).rev().map(move |j| (i, j))).collect();
+    let modules: Vec<(usize, Linear)> = (first..n).rev().flat_map(|i| Linear::ALL.into_iter().rev().map(move |lin| (i, lin))).collect();
     let mut steps = Vec::new();
     let mut current = base;
-    for (visited, &(i, j)) in modules.iter().enumerate() {
+    for (visited, &(i, lin)) in modules.iter().enumerate() {
         progress(visited, modules.len(), "surgical search");
         let allowed = base * (1.0 + opts.tolerance).powi(visited as i32 + 1);
-        if pairs[i][j].is_none() {
+        if pairs[i][lin].is_none() {
             continue;
         }
         // binary search for the smallest passing keep (perplexity falls as the rank grows)
@@ -147,7 +147,7 @@ pub fn surgical(
         while lo < hi {
             let mid = (lo + hi) / 2;
             let mut trial = keeps.clone();
-            trial[i][j] = Some(opts.grid[mid]);
+            trial[i][lin] = Some(opts.grid[mid]);
             let (nll, _) = super::evaluator::nll_from(&mut runner, &table, &entering[i], i, &mut |k| Ok(Some(build(k, &trial[k])?)), search_tokens, seq_len)?;
             evaluations += 1;
             let ppl = nll.exp();
@@ -160,24 +160,24 @@ pub fn surgical(
         }
         let keep = (hi < opts.grid.len()).then(|| opts.grid[hi]);
         if keep.is_some() {
-            keeps[i][j] = keep;
+            keeps[i][lin] = keep;
             current = best_ppl;
         }
-        steps.push(SurgicalStep { layer: i, linear: LINEARS[j].into(), keep, ppl: current, allowed, evaluations });
+        steps.push(SurgicalStep { layer: i, linear: lin.name().into(), keep, ppl: current, allowed, evaluations });
     }
     progress(modules.len(), modules.len(), "done");
     let mut plan = Plan { layers: Vec::new(), note: format!("surgical feature-space search: search-window ppl {base:.3} -> {current:.3}") };
     for k in &keeps {
         let mut l = PlanLayer::default();
-        for j in 0..7 {
-            if let Some(x) = k[j] {
-                l.module_keep.insert(LINEARS[j].to_string(), x);
+        for (lin, keep) in k.iter() {
+            if let Some(x) = keep {
+                l.module_keep.insert(lin.name().to_string(), *x);
             }
         }
         // a layer with nothing decomposed lists one dense-equivalent keep so it is not read
         // as "uniform ratio"
         if l.module_keep.is_empty() {
-            l.module_keep.insert(LINEARS[0].to_string(), 1.0);
+            l.module_keep.insert(Linear::Q.name().to_string(), 1.0);
         }
         plan.layers.push(l);
     }
