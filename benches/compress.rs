@@ -131,6 +131,9 @@ fn main() {
         println!("| {name} | {s:.2} | {:.1}% |", 100.0 * s / total);
     }
     println!("| (host waiting on the GPU, within the above) | {:.2} | {:.1}% |", p.blocked_on_gpu, 100.0 * p.blocked_on_gpu / total);
+    if let Some(busy) = p.gpu_busy {
+        println!("| (the GPU computing, timestamp queries) | {busy:.2} | {:.1}% |", 100.0 * busy / total);
+    }
     println!();
     let rate = |f: f64, s: f64| if s > 0.0 { f / s } else { 0.0 };
     let svd_rate = rate(flops.svd, p.decomposition_gpu);

@@ -424,7 +424,8 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         );
         let total = rep.phases.total().max(f64::MIN_POSITIVE);
         let shares: Vec<String> = rep.phases.rows().iter().filter(|r| r.1 > 0.0).map(|(name, secs)| format!("{name} {secs:.1} s ({:.0}%)", 100.0 * secs / total)).collect();
-        println!("time: {}; the host waited on the GPU {:.1} s", shares.join(", "), rep.phases.blocked_on_gpu);
+        let busy = rep.phases.gpu_busy.map_or(String::new(), |b| format!("; the GPU computed {b:.1} s ({:.0}%)", 100.0 * b / total));
+        println!("time: {}; the host waited on the GPU {:.1} s{busy}", shares.join(", "), rep.phases.blocked_on_gpu);
     }
     Ok(())
 }

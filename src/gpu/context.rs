@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use super::timer::PassTimer;
+
 pub use super::kernels::Shader;
 use super::kernels::matmul::NtKernel;
 
@@ -16,6 +18,9 @@ pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
 pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
 /// Environment variable forcing the A B^T matmul kernel (`tiled` or `vec4`; comparisons).
 pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
+/// Environment variable turning the timestamp-query pass timer off (`off`; it is on where
+/// the adapter has timestamp queries).
+pub const GPU_TIMING_ENV: &str = "LORAP_GPU_TIMING";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -464,6 +469,8 @@ pub struct Gpu {
     /// Nanoseconds the host spent blocked on the device (`wait`, and every read): the
     /// host-idle share of a phase, for the per-phase report.
     blocked_nanos: std::sync::atomic::AtomicU64,
+    /// Timestamps around every compute pass (adapters with timestamp queries).
+    timer: Option<Mutex<PassTimer<EncoderKey>>>,
 }
 
 impl Gpu {
@@ -517,7 +524,9 @@ impl Gpu {
             Ok("vec4") => NtKernel::Vec4,
             _ => NtKernel::for_device(info.device_type),
         };
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, "GPU ready");
+        let timing = features.contains(wgpu::Features::TIMESTAMP_QUERY) && std::env::var(GPU_TIMING_ENV).map_or(true, |v| v.trim() != "off");
+        let timer = timing.then(|| Mutex::new(PassTimer::new(queue.get_timestamp_period())));
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, timing, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -532,6 +541,7 @@ impl Gpu {
             device_error,
             budget: std::sync::atomic::AtomicU64::new(0),
             blocked_nanos: std::sync::atomic::AtomicU64::new(0),
+            timer,
         }))
     }
 
@@ -563,6 +573,25 @@ impl Gpu {
     /// Seconds the host has spent blocked on the device since it was opened.
     pub fn blocked_seconds(&self) -> f64 {
         self.blocked_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Seconds the GPU spent in compute passes since it was opened, from timestamp
+    /// queries (`None` where the adapter has none or `LORAP_GPU_TIMING=off`). Passes whose
+    /// timestamps are still on their way back are counted by a later call; with `settle`
+    /// the call waits for all submitted work first, so the total is complete.
+    pub fn gpu_busy_seconds(&self, settle: bool) -> Option<f64> {
+        let timer = self.timer.as_ref()?;
+        let poll = if settle { wgpu::PollType::wait_indefinitely() } else { wgpu::PollType::Poll };
+        // a failed poll leaves the total as it is: the device error surfaces at the next wait
+        let _ = self.device.poll(poll);
+        let mut t = timer.lock().unwrap();
+        t.collect();
+        Some(t.busy_seconds())
+    }
+
+    /// Submitted timestamp readbacks not yet counted (tests).
+    pub fn timer_in_flight(&self) -> usize {
+        self.timer.as_ref().map_or(0, |t| t.lock().unwrap().in_flight())
     }
 
     /// Drops idle pooled buffers (between phases that use different shapes).
@@ -745,9 +774,13 @@ impl Gpu {
     }
 
     /// Submits an encoder; buffers released and uniform slots it used become reusable.
-    pub fn submit(&self, enc: wgpu::CommandEncoder) {
+    pub fn submit(&self, mut enc: wgpu::CommandEncoder) {
         let key = EncoderKey::of(&enc);
+        let timed = self.timer.as_ref().map(|t| t.lock().unwrap().resolve(&key, &mut enc));
         self.queue.submit([enc.finish()]);
+        if let (Some(t), Some(slots)) = (&self.timer, timed) {
+            t.lock().unwrap().submitted(slots);
+        }
         self.pool.submitted();
         // only after the submit: a write staged before it would run ahead of these commands
         let mut ring = self.uniforms.lock().unwrap();
@@ -844,7 +877,9 @@ impl Gpu {
             layout: &pipeline.layout,
             entries: &entries,
         });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        let timed = self.timer.as_ref().map(|t| t.lock().unwrap().next_pass(&self.device, EncoderKey::of(enc)));
+        let timestamp_writes = timed.as_ref().map(|(set, first)| wgpu::ComputePassTimestampWrites { query_set: set, beginning_of_pass_write_index: Some(*first), end_of_pass_write_index: Some(first + 1) });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
         pass.set_pipeline(&pipeline.compute);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);

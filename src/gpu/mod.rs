@@ -3,6 +3,7 @@
 
 pub mod context;
 pub mod kernels;
+pub mod timer;
 
 // The kernel families keep their old public paths (`gpu::matmul`, `gpu::norms`, ...).
 pub use kernels::{attention, elementwise, loss, matmul, norms, rope};

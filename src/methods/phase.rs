@@ -72,6 +72,11 @@ pub struct PhaseSeconds {
     /// Of all the above, the time the host sat blocked waiting for the GPU (reads and
     /// waits): the rest is host-busy time.
     pub blocked_on_gpu: f64,
+    /// Seconds the GPU spent in compute passes, from timestamp queries (absent where the
+    /// adapter has none). A layer's figure may miss its last passes (their timestamps come
+    /// back during the next layer); the run's total is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_busy: Option<f64>,
 }
 
 impl PhaseSeconds {
@@ -104,6 +109,10 @@ impl PhaseSeconds {
         self.propagation += o.propagation;
         self.replaying += o.replaying;
         self.blocked_on_gpu += o.blocked_on_gpu;
+        self.gpu_busy = match (self.gpu_busy, o.gpu_busy) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -114,12 +123,13 @@ pub struct PhaseClock<'a> {
     current: Option<Phase>,
     since: Instant,
     blocked_at: f64,
+    gpu_busy_at: Option<f64>,
     seconds: PhaseSeconds,
 }
 
 impl<'a> PhaseClock<'a> {
     pub fn start(gpu: &'a Gpu) -> Self {
-        PhaseClock { gpu, current: None, since: Instant::now(), blocked_at: gpu.blocked_seconds(), seconds: PhaseSeconds::default() }
+        PhaseClock { gpu, current: None, since: Instant::now(), blocked_at: gpu.blocked_seconds(), gpu_busy_at: gpu.gpu_busy_seconds(false), seconds: PhaseSeconds::default() }
     }
 
     /// Ends the running phase and starts `phase` (`Dropped`/`Done` stop the clock).
@@ -148,10 +158,23 @@ impl<'a> PhaseClock<'a> {
         self.seconds.decomposition_host += host;
     }
 
-    /// Stops the clock and returns the seconds charged since `start`.
-    pub fn finish(mut self) -> PhaseSeconds {
+    /// Stops the clock and returns the seconds charged since `start` (the GPU-busy figure
+    /// as far as its timestamps are back).
+    pub fn finish(self) -> PhaseSeconds {
+        self.stop(false)
+    }
+
+    /// `finish`, after waiting for the GPU to finish everything submitted, so the GPU-busy
+    /// figure (and every earlier clock's share of it) is complete.
+    pub fn finish_settled(self) -> PhaseSeconds {
+        self.stop(true)
+    }
+
+    fn stop(mut self, settle: bool) -> PhaseSeconds {
         self.enter(Phase::Done);
+        let gpu_busy = self.gpu.gpu_busy_seconds(settle);
         self.seconds.blocked_on_gpu = self.gpu.blocked_seconds() - self.blocked_at;
+        self.seconds.gpu_busy = gpu_busy.zip(self.gpu_busy_at).map(|(now, at)| now - at);
         self.seconds
     }
 }

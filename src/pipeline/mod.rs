@@ -313,7 +313,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     raw.insert("lorap".into(), serde_json::to_value(new_cfg.lorap.as_ref().unwrap())?);
     folder.write_json("config.json", &serde_json::Value::Object(raw))?;
     folder.copy_side_files(&model.dir)?;
-    run_phases.add(&end_clock.finish());
+    run_phases.add(&end_clock.finish_settled());
     // layers finished before a resume keep their own phase times
     let phases = layer_reports[..reports_before].iter().fold(run_phases, |mut acc, l| {
         acc.add(&l.phases);

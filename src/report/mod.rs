@@ -37,7 +37,11 @@ fn phase_table(p: &crate::methods::phase::PhaseSeconds) -> String {
     for (name, secs) in p.rows() {
         let _ = write!(html, "<tr><td style=\"text-align:left\">{name}</td><td>{secs:.2}</td><td>{:.1}%</td></tr>", 100.0 * secs / total);
     }
-    let _ = write!(html, "<tr><td style=\"text-align:left\">of which the host waited on the GPU</td><td>{:.2}</td><td>{:.1}%</td></tr></table>", p.blocked_on_gpu, 100.0 * p.blocked_on_gpu / total);
+    let _ = write!(html, "<tr><td style=\"text-align:left\">of which the host waited on the GPU</td><td>{:.2}</td><td>{:.1}%</td></tr>", p.blocked_on_gpu, 100.0 * p.blocked_on_gpu / total);
+    if let Some(busy) = p.gpu_busy {
+        let _ = write!(html, "<tr><td style=\"text-align:left\">the GPU computing (timestamp queries)</td><td>{busy:.2}</td><td>{:.1}%</td></tr>", 100.0 * busy / total);
+    }
+    html.push_str("</table>");
     html
 }
 
