@@ -54,7 +54,11 @@ fn main() {
             matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0).unwrap()
         });
         rows.push(Row { name: format!("matmul {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
-        for nt in [matmul::NtKernel::Tiled, matmul::NtKernel::Vec4] {
+        let secs = time_median(&gpu, reps, |enc| {
+            matmul::gemm_with(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0, matmul::NtKernel::Register).unwrap()
+        });
+        rows.push(Row { name: format!("matmul Register {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
+        for nt in [matmul::NtKernel::Tiled, matmul::NtKernel::Vec4, matmul::NtKernel::Register] {
             let secs = time_median(&gpu, reps, |enc| {
                 matmul::gemm_with(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s).t(), &c, 0, s, 1.0, 0.0, nt).unwrap()
             });
@@ -68,6 +72,11 @@ fn main() {
     let g = gpu.zeros(d * d).unwrap();
     let secs = time_median(&gpu, reps, |enc| matmul::gram_accumulate(&gpu, enc, &x, tok, d, &g).unwrap());
     rows.push(Row { name: format!("gram {tok}x{d}"), secs, flops: 2.0 * tok as f64 * (d * d) as f64, bytes: 4.0 * (tok * d + 2 * d * d) as f64 });
+    let secs = time_median(&gpu, reps, |enc| {
+        let shape = matmul::GemmShape { m: d, n: d, k: tok };
+        matmul::gemm_with(&gpu, enc, shape, matmul::Operand::new(&x, d).t(), matmul::Operand::new(&x, d), &g, 0, d, 1.0, 1.0, matmul::NtKernel::Register).unwrap()
+    });
+    rows.push(Row { name: format!("gram Register {tok}x{d}"), secs, flops: 2.0 * tok as f64 * (d * d) as f64, bytes: 4.0 * (tok * d + 2 * d * d) as f64 });
     let out = gpu.zeros(d).unwrap();
     let secs = time_median(&gpu, reps, |enc| norms::col_sumsq_accumulate(&gpu, enc, &x, tok, d, &out).unwrap());
     rows.push(Row { name: format!("col_sumsq {tok}x{d}"), secs, flops: 2.0 * (tok * d) as f64, bytes: 4.0 * (tok * d) as f64 });

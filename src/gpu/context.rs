@@ -16,6 +16,34 @@ pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
 pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
 /// Environment variable forcing the A B^T matmul kernel (`tiled` or `vec4`; comparisons).
 pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
+/// Environment variable choosing how shader modules are compiled (`checked` or `trusted`).
+pub const SHADER_CHECKS_ENV: &str = "LORAP_SHADER_CHECKS";
+
+/// How wgpu compiles our WGSL modules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShaderChecks {
+    /// No injected runtime checks (no index clamps, no loop-bounding counters): the checks
+    /// stop GPU drivers from unrolling the accumulator loops and cost 10-100x on some GPUs
+    /// (gfx-rs/wgpu #7698, #6521). Sound because every kernel guards its own indices exactly
+    /// (each room's `*_exact_guards` test runs awkward shapes with NaN sentinels around
+    /// the operands) and every loop has a bound from its parameters.
+    #[default]
+    Trusted,
+    /// wgpu's default: bounds clamps and `force_loop_bounding` (a fallback for debugging a
+    /// driver, or an untrusted build).
+    Checked,
+}
+
+impl ShaderChecks {
+    /// Parses `checked` / `trusted` (the environment knob's values).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "checked" => Some(ShaderChecks::Checked),
+            "trusted" => Some(ShaderChecks::Trusted),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -39,6 +67,8 @@ pub enum GpuError {
     DeviceLost(String),
     #[error("{MAX_BINDING_ENV} must be a byte count, got {0:?}")]
     BadBindingEnv(String),
+    #[error("{SHADER_CHECKS_ENV} must be `checked` or `trusted`, got {0:?}")]
+    BadShaderChecksEnv(String),
     #[error("a single row of {row_bytes} bytes exceeds the storage binding limit of {limit} bytes")]
     RowTooLarge { row_bytes: u64, limit: u64 },
     #[error("buffer of {bytes} bytes exceeds the adapter's maximum buffer size of {limit} bytes")]
@@ -59,7 +89,16 @@ pub struct GpuOptions {
     /// Backends to search; default: WGPU_BACKEND, else all. Tests pin Vulkan so a missing
     /// driver fails loudly instead of falling back to GL.
     pub backends: Option<wgpu::Backends>,
+    /// How shader modules are compiled; falls back to `LORAP_SHADER_CHECKS`, then trusted.
+    pub shader_checks: Option<ShaderChecks>,
+    /// FLOPs one matmul dispatch may do before it is split (0 = never split); default
+    /// `DISPATCH_FLOPS` on GPUs and none on CPU drivers (no watchdog there).
+    pub max_dispatch_flops: Option<u64>,
 }
+
+/// Default FLOP cap of one matmul dispatch on a GPU: 2^37 (0.14 s at 1 TFLOP/s, 0.7 s at
+/// 200 GFLOP/s), under the ~2 s after which display GPUs reset a busy device.
+pub const DISPATCH_FLOPS: u64 = 1 << 37;
 
 /// One adapter as `gpu-info` shows it.
 #[derive(Debug, Clone)]
@@ -453,6 +492,10 @@ pub struct Gpu {
     max_binding: u64,
     /// The A B^T matmul kernel for this adapter (`LORAP_NT_KERNEL` read once, at `new`).
     nt_kernel: NtKernel,
+    /// Runtime checks compiled into shader modules (`LORAP_SHADER_CHECKS` read once, at `new`).
+    shader_checks: ShaderChecks,
+    /// FLOPs one matmul dispatch may do (0 = no cap).
+    max_dispatch_flops: u64,
     pipelines: Mutex<PipelineCache>,
     uniforms: Mutex<UniformRing>,
     pool: Arc<BufferPool>,
@@ -512,12 +555,16 @@ impl Gpu {
         let cap = opts.max_binding.or(env_cap);
         let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = cap.map_or(adapter_binding, |c| c.min(adapter_binding)).max(256);
-        let nt_kernel = match std::env::var(NT_KERNEL_ENV).as_deref() {
-            Ok("tiled") => NtKernel::Tiled,
-            Ok("vec4") => NtKernel::Vec4,
-            _ => NtKernel::for_device(info.device_type),
+        let nt_kernel = std::env::var(NT_KERNEL_ENV).ok().and_then(|s| NtKernel::parse(&s)).unwrap_or_else(|| NtKernel::for_device(info.device_type));
+        let max_dispatch_flops = opts.max_dispatch_flops.unwrap_or(if info.device_type == wgpu::DeviceType::Cpu { 0 } else { DISPATCH_FLOPS });
+        let shader_checks = match opts.shader_checks {
+            Some(c) => c,
+            None => match std::env::var(SHADER_CHECKS_ENV) {
+                Ok(s) => ShaderChecks::parse(&s).ok_or(GpuError::BadShaderChecksEnv(s))?,
+                Err(_) => ShaderChecks::default(),
+            },
         };
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, "GPU ready");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?shader_checks, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -526,6 +573,8 @@ impl Gpu {
             features,
             max_binding,
             nt_kernel,
+            shader_checks,
+            max_dispatch_flops,
             pipelines: Mutex::new(PipelineCache::default()),
             uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
@@ -538,6 +587,16 @@ impl Gpu {
     /// The kernel `gemm` runs A B^T products with on this adapter (chosen at `new`).
     pub fn nt_kernel(&self) -> NtKernel {
         self.nt_kernel
+    }
+
+    /// The runtime checks this context compiles shader modules with (chosen at `new`).
+    pub fn shader_checks(&self) -> ShaderChecks {
+        self.shader_checks
+    }
+
+    /// FLOPs one matmul dispatch may do before it is split (0 = no cap).
+    pub fn max_dispatch_flops(&self) -> u64 {
+        self.max_dispatch_flops
     }
 
     /// Effective storage binding limit in bytes.
@@ -771,10 +830,16 @@ impl Gpu {
             return p.clone();
         }
         let module = cache.modules.entry(key.shader).or_insert_with(|| {
-            self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(key.shader.name()),
-                source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
-            })
+            let desc = wgpu::ShaderModuleDescriptor { label: Some(key.shader.name()), source: wgpu::ShaderSource::Wgsl(key.shader.source().into()) };
+            match self.shader_checks {
+                ShaderChecks::Checked => self.device.create_shader_module(desc),
+                // SAFETY: the modules are this crate's own WGSL (never user input). Each kernel
+                // bounds every index it reads or writes by the sizes its wrapper binds (the rooms'
+                // exact-guard tests surround operands with NaN sentinels at awkward shapes), and
+                // every loop runs to a bound taken from its parameters, so neither the clamps nor
+                // the loop counters wgpu would add can change a result.
+                ShaderChecks::Trusted => unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) },
+            }
         });
         let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(name, v)| (name, v as f64)).collect();
         let label = format!("{}:{}:{:?}", key.shader.name(), key.entry, key.constants);
@@ -810,6 +875,19 @@ impl Gpu {
             binding: wgpu::BufferBinding { buffer: buf.raw(), offset: start, size: std::num::NonZeroU64::new(size) },
             inner_offset: inner as u32,
         }
+    }
+
+    /// `window` for a shader that reads the binding as an array of vec4: the size rounded up
+    /// to whole vec4s (at most 12 bytes more; buffers are allocated in multiples of 16 bytes,
+    /// so the rounding stays inside the buffer). Needs a storage offset alignment that is a
+    /// multiple of 16, so the binding starts on a vec4.
+    pub fn window_vec4<'a>(&self, buf: &'a GpuBuf, first: usize, count: usize) -> BindWindow<'a> {
+        debug_assert!(self.limits.min_storage_buffer_offset_alignment.is_multiple_of(16));
+        let mut w = self.window(buf, first, count);
+        let size = w.binding.size.map_or(0, |s| s.get()).next_multiple_of(16).min(buf.bytes() - w.binding.offset);
+        debug_assert!(size <= self.max_binding, "binding window of {size} bytes over the limit");
+        w.binding.size = std::num::NonZeroU64::new(size);
+        w
     }
 
     /// Records one dispatch: `params` goes to binding 0 as a uniform (its own slot of the
@@ -957,5 +1035,30 @@ mod tests {
         assert_eq!(g.pipeline_count(), 1);
         g.pipeline(PipelineKey::new(Shader::Elementwise, "silu_mul"));
         assert_eq!(g.pipeline_count(), 2);
+    }
+
+    /// The knob: `checked` compiles wgpu's runtime checks in, `trusted` (the default) leaves
+    /// them out; on in-bounds kernels both give the same bits (lavapipe shows no speed change:
+    /// the checks matter to GPU drivers' loop unrolling).
+    #[test]
+    fn checked_and_trusted_modules_agree() {
+        use crate::gpu::matmul::{gemm_with, GemmShape, NtKernel, Operand};
+        let mut outs = Vec::new();
+        for checks in [ShaderChecks::Checked, ShaderChecks::Trusted] {
+            let g = Gpu::new(&GpuOptions { shader_checks: Some(checks), ..crate::gpu::kernels::test_util::options() }).unwrap();
+            assert_eq!(g.shader_checks(), checks);
+            let (m, k, n) = (67, 45, 131);
+            let (a, b) = (g.upload(&random(m * k, 5)).unwrap(), g.upload(&random(n * k, 6)).unwrap());
+            let c = g.alloc(m * n).unwrap();
+            let mut enc = g.encoder();
+            for nt in [NtKernel::Register, NtKernel::Tiled, NtKernel::Vec4] {
+                gemm_with(&g, &mut enc, GemmShape { m, n, k }, Operand::new(&a, k), Operand::new(&b, k).t(), &c, 0, n, 1.0, 0.5, nt).unwrap();
+            }
+            g.submit(enc);
+            outs.push(g.read(&c).unwrap());
+        }
+        assert_eq!(outs[0], outs[1]);
+        assert_eq!(ShaderChecks::parse("checked"), Some(ShaderChecks::Checked));
+        assert_eq!(ShaderChecks::parse("fast"), None);
     }
 }

@@ -22,6 +22,8 @@ pub enum Shader {
     Matmul,
     /// Register-blocked vec4 A B^T matmul (CPU drivers).
     MatmulNtVec4,
+    /// Register-tiled 128x128 matmul, every layout (GPUs).
+    MatmulReg,
     /// The matmul room's transpose copy.
     Transpose,
     Norms,
@@ -37,6 +39,7 @@ impl Shader {
             Shader::Loss => "loss",
             Shader::Matmul => "matmul",
             Shader::MatmulNtVec4 => "matmul_nt_vec4",
+            Shader::MatmulReg => "matmul_reg",
             Shader::Transpose => "transpose",
             Shader::Norms => "norms",
             Shader::Rope => "rope",
@@ -51,6 +54,7 @@ impl Shader {
             Shader::Loss => loss::SHADER,
             Shader::Matmul => matmul::SHADER,
             Shader::MatmulNtVec4 => matmul::SHADER_NT_VEC4,
+            Shader::MatmulReg => matmul::SHADER_REG,
             Shader::Transpose => matmul::SHADER_TRANSPOSE,
             Shader::Norms => norms::SHADER,
             Shader::Rope => rope::SHADER,
