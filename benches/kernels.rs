@@ -51,16 +51,16 @@ fn main() {
         let (a, b) = (filled(&gpu, s * s), filled(&gpu, s * s));
         let c = gpu.alloc(s * s).unwrap();
         let secs = time_median(&gpu, reps, |enc| {
-            matmul::gemm(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0).unwrap()
+            matmul::gemm(&gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: s, n: s, k: s }, a: matmul::Operand::new(&a, s), b: matmul::Operand::new(&b, s), c: matmul::GemmOutput::new(&c, s), scale: matmul::Scale::SET }).unwrap()
         });
         rows.push(Row { name: format!("matmul {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
         let secs = time_median(&gpu, reps, |enc| {
-            matmul::gemm_with(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s), &c, 0, s, 1.0, 0.0, matmul::NtKernel::Register).unwrap()
+            matmul::gemm_with(&gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: s, n: s, k: s }, a: matmul::Operand::new(&a, s), b: matmul::Operand::new(&b, s), c: matmul::GemmOutput::new(&c, s), scale: matmul::Scale::SET }, matmul::NtKernel::Register).unwrap()
         });
         rows.push(Row { name: format!("matmul Register {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
         for nt in [matmul::NtKernel::Tiled, matmul::NtKernel::Vec4, matmul::NtKernel::Register] {
             let secs = time_median(&gpu, reps, |enc| {
-                matmul::gemm_with(&gpu, enc, matmul::GemmShape { m: s, n: s, k: s }, matmul::Operand::new(&a, s), matmul::Operand::new(&b, s).t(), &c, 0, s, 1.0, 0.0, nt).unwrap()
+                matmul::gemm_with(&gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: s, n: s, k: s }, a: matmul::Operand::new(&a, s), b: matmul::Operand::new(&b, s).t(), c: matmul::GemmOutput::new(&c, s), scale: matmul::Scale::SET }, nt).unwrap()
             });
             rows.push(Row { name: format!("matmul_nt {nt:?} {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 12.0 * (s * s) as f64 });
         }
@@ -74,7 +74,7 @@ fn main() {
     rows.push(Row { name: format!("gram {tok}x{d}"), secs, flops: 2.0 * tok as f64 * (d * d) as f64, bytes: 4.0 * (tok * d + 2 * d * d) as f64 });
     let secs = time_median(&gpu, reps, |enc| {
         let shape = matmul::GemmShape { m: d, n: d, k: tok };
-        matmul::gemm_with(&gpu, enc, shape, matmul::Operand::new(&x, d).t(), matmul::Operand::new(&x, d), &g, 0, d, 1.0, 1.0, matmul::NtKernel::Register).unwrap()
+        matmul::gemm_with(&gpu, enc, matmul::GemmCall { shape, a: matmul::Operand::new(&x, d).t(), b: matmul::Operand::new(&x, d), c: matmul::GemmOutput::new(&g, d), scale: matmul::Scale::ADD }, matmul::NtKernel::Register).unwrap()
     });
     rows.push(Row { name: format!("gram Register {tok}x{d}"), secs, flops: 2.0 * tok as f64 * (d * d) as f64, bytes: 4.0 * (tok * d + 2 * d * d) as f64 });
     let out = gpu.zeros(d).unwrap();
@@ -82,7 +82,7 @@ fn main() {
     rows.push(Row { name: format!("col_sumsq {tok}x{d}"), secs, flops: 2.0 * (tok * d) as f64, bytes: 4.0 * (tok * d) as f64 });
     let w = filled(&gpu, d);
     let y = gpu.alloc(tok * d).unwrap();
-    let secs = time_median(&gpu, reps, |enc| norms::rms_norm(&gpu, enc, &x, &w, &y, tok, d, 1e-5).unwrap());
+    let secs = time_median(&gpu, reps, |enc| norms::rms_norm(&gpu, enc, &x, &w, &y, norms::NormShape { rows: tok, cols: d, eps: 1e-5 }).unwrap());
     rows.push(Row { name: format!("rms_norm {tok}x{d}"), secs, flops: 4.0 * (tok * d) as f64, bytes: 8.0 * (tok * d) as f64 });
     let z = gpu.alloc(tok * d).unwrap();
     let secs = time_median(&gpu, reps, |enc| elementwise::silu_mul(&gpu, enc, &x, &y, &z, tok * d).unwrap());

@@ -1042,7 +1042,7 @@ mod tests {
     /// the checks matter to GPU drivers' loop unrolling).
     #[test]
     fn checked_and_trusted_modules_agree() {
-        use crate::gpu::matmul::{gemm_with, GemmShape, NtKernel, Operand};
+        use crate::gpu::matmul::{gemm_with, GemmCall, GemmOutput, GemmShape, NtKernel, Operand, Scale};
         let mut outs = Vec::new();
         for checks in [ShaderChecks::Checked, ShaderChecks::Trusted] {
             let g = Gpu::new(&GpuOptions { shader_checks: Some(checks), ..crate::gpu::kernels::test_util::options() }).unwrap();
@@ -1052,7 +1052,7 @@ mod tests {
             let c = g.alloc(m * n).unwrap();
             let mut enc = g.encoder();
             for nt in [NtKernel::Register, NtKernel::Tiled, NtKernel::Vec4] {
-                gemm_with(&g, &mut enc, GemmShape { m, n, k }, Operand::new(&a, k), Operand::new(&b, k).t(), &c, 0, n, 1.0, 0.5, nt).unwrap();
+                gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: Operand::new(&a, k), b: Operand::new(&b, k).t(), c: GemmOutput::new(&c, n), scale: Scale { alpha: 1.0, beta: 0.5 } }, nt).unwrap();
             }
             g.submit(enc);
             outs.push(g.read(&c).unwrap());

@@ -28,11 +28,11 @@ impl GpuLinear {
     pub fn forward(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize) -> GpuResult<GpuBuf> {
         let y = gpu.alloc(rows * self.out)?;
         match &self.kind {
-            LinearKind::Dense { w } => matmul::linear_into(gpu, enc, x, w, &y, rows, self.inp, self.out, 0.0)?,
+            LinearKind::Dense { w } => matmul::linear_into(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?,
             LinearKind::LowRank { a, b, rank } => {
                 let t = gpu.alloc(rows * rank)?;
-                matmul::linear_into(gpu, enc, x, b, &t, rows, self.inp, *rank, 0.0)?;
-                matmul::linear_into(gpu, enc, &t, a, &y, rows, *rank, self.out, 0.0)?;
+                matmul::linear_into(gpu, enc, x, b, &t, matmul::GemmShape { m: rows, n: *rank, k: self.inp }, 0.0)?;
+                matmul::linear_into(gpu, enc, &t, a, &y, matmul::GemmShape { m: rows, n: self.out, k: *rank }, 0.0)?;
             }
         }
         if let Some(b) = &self.bias {
@@ -303,7 +303,7 @@ impl LayerPass<'_> {
         let LayerPass { gpu, cfg, lw, tokens } = *self;
         let d = cfg.hidden_size;
         let xn = gpu.alloc(tokens * d)?;
-        norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, cfg.rms_norm_eps as f32)?;
+        norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, norms::NormShape { rows: tokens, cols: d, eps: cfg.rms_norm_eps as f32 })?;
         if let Some(o) = obs {
             o.see(gpu, enc, Site::AttnInput, &xn, tokens, d)?;
         }
@@ -324,7 +324,7 @@ impl LayerPass<'_> {
         elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
         drop(o);
         let xn2 = gpu.alloc(tokens * d)?;
-        norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, cfg.rms_norm_eps as f32)?;
+        norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, norms::NormShape { rows: tokens, cols: d, eps: cfg.rms_norm_eps as f32 })?;
         if let Some(o) = obs.as_deref_mut() {
             o.see(gpu, enc, Site::FfnInput, &xn2, tokens, d)?;
         }
@@ -492,7 +492,7 @@ impl Runner {
         let head = self.head()?;
         let xn = gpu.alloc(tokens * d)?;
         let mut enc = gpu.encoder();
-        norms::rms_norm(&gpu, &mut enc, h, &head.norm, &xn, tokens, d, eps)?;
+        norms::rms_norm(&gpu, &mut enc, h, &head.norm, &xn, norms::NormShape { rows: tokens, cols: d, eps })?;
         gpu.submit(enc);
         let logits = gpu.alloc(v)?;
         let mut out = Vec::new();
@@ -500,7 +500,7 @@ impl Runner {
             let mut enc = gpu.encoder();
             let shape = matmul::GemmShape { m: 1, n: v, k: d };
             let x = matmul::Operand { buf: &xn, offset: r * d, ld: d, trans: false };
-            matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+            matmul::gemm(&gpu, &mut enc, matmul::GemmCall { shape, a: x, b: matmul::Operand::new(&head.lm_head, d).t(), c: matmul::GemmOutput::new(&logits, v), scale: matmul::Scale::SET })?;
             gpu.submit(enc);
             out.push(gpu.read(&logits)?);
         }
@@ -540,13 +540,13 @@ impl Runner {
             let nll = gpu.alloc(n)?;
             let logits = gpu.alloc(rows_per_chunk.min(n) * v)?;
             let mut enc = gpu.encoder();
-            norms::rms_norm(&gpu, &mut enc, &h, &head.norm, &xn, n, d, eps)?;
+            norms::rms_norm(&gpu, &mut enc, &h, &head.norm, &xn, norms::NormShape { rows: n, cols: d, eps })?;
             drop(h);
             for r0 in (0..n).step_by(rows_per_chunk) {
                 let r1 = (r0 + rows_per_chunk).min(n);
                 let shape = matmul::GemmShape { m: r1 - r0, n: v, k: d };
                 let x = matmul::Operand { buf: &xn, offset: r0 * d, ld: d, trans: false };
-                matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+                matmul::gemm(&gpu, &mut enc, matmul::GemmCall { shape, a: x, b: matmul::Operand::new(&head.lm_head, d).t(), c: matmul::GemmOutput::new(&logits, v), scale: matmul::Scale::SET })?;
                 let tw = gpu.alloc(r1 - r0)?;
                 let nw = gpu.alloc(r1 - r0)?;
                 enc.copy_buffer_to_buffer(tg.raw(), (r0 * 4) as u64, tw.raw(), 0, ((r1 - r0) * 4) as u64);

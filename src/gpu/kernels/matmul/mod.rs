@@ -189,38 +189,53 @@ struct Block {
     k1: usize,
 }
 
-/// Records C = alpha op(A) op(B) + beta C. C has leading dimension `ldc`, offset `c_off`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    gpu: &Gpu,
-    enc: &mut wgpu::CommandEncoder,
-    shape: GemmShape,
-    a: Operand,
-    b: Operand,
-    c: &GpuBuf,
-    c_off: usize,
-    ldc: usize,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    gemm_with(gpu, enc, shape, a, b, c, c_off, ldc, alpha, beta, nt_kernel(gpu))
+/// Where C lives: a buffer, the element offset of C[0,0] and its leading dimension.
+#[derive(Clone, Copy)]
+pub struct GemmOutput<'a> {
+    pub buf: &'a GpuBuf,
+    pub offset: usize,
+    pub ld: usize,
 }
 
-/// `gemm` with the A B^T kernel chosen by the caller (tests and benchmarks compare both).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_with(
-    gpu: &Gpu,
-    enc: &mut wgpu::CommandEncoder,
-    shape: GemmShape,
-    a: Operand,
-    b: Operand,
-    c: &GpuBuf,
-    c_off: usize,
-    ldc: usize,
-    alpha: f32,
-    beta: f32,
-    nt: NtKernel,
-) -> Result<()> {
+impl<'a> GemmOutput<'a> {
+    /// C at the start of `buf`, rows `ld` apart.
+    pub fn new(buf: &'a GpuBuf, ld: usize) -> Self {
+        GemmOutput { buf, offset: 0, ld }
+    }
+}
+
+/// C = alpha op(A) op(B) + beta C.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scale {
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Scale {
+    /// C = op(A) op(B).
+    pub const SET: Scale = Scale { alpha: 1.0, beta: 0.0 };
+    /// C += op(A) op(B).
+    pub const ADD: Scale = Scale { alpha: 1.0, beta: 1.0 };
+}
+
+/// One product C = alpha op(A) op(B) + beta C.
+#[derive(Clone, Copy)]
+pub struct GemmCall<'a> {
+    pub shape: GemmShape,
+    pub a: Operand<'a>,
+    pub b: Operand<'a>,
+    pub c: GemmOutput<'a>,
+    pub scale: Scale,
+}
+
+/// Records `call` with this adapter's kernel.
+pub fn gemm(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, call: GemmCall) -> Result<()> {
+    gemm_with(gpu, enc, call, nt_kernel(gpu))
+}
+
+/// `gemm` with the kernel chosen by the caller (tests and benchmarks compare them).
+pub fn gemm_with(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, call: GemmCall, nt: NtKernel) -> Result<()> {
+    let GemmCall { shape, a, b, c: GemmOutput { buf: c, offset: c_off, ld: ldc }, scale: Scale { alpha, beta } } = call;
     if shape.m == 0 || shape.n == 0 {
         return Ok(());
     }
@@ -241,7 +256,7 @@ pub fn gemm_with(
                 (None, true) => Operand::new(at.as_ref().unwrap(), k).t(),
                 (None, false) => b,
             };
-            return gemm_with(gpu, enc, shape, a2, b2, c, c_off, ldc, alpha, beta, nt);
+            return gemm_with(gpu, enc, GemmCall { a: a2, b: b2, ..call }, nt);
         }
     }
     // the register kernel binds its operands as whole vec4s, which needs 16-byte aligned windows
@@ -374,47 +389,27 @@ pub fn gemm_with(
 /// C[m,n] = A[m,k] B[k,n] (all row-major), into a new buffer.
 pub fn matmul(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, a: &GpuBuf, b: &GpuBuf, m: usize, k: usize, n: usize) -> Result<GpuBuf> {
     let c = gpu.alloc(m * n)?;
-    gemm(gpu, enc, GemmShape { m, n, k }, Operand::new(a, k), Operand::new(b, n), &c, 0, n, 1.0, 0.0)?;
+    gemm(gpu, enc, GemmCall { shape: GemmShape { m, n, k }, a: Operand::new(a, k), b: Operand::new(b, n), c: GemmOutput::new(&c, n), scale: Scale::SET })?;
     Ok(c)
 }
 
 /// Y[m,n] = X[m,k] W^T with W stored [n,k] (a linear layer's weight).
 pub fn matmul_nt(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &GpuBuf, m: usize, k: usize, n: usize) -> Result<GpuBuf> {
     let y = gpu.alloc(m * n)?;
-    linear_into(gpu, enc, x, w, &y, m, k, n, 0.0)?;
+    linear_into(gpu, enc, x, w, &y, GemmShape { m: m, n: n, k: k }, 0.0)?;
     Ok(y)
 }
 
-/// Y = X W^T + beta Y, into an existing buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_into(
-    gpu: &Gpu,
-    enc: &mut wgpu::CommandEncoder,
-    x: &GpuBuf,
-    w: &GpuBuf,
-    y: &GpuBuf,
-    m: usize,
-    k: usize,
-    n: usize,
-    beta: f32,
-) -> Result<()> {
-    gemm(gpu, enc, GemmShape { m, n, k }, Operand::new(x, k), Operand::new(w, k).t(), y, 0, n, 1.0, beta)
+/// Y[m,n] = X[m,k] W^T + beta Y with W stored [n,k], into an existing buffer.
+pub fn linear_into(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &GpuBuf, y: &GpuBuf, shape: GemmShape, beta: f32) -> Result<()> {
+    let GemmShape { m: _, n, k } = shape;
+    gemm(gpu, enc, GemmCall { shape, a: Operand::new(x, k), b: Operand::new(w, k).t(), c: GemmOutput::new(y, n), scale: Scale { alpha: 1.0, beta } })
 }
 
 /// G[cols,cols] += X^T X for X [rows, cols] row-major (one chunk of calibration rows).
 pub fn gram_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize, cols: usize, g: &GpuBuf) -> Result<()> {
-    gemm(
-        gpu,
-        enc,
-        GemmShape { m: cols, n: cols, k: rows },
-        Operand::new(x, cols).t(),
-        Operand::new(x, cols),
-        g,
-        0,
-        cols,
-        1.0,
-        1.0,
-    )
+    let shape = GemmShape { m: cols, n: cols, k: rows };
+    gemm(gpu, enc, GemmCall { shape, a: Operand::new(x, cols).t(), b: Operand::new(x, cols), c: GemmOutput::new(g, cols), scale: Scale::ADD })
 }
 
 #[cfg(test)]
@@ -448,7 +443,7 @@ mod tests {
         let mut enc = g.encoder();
         let oa = Operand { buf: &ga, offset: off, ld: ca + pad, trans: ta };
         let ob = Operand { buf: &gb, offset: off + 3, ld: cb + pad, trans: tb };
-        gemm_with(g, &mut enc, GemmShape { m, n, k }, oa, ob, &gc, off, ldc, 1.5, beta, nt).unwrap();
+        gemm_with(g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: oa, b: ob, c: GemmOutput { buf: &gc, offset: off, ld: ldc }, scale: Scale { alpha: 1.5, beta: beta } }, nt).unwrap();
         g.submit(enc);
         let got = unfence(&name, &g.read(&gc).unwrap(), m, n, ldc, off);
         let ab = matmul_ref(&a, &b, m, k, n);
@@ -549,7 +544,7 @@ mod tests {
         let (a, b, c0) = (random(m * k, 20), random(k * n, 21), random(m * n, 22));
         let (ga, gb, gc) = (g.upload(&a).unwrap(), g.upload(&b).unwrap(), g.upload(&c0).unwrap());
         let mut enc = g.encoder();
-        gemm(&g, &mut enc, GemmShape { m, n, k }, Operand::new(&ga, k), Operand::new(&gb, n), &gc, 0, n, 0.5, -2.0).unwrap();
+        gemm(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: Operand::new(&ga, k), b: Operand::new(&gb, n), c: GemmOutput::new(&gc, n), scale: Scale { alpha: 0.5, beta: -2.0 } }).unwrap();
         g.submit(enc);
         let ab = matmul_ref(&a, &b, m, k, n);
         let want: Vec<f64> = ab.iter().zip(&c0).map(|(&x, &c)| 0.5 * x - 2.0 * c as f64).collect();
@@ -587,7 +582,7 @@ mod tests {
                     let mut enc = g.encoder();
                     // A starts 8 elements into its buffer
                     let a = Operand { buf: &gx, offset: 8, ld: k, trans: false };
-                    gemm_with(&g, &mut enc, GemmShape { m, n, k }, a, Operand::new(&gw, k).t(), &gy, 0, n, 1.0, 0.0, nt).unwrap();
+                    gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: a, b: Operand::new(&gw, k).t(), c: GemmOutput::new(&gy, n), scale: Scale::SET }, nt).unwrap();
                     g.submit(enc);
                     check(&format!("{nt:?} {m}x{k}x{n}"), &g.read(&gy).unwrap(), &matmul_nt_ref(&x[8..], &w, m, k, n));
                 }
@@ -622,7 +617,7 @@ mod tests {
                     let mut enc = g.encoder();
                     let oa = Operand { buf: &ga, offset: 0, ld: if ta { m } else { k }, trans: ta };
                     let ob = Operand { buf: &gb, offset: 0, ld: if tb { k } else { n }, trans: tb };
-                    gemm_with(&g, &mut enc, GemmShape { m, n, k }, oa, ob, &gc, 0, n, 1.0, 0.0, NtKernel::Vec4).unwrap();
+                    gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: oa, b: ob, c: GemmOutput::new(&gc, n), scale: Scale::SET }, NtKernel::Vec4).unwrap();
                     g.submit(enc);
                     check(&format!("vec4 path {m}x{k}x{n} trans ({ta},{tb})"), &g.read(&gc).unwrap(), &matmul_ref(&a, &b, m, k, n));
                 }
@@ -641,7 +636,7 @@ mod tests {
             let mut enc = g.encoder();
             for (ta, tb) in [(false, false), (true, false), (true, true), (false, true)] {
                 let (oa, ob) = (Operand { buf: &a, offset: 0, ld: 8, trans: ta }, Operand { buf: &b, offset: 0, ld: 8, trans: tb });
-                gemm_with(&g, &mut enc, GemmShape { m: 8, n: 8, k: 8 }, oa, ob, &c, 0, 8, 1.0, 0.0, NtKernel::Tiled).unwrap();
+                gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m: 8, n: 8, k: 8 }, a: oa, b: ob, c: GemmOutput::new(&c, 8), scale: Scale::SET }, NtKernel::Tiled).unwrap();
             }
             g.submit(enc);
             counts.push(g.pipeline_count());
