@@ -4,7 +4,9 @@
 //! Criterion cannot report FLOP/s or ratios to an in-run ceiling, so this is a plain
 //! harness: warm-up, then the median of timed repetitions (submit + wait each).
 //!
-//! `cargo bench --bench kernels [-- --quick]`; LORAP_ADAPTER / WGPU_BACKEND pick the device.
+//! `cargo bench --bench kernels [-- --quick] [-- --peak FP32[,FP16]]`; LORAP_ADAPTER /
+//! WGPU_BACKEND pick the device. Rates are also given as a share of the adapter's FP32 peak
+//! (and FP16 tensor peak for f16 paths) from `KNOWN_PEAKS` or `--peak` (TFLOP/s).
 
 use std::time::Instant;
 
@@ -28,6 +30,28 @@ fn time_median(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut wgpu::Command
 fn filled(gpu: &Gpu, n: usize) -> lorap_gpu::gpu::GpuBuf {
     let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 499.5) / 1000.0).collect();
     gpu.upload(&v).unwrap()
+}
+
+/// Datasheet dense peaks in TFLOP/s (FP32 on the CUDA cores; FP16 tensor cores with FP32
+/// accumulation), matched by adapter-name substring, first match wins.
+const KNOWN_PEAKS: &[(&str, f64, f64)] = &[
+    ("H100 PCIe", 51.2, 756.0),
+    ("H100 NVL", 60.0, 835.0),
+    ("H100", 66.9, 989.4), // SXM5 (the "H100 80GB HBM3" name)
+    ("H200", 66.9, 989.4),
+    ("A100", 19.5, 312.0),
+    ("L40S", 91.6, 362.1),
+    ("L4", 30.3, 121.0),
+];
+
+/// (FP32, FP16) peaks in FLOP/s: `--peak FP32[,FP16]` (TFLOP/s), else the known table.
+fn peaks(adapter: &str) -> (Option<f64>, Option<f64>) {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--peak") {
+        let v: Vec<f64> = args.get(i + 1).map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect()).unwrap_or_default();
+        return (v.first().map(|t| t * 1e12), v.get(1).map(|t| t * 1e12));
+    }
+    KNOWN_PEAKS.iter().find(|(name, _, _)| adapter.contains(name)).map_or((None, None), |&(_, f32p, f16p)| (Some(f32p * 1e12), Some(f16p * 1e12)))
 }
 
 struct Row {
@@ -141,12 +165,20 @@ fn main() {
     let products = (2 + 2 * opts.power_iters) as f64 * 2.0 * (m * n * l) as f64 + (2 * opts.power_iters + 1) as f64 * 2.0 * 2.0 * ((m + n) / 2 * l * l) as f64 * 2.0;
     rows.push(Row { name: format!("randomized SVD {m}x{n} rank {k} (q={})", opts.power_iters), secs, flops: products, bytes: 4.0 * (m * n) as f64 * (2 + 2 * opts.power_iters) as f64 });
 
-    println!("{:<48} {:>10} {:>10} {:>10} {:>12}", "kernel", "ms", "GFLOP/s", "GB/s", "of ceiling");
+    let (peak32, peak16) = peaks(&gpu.info.name);
+    let pct = |rate: f64, peak: Option<f64>| peak.map_or("-".to_string(), |p| format!("{:.2}%", 100.0 * rate / p));
+    println!("| kernel | ms | GFLOP/s | GB/s | of ceiling | of FP32 peak |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let rate = r.flops / r.secs;
-        println!("{:<48} {:>10.3} {:>10.2} {:>10.2} {:>11.1}%", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling);
+        println!("| {} | {:.3} | {:.2} | {:.2} | {:.1}% | {} |", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling, pct(rate, peak32));
     }
+    println!();
     println!("ceiling = best matmul rate in this run: {:.2} GFLOP/s", ceiling / 1e9);
+    match (peak32, peak16) {
+        (Some(p32), p16) => println!("peaks: FP32 {:.1} TFLOP/s, FP16 tensor {} (datasheet or --peak)", p32 / 1e12, p16.map_or("unknown".into(), |p| format!("{:.1} TFLOP/s", p / 1e12))),
+        _ => println!("peaks: unknown for {:?} (pass --peak FP32[,FP16] in TFLOP/s)", gpu.info.name),
+    }
 
     // feature-space pair (sfsd): exact small eigenproblem vs the randomized SVD, same inputs
     let (out, inp) = if is_cpu || quick { (576, 576) } else { (2048, 2048) };

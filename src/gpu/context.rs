@@ -107,6 +107,9 @@ pub struct AdapterReport {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Cooperative-matrix (tensor core) configurations the adapter advertises (empty when it
+    /// lacks EXPERIMENTAL_COOPERATIVE_MATRIX).
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -127,7 +130,10 @@ pub fn list_adapters(backends: wgpu::Backends) -> Vec<AdapterReport> {
     adapters
         .into_iter()
         .enumerate()
-        .map(|(index, a)| AdapterReport { index, info: a.get_info(), limits: a.limits(), features: a.features() })
+        .map(|(index, a)| {
+            let cooperative_matrix = if a.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) { a.cooperative_matrix_properties() } else { Vec::new() };
+            AdapterReport { index, info: a.get_info(), limits: a.limits(), features: a.features(), cooperative_matrix }
+        })
         .collect()
 }
 

@@ -165,6 +165,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let down = ffn::gather_cols(&host.weights[6], d, f, &kept);
     let fk = kept.len();
     built.plan.ffn_width = fk;
+    built.ffn_kept_channels = kept.clone();
     built.dense(gpu, 4, &gate, fk, d)?;
     built.dense(gpu, 5, &up, fk, d)?;
     built.dense(gpu, 6, &down, d, fk)?;

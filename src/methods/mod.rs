@@ -190,11 +190,14 @@ pub struct BuiltLayer {
     /// Seconds of host-side linear algebra in the method's decompositions (the report
     /// splits decomposition time into GPU and host with it).
     pub host_seconds: f64,
+    /// Input FFN channels kept, ascending, when the method prunes channels (the report
+    /// lists them so a baseline can keep the very same ones).
+    pub ffn_kept_channels: Vec<usize>,
 }
 
 impl BuiltLayer {
     pub fn new(dtype: Dtype, out_index: usize) -> Self {
-        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0 }
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new() }
     }
 
     fn name(&self, j: usize, suffix: &str) -> String {

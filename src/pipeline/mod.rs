@@ -238,7 +238,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             built.push_copy(store, &name(n))?;
         }
-        let BuiltLayer { tensors, linears, plan, errors, spectra, .. } = built;
+        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, .. } = built;
         // the dense linears go before propagation: under a budget only one copy of the
         // layer's weights is on the GPU while the states run through it
         let LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm } = dense;
@@ -266,6 +266,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             ranks: [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank],
             ffn_kept: plan.ffn_width,
             ffn_total: cfg.intermediate_size,
+            ffn_kept_channels,
             weighted_rel_error: errors,
             spectra,
             params_before: cfg.layer_params(i),
