@@ -145,9 +145,11 @@ fn main() {
     let (q, k, v) = (filled(&gpu, t * nh * hd), filled(&gpu, t * nkv * hd), filled(&gpu, t * nkv * hd));
     let o = gpu.alloc(t * nh * hd).unwrap();
     let s = attention::AttnShape { tokens: t, window, n_heads: nh, n_kv: nkv, head_dim: hd };
-    let secs = time_median(&gpu, reps, |enc| attention::causal_attention(&gpu, enc, s, &q, &k, &v, &o).unwrap());
     let pairs = (t / window) as f64 * (window * (window + 1) / 2) as f64 * nh as f64;
-    rows.push(Row { name: format!("attention {t} tok, window {window}, {nh}/{nkv} heads x {hd}"), secs, flops: 4.0 * pairs * hd as f64, bytes: 4.0 * (2 * t * nh * hd + 2 * t * nkv * hd) as f64 });
+    for kernel in [attention::AttnKernel::Rows, attention::AttnKernel::Flash] {
+        let secs = time_median(&gpu, reps, |enc| attention::causal_attention_with(&gpu, enc, s, [&q, &k, &v, &o], kernel).unwrap());
+        rows.push(Row { name: format!("attention {kernel:?} {t} tok, window {window}, {nh}/{nkv} heads x {hd}"), secs, flops: 4.0 * pairs * hd as f64, bytes: 4.0 * (2 * t * nh * hd + 2 * t * nkv * hd) as f64 });
+    }
 
     // randomized SVD as compress runs it (default settings), timed end to end including
     // its small CPU steps; FLOPs count the tall matrix products only
@@ -174,7 +176,7 @@ fn main() {
         println!("| {} | {:.3} | {:.2} | {:.2} | {:.1}% | {} |", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling, pct(rate, peak32));
     }
     println!();
-    println!("ceiling = best matmul rate in this run: {:.2} GFLOP/s", ceiling / 1e9);
+    println!("ceiling = best f32 matmul rate in this run: {:.2} GFLOP/s", ceiling / 1e9);
     match (peak32, peak16) {
         (Some(p32), p16) => println!("peaks: FP32 {:.1} TFLOP/s, FP16 tensor {} (datasheet or --peak)", p32 / 1e12, p16.map_or("unknown".into(), |p| format!("{:.1} TFLOP/s", p / 1e12))),
         _ => println!("peaks: unknown for {:?} (pass --peak FP32[,FP16] in TFLOP/s)", gpu.info.name),

@@ -8,6 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 pub use super::kernels::Shader;
+use super::kernels::attention::AttnKernel;
 use super::kernels::matmul::NtKernel;
 
 /// Environment variable naming the adapter (substring of its name, or its index).
@@ -16,6 +17,8 @@ pub const ADAPTER_ENV: &str = "LORAP_ADAPTER";
 pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
 /// Environment variable forcing the A B^T matmul kernel (`tiled` or `vec4`; comparisons).
 pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
+/// Environment variable forcing the attention kernel (`rows` or `flash`; comparisons).
+pub const ATTENTION_KERNEL_ENV: &str = "LORAP_ATTENTION_KERNEL";
 /// Environment variable choosing how shader modules are compiled (`checked` or `trusted`).
 pub const SHADER_CHECKS_ENV: &str = "LORAP_SHADER_CHECKS";
 
@@ -91,7 +94,7 @@ pub struct GpuOptions {
     pub backends: Option<wgpu::Backends>,
     /// How shader modules are compiled; falls back to `LORAP_SHADER_CHECKS`, then trusted.
     pub shader_checks: Option<ShaderChecks>,
-    /// FLOPs one matmul dispatch may do before it is split (0 = never split); default
+    /// FLOPs one matmul or attention dispatch may do before it is split (0 = never split); default
     /// `DISPATCH_FLOPS` on GPUs and none on CPU drivers (no watchdog there).
     pub max_dispatch_flops: Option<u64>,
 }
@@ -500,8 +503,10 @@ pub struct Gpu {
     nt_kernel: NtKernel,
     /// Runtime checks compiled into shader modules (`LORAP_SHADER_CHECKS` read once, at `new`).
     shader_checks: ShaderChecks,
-    /// FLOPs one matmul dispatch may do (0 = no cap).
+    /// FLOPs one matmul or attention dispatch may do (0 = no cap).
     max_dispatch_flops: u64,
+    /// The attention kernel for this adapter (`LORAP_ATTENTION_KERNEL` read once, at `new`).
+    attn_kernel: AttnKernel,
     pipelines: Mutex<PipelineCache>,
     uniforms: Mutex<UniformRing>,
     pool: Arc<BufferPool>,
@@ -562,6 +567,7 @@ impl Gpu {
         let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = cap.map_or(adapter_binding, |c| c.min(adapter_binding)).max(256);
         let nt_kernel = std::env::var(NT_KERNEL_ENV).ok().and_then(|s| NtKernel::parse(&s)).unwrap_or_else(|| NtKernel::for_device(info.device_type));
+        let attn_kernel = std::env::var(ATTENTION_KERNEL_ENV).ok().and_then(|s| AttnKernel::parse(&s)).unwrap_or_else(|| AttnKernel::for_device(info.device_type));
         let max_dispatch_flops = opts.max_dispatch_flops.unwrap_or(if info.device_type == wgpu::DeviceType::Cpu { 0 } else { DISPATCH_FLOPS });
         let shader_checks = match opts.shader_checks {
             Some(c) => c,
@@ -570,7 +576,7 @@ impl Gpu {
                 Err(_) => ShaderChecks::default(),
             },
         };
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?shader_checks, "GPU ready");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?attn_kernel, ?shader_checks, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -581,6 +587,7 @@ impl Gpu {
             nt_kernel,
             shader_checks,
             max_dispatch_flops,
+            attn_kernel,
             pipelines: Mutex::new(PipelineCache::default()),
             uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
@@ -600,7 +607,12 @@ impl Gpu {
         self.shader_checks
     }
 
-    /// FLOPs one matmul dispatch may do before it is split (0 = no cap).
+    /// The attention kernel `causal_attention` / `cached_attention` run (chosen at `new`).
+    pub fn attn_kernel(&self) -> AttnKernel {
+        self.attn_kernel
+    }
+
+    /// FLOPs one matmul or attention dispatch may do before it is split (0 = no cap).
     pub fn max_dispatch_flops(&self) -> u64 {
         self.max_dispatch_flops
     }

@@ -16,6 +16,8 @@ pub(crate) mod test_util;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shader {
     Attention,
+    /// Flash-style attention (K/V tiles in workgroup memory).
+    AttentionFlash,
     Elementwise,
     Loss,
     /// Tiled matmul, TRANS_A / TRANS_B overridable.
@@ -35,6 +37,7 @@ impl Shader {
     pub fn name(self) -> &'static str {
         match self {
             Shader::Attention => "attention",
+            Shader::AttentionFlash => "flash",
             Shader::Elementwise => "elementwise",
             Shader::Loss => "loss",
             Shader::Matmul => "matmul",
@@ -50,6 +53,7 @@ impl Shader {
     pub fn source(self) -> &'static str {
         match self {
             Shader::Attention => attention::SHADER,
+            Shader::AttentionFlash => attention::SHADER_FLASH,
             Shader::Elementwise => elementwise::SHADER,
             Shader::Loss => loss::SHADER,
             Shader::Matmul => matmul::SHADER,

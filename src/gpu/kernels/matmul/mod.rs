@@ -396,7 +396,7 @@ pub fn matmul(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, a: &GpuBuf, b: &GpuBuf,
 /// Y[m,n] = X[m,k] W^T with W stored [n,k] (a linear layer's weight).
 pub fn matmul_nt(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &GpuBuf, m: usize, k: usize, n: usize) -> Result<GpuBuf> {
     let y = gpu.alloc(m * n)?;
-    linear_into(gpu, enc, x, w, &y, GemmShape { m: m, n: n, k: k }, 0.0)?;
+    linear_into(gpu, enc, x, w, &y, GemmShape { m, n, k }, 0.0)?;
     Ok(y)
 }
 
@@ -443,7 +443,7 @@ mod tests {
         let mut enc = g.encoder();
         let oa = Operand { buf: &ga, offset: off, ld: ca + pad, trans: ta };
         let ob = Operand { buf: &gb, offset: off + 3, ld: cb + pad, trans: tb };
-        gemm_with(g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: oa, b: ob, c: GemmOutput { buf: &gc, offset: off, ld: ldc }, scale: Scale { alpha: 1.5, beta: beta } }, nt).unwrap();
+        gemm_with(g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: oa, b: ob, c: GemmOutput { buf: &gc, offset: off, ld: ldc }, scale: Scale { alpha: 1.5, beta } }, nt).unwrap();
         g.submit(enc);
         let got = unfence(&name, &g.read(&gc).unwrap(), m, n, ldc, off);
         let ab = matmul_ref(&a, &b, m, k, n);
@@ -582,7 +582,7 @@ mod tests {
                     let mut enc = g.encoder();
                     // A starts 8 elements into its buffer
                     let a = Operand { buf: &gx, offset: 8, ld: k, trans: false };
-                    gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: a, b: Operand::new(&gw, k).t(), c: GemmOutput::new(&gy, n), scale: Scale::SET }, nt).unwrap();
+                    gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a, b: Operand::new(&gw, k).t(), c: GemmOutput::new(&gy, n), scale: Scale::SET }, nt).unwrap();
                     g.submit(enc);
                     check(&format!("{nt:?} {m}x{k}x{n}"), &g.read(&gy).unwrap(), &matmul_nt_ref(&x[8..], &w, m, k, n));
                 }

@@ -130,7 +130,7 @@ mod tests {
         let w = random(cols, 8);
         let (gx, gw, gy) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.alloc(rows * cols).unwrap());
         let mut enc = g.encoder();
-        rms_norm(g, &mut enc, &gx, &gw, &gy, NormShape { rows: rows, cols: cols, eps: 1e-5 }).unwrap();
+        rms_norm(g, &mut enc, &gx, &gw, &gy, NormShape { rows, cols, eps: 1e-5 }).unwrap();
         g.submit(enc);
         check(&format!("rms_norm {rows}x{cols}"), &g.read(&gy).unwrap(), &rms_norm_ref(&x, &w, rows, cols, 1e-5));
     }
