@@ -90,6 +90,18 @@ fn main() {
         }
     }
     let ceiling = rows.iter().map(|r| r.flops / r.secs).fold(0.0, f64::max);
+    // the f16 tensor-core path, where the adapter has it (share of the FP16 peak below)
+    let mut coop_rows = Vec::new();
+    if matmul::coop_supported(&gpu) {
+        for &s in &mm_sizes {
+            let x = filled(&gpu, s * s);
+            let w16: Vec<half::f16> = (0..s * s).map(|i| half::f16::from_f32(((i * 7919 % 1000) as f32 - 499.5) / 1000.0)).collect();
+            let w = matmul::F16Weight::upload(&gpu, &w16, s, s).unwrap();
+            let y = gpu.alloc(s * s).unwrap();
+            let secs = time_median(&gpu, reps, |enc| matmul::linear_f16_coop(&gpu, enc, &x, &w, &y, matmul::GemmShape { m: s, n: s, k: s }, 0.0).unwrap());
+            coop_rows.push(Row { name: format!("linear f16 coop {s}x{s}x{s}"), secs, flops: 2.0 * (s as f64).powi(3), bytes: 10.0 * (s * s) as f64 });
+        }
+    }
 
     let (tok, d) = if is_cpu || quick { (2048, 576) } else { (16384, 4096) };
     let x = filled(&gpu, tok * d);
@@ -174,6 +186,13 @@ fn main() {
     for r in &rows {
         let rate = r.flops / r.secs;
         println!("| {} | {:.3} | {:.2} | {:.2} | {:.1}% | {} |", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling, pct(rate, peak32));
+    }
+    for r in &coop_rows {
+        let rate = r.flops / r.secs;
+        println!("| {} | {:.3} | {:.2} | {:.2} | {:.1}% | {} of FP16 peak |", r.name, r.secs * 1e3, rate / 1e9, r.bytes / r.secs / 1e9, 100.0 * rate / ceiling, pct(rate, peak16));
+    }
+    if coop_rows.is_empty() {
+        println!("| linear f16 coop | - | - | - | - | not run: no 16x16x16 f16 -> f32 cooperative matrices here |");
     }
     println!();
     println!("ceiling = best f32 matmul rate in this run: {:.2} GFLOP/s", ceiling / 1e9);

@@ -19,6 +19,8 @@ pub const MAX_BINDING_ENV: &str = "LORAP_MAX_BINDING";
 pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
 /// Environment variable forcing the attention kernel (`rows` or `flash`; comparisons).
 pub const ATTENTION_KERNEL_ENV: &str = "LORAP_ATTENTION_KERNEL";
+/// Environment variable turning the cooperative-matrix (tensor core) path off (`off`).
+pub const COOP_ENV: &str = "LORAP_COOPERATIVE_MATRIX";
 /// Environment variable choosing how shader modules are compiled (`checked` or `trusted`).
 pub const SHADER_CHECKS_ENV: &str = "LORAP_SHADER_CHECKS";
 
@@ -507,6 +509,9 @@ pub struct Gpu {
     max_dispatch_flops: u64,
     /// The attention kernel for this adapter (`LORAP_ATTENTION_KERNEL` read once, at `new`).
     attn_kernel: AttnKernel,
+    /// Whether the f16 cooperative-matrix GEMM runs here (adapter configuration and subgroup
+    /// width match, `LORAP_COOPERATIVE_MATRIX` not `off`; decided at `new`).
+    coop_f16: bool,
     pipelines: Mutex<PipelineCache>,
     uniforms: Mutex<UniformRing>,
     pool: Arc<BufferPool>,
@@ -531,12 +536,26 @@ impl Gpu {
         let adapter = choose_adapter(adapters, wanted.as_deref(), backends)?;
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let features = adapter.features() & wanted_features();
+        let mut features = adapter.features() & wanted_features();
+        // tensor cores only where the adapter advertises the configuration the shader uses
+        let coop_f16 = adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
+            && std::env::var(COOP_ENV).as_deref() != Ok("off")
+            && super::kernels::matmul::coop::coop_config_matches(&adapter.cooperative_matrix_properties(), info.subgroup_min_size, info.subgroup_max_size);
+        let experimental_features = if coop_f16 {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: wgpu's experimental features may be unsound or change; only the one
+            // cooperative-matrix kernel uses this one, on adapters that list its configuration
+            // (LORAP_COOPERATIVE_MATRIX=off opens the device without it).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("lorap-gpu"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -576,7 +595,7 @@ impl Gpu {
                 Err(_) => ShaderChecks::default(),
             },
         };
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?attn_kernel, ?shader_checks, "GPU ready");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?attn_kernel, coop_f16, ?shader_checks, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -588,6 +607,7 @@ impl Gpu {
             shader_checks,
             max_dispatch_flops,
             attn_kernel,
+            coop_f16,
             pipelines: Mutex::new(PipelineCache::default()),
             uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
@@ -605,6 +625,11 @@ impl Gpu {
     /// The runtime checks this context compiles shader modules with (chosen at `new`).
     pub fn shader_checks(&self) -> ShaderChecks {
         self.shader_checks
+    }
+
+    /// Whether the f16 cooperative-matrix GEMM runs on this device (chosen at `new`).
+    pub fn coop_f16(&self) -> bool {
+        self.coop_f16
     }
 
     /// The attention kernel `causal_attention` / `cached_attention` run (chosen at `new`).

@@ -26,6 +26,8 @@ pub enum Shader {
     MatmulNtVec4,
     /// Register-tiled 128x128 matmul, every layout (GPUs).
     MatmulReg,
+    /// f16 x f16 -> f32 cooperative-matrix (tensor core) X W^T (adapters that advertise it).
+    MatmulCoopF16,
     /// The matmul room's transpose copy.
     Transpose,
     Norms,
@@ -43,6 +45,7 @@ impl Shader {
             Shader::Matmul => "matmul",
             Shader::MatmulNtVec4 => "matmul_nt_vec4",
             Shader::MatmulReg => "matmul_reg",
+            Shader::MatmulCoopF16 => "matmul_coop_f16",
             Shader::Transpose => "transpose",
             Shader::Norms => "norms",
             Shader::Rope => "rope",
@@ -59,6 +62,7 @@ impl Shader {
             Shader::Matmul => matmul::SHADER,
             Shader::MatmulNtVec4 => matmul::SHADER_NT_VEC4,
             Shader::MatmulReg => matmul::SHADER_REG,
+            Shader::MatmulCoopF16 => matmul::coop::SHADER_COOP_F16,
             Shader::Transpose => matmul::SHADER_TRANSPOSE,
             Shader::Norms => norms::SHADER,
             Shader::Rope => rope::SHADER,

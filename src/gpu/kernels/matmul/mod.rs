@@ -4,7 +4,9 @@
 
 use crate::gpu::context::{GpuBuf, Gpu, PipelineKey, Result, Shader};
 
+pub mod coop;
 pub mod reference;
+pub use coop::{coop_supported, linear_f16_coop, F16Weight, COOP_TOL};
 pub use reference::{transpose_ref, matmul_ref, matmul_nt_ref, gram_ref};
 
 pub(crate) const SHADER: &str = include_str!("matmul.wgsl");
