@@ -12,8 +12,9 @@
 #   scripts/gpu-bench.sh --stage pack       build and pack only (here)
 #   scripts/gpu-bench.sh --stage run [...]  run from .gpubench/ (on the GPU machine: the device
 #                                           tool's `run` with carry [".gl", ".gpubench"])
-# Options: --only tests,info,kernels,layer,full,pytorch (a subset of the run's steps, to fit
-# one device call's 10 minutes), --peak FP32[,FP16] (TFLOP/s, for adapters not in the bench's
+# Options: --only tests,info,kernels,kernels-checked,layer,full,pytorch (a subset of the run's
+# steps, to fit one device call's 10 minutes; kernels-checked reruns the kernel bench with
+# LORAP_SHADER_CHECKS=checked, wgpu's runtime checks compiled in, to measure what they cost), --peak FP32[,FP16] (TFLOP/s, for adapters not in the bench's
 # table), --out DIR (default $OUT on the device machine, else target/gpu-bench).
 # The report: DIR/gpu-bench-report.md; the log and the compress runs' JSON beside it (four
 # files: the device machine sends back at most eight); synthetic models, compressed folders and
@@ -22,7 +23,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-quick=0 stage=all only="tests,info,kernels,layer,full,pytorch" peak="" out="${OUT:-$root/target/gpu-bench}"
+quick=0 stage=all only="tests,info,kernels,kernels-checked,layer,full,pytorch" peak="" out="${OUT:-$root/target/gpu-bench}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -64,6 +65,7 @@ for l in sys.stdin:
   cp target/release/lorap-gpu "$bundle/stage/lorap-gpu"
   # the executables know the paths they were built at (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_*)
   echo "$root" >"$bundle/stage/manifest_dir"
+  git rev-parse --short HEAD >"$bundle/stage/commit" 2>/dev/null || echo unknown >"$bundle/stage/commit"
   # one solid archive: the executables share most of their code, xz finds it across files
   tar -C "$bundle/stage" -cf - . | xz -T0 -9 >"$bundle/bundle.tar.xz"
   rm -rf "$bundle/stage"
@@ -82,7 +84,11 @@ run() {
   mkdir -p "$out"
   local work=/tmp/gpubench
   rm -rf "$work" && mkdir -p "$work"
-  tar -C "$work" -xJf "$bundle/bundle.tar.xz"
+  if command -v xz >/dev/null 2>&1; then
+    tar -C "$work" -xJf "$bundle/bundle.tar.xz"
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$bundle/bundle.tar.xz" "$work"
+  fi
   # a fresh GPU machine has no Vulkan loader: the packed .debs (device README)
   if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -102,7 +108,7 @@ run() {
   {
     echo "# GPU bench: ${adapter:-unknown adapter}"
     echo
-    echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), mode $([ "$quick" = 1 ] && echo quick || echo full), shader checks ${LORAP_SHADER_CHECKS:-trusted}"
+    echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(cat "$work/commit" 2>/dev/null || echo unknown), mode $([ "$quick" = 1 ] && echo quick || echo full), shader checks ${LORAP_SHADER_CHECKS:-trusted}"
     echo
   } >"$report"
 
@@ -132,11 +138,19 @@ run() {
     local kargs=(); [ "$quick" = 1 ] && kargs+=(--quick); [ -n "$peak" ] && kargs+=(--peak "$peak")
     { echo "## Kernel bench"; echo; "$work/benches/kernels" "${kargs[@]}" 2>>"$log"; echo; } >>"$report"
   fi
+  if want kernels-checked; then
+    echo "== kernel bench, checked shader modules" >&2
+    local kargs=(); [ "$quick" = 1 ] && kargs+=(--quick); [ -n "$peak" ] && kargs+=(--peak "$peak")
+    { echo "## Kernel bench with wgpu's runtime checks (LORAP_SHADER_CHECKS=checked)"; echo
+      LORAP_SHADER_CHECKS=checked "$work/benches/kernels" "${kargs[@]}" 2>>"$log"; echo; } >>"$report"
+  fi
 
   # synthetic model, calibration text of random in-vocabulary words, compress at 0.2
   local preset=llama2-7b windows=128 seq=2048 vram=6.5
   if [ "$quick" = 1 ]; then preset=smollm2-135m windows=4 seq=128; fi
   local models="${GPU_BENCH_MODELS:-$root/target/gpu-bench-models}"
+  # one step's time limit (a device call lasts at most 10 minutes)
+  local step_limit="${GPU_BENCH_STEP_LIMIT:-540}"
   mkdir -p "$models"
   compress_case() { # $1 = label, $2 = layers ("" = all)
     # the models and their outputs stay out of DIR (the device machine sends DIR back)
@@ -148,12 +162,22 @@ run() {
     # word-level synthetic tokenizer: ids 17.. are the words w17, w18, ...
     awk -v n=$((windows * seq * 11 / 10 + 1000)) -v v="$vocab" 'BEGIN { srand(7); for (i = 0; i < n; i++) printf "w%d%s", 17 + int(rand() * (v - 17)), (i % 20 == 19 ? "\n" : " ") }' >"$models/calib.txt"
     local t0; t0=$(date +%s%N)
-    "$bin" --quiet compress --model "$dir" --ratio 0.2 --calib "$models/calib.txt" --samples "$windows" --seq-len "$seq" \
-      --max-vram "$vram" --out "$res.model" --force --json --save-calibration "$res.tokens.u32" >"$out/compress-$label.json" 2>>"$log"
+    # a step that would outlast the device call is stopped, and the report says how far it got
+    # (the progress lines go to the log)
+    local rc=0
+    timeout "$step_limit" "$bin" compress --model "$dir" --ratio 0.2 --calib "$models/calib.txt" --samples "$windows" --seq-len "$seq" \
+      --max-vram "$vram" --out "$res.model" --force --json --save-calibration "$res.tokens.u32" >"$out/compress-$label.json" 2>"$res.progress" || rc=$?
+    cat "$res.progress" >>"$log"
     local t1; t1=$(date +%s%N)
+    echo "## lorap-gpu compress: synthetic $preset, $label (${layers:-all} layer(s)), ratio 0.2, $windows x $seq tokens, --max-vram $vram" >>"$report"
+    echo >>"$report"
+    if [ "$rc" != 0 ]; then
+      { [ "$rc" = 124 ] && echo "stopped after ${step_limit} s (GPU_BENCH_STEP_LIMIT); last progress: \`$(tr '\r' '\n' <"$res.progress" | grep -a . | tail -n 1)\`" \
+          || echo "failed (exit $rc): \`$(tail -n 1 "$res.progress")\`"; echo; } >>"$report"
+      rm -f "$out/compress-$label.json"
+      return 0
+    fi
     {
-      echo "## lorap-gpu compress: synthetic $preset, $label (${layers:-all} layer(s)), ratio 0.2, $windows x $seq tokens, --max-vram $vram"
-      echo
       python3 - "$out/compress-$label.json" "$(( (t1 - t0) / 1000000 ))" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -171,7 +195,7 @@ PY
       echo >>"$report"
       if python3 -c 'import torch, safetensors' 2>/dev/null; then
         for mode in fp32-strict best; do
-          python3 benches/pytorch_baseline.py --model "$dir" --report "$res.model/compression_report.json" --tokens "$res.tokens.u32" \
+          timeout "$step_limit" python3 benches/pytorch_baseline.py --model "$dir" --report "$res.model/compression_report.json" --tokens "$res.tokens.u32" \
             --mode "$mode" --json "$res.torch-$mode.json" 2>>"$log" | grep -v '^{' >>"$report" || echo "PyTorch $mode failed (see gpu-bench.log)" >>"$report"
           echo >>"$report"
         done
