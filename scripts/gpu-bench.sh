@@ -122,7 +122,9 @@ run() {
     local failed=0
     for t in "$work"/tests/*; do
       local name; name="$(basename "$t")"
-      if (cd "$root" && "$t" --test-threads=4 >>"$log" 2>&1); then
+      # the suite's f64-reference bounds are f32 bounds: the f16 tensor-core path is off for it,
+      # except in its own tests (which ask for it and state their bound)
+      if (cd "$root" && LORAP_COOPERATIVE_MATRIX=off "$t" --test-threads=4 >>"$log" 2>&1); then
         echo "| $name | $(grep -a 'test result' "$log" | tail -n 1 | sed 's/^test result: //') |" >>"$report"
       else
         failed=$((failed + 1))

@@ -312,7 +312,7 @@ pub struct GenerateArgs {
 
 impl Cli {
     pub fn gpu_options(&self) -> GpuOptions {
-        GpuOptions { adapter: self.adapter.clone(), max_binding: self.max_binding, backends: None, shader_checks: None, max_dispatch_flops: None }
+        GpuOptions { adapter: self.adapter.clone(), max_binding: self.max_binding, backends: None, shader_checks: None, max_dispatch_flops: None, cooperative_matrix: None }
     }
 }
 

@@ -96,6 +96,10 @@ pub struct GpuOptions {
     pub backends: Option<wgpu::Backends>,
     /// How shader modules are compiled; falls back to `LORAP_SHADER_CHECKS`, then trusted.
     pub shader_checks: Option<ShaderChecks>,
+    /// Whether the f16 cooperative-matrix GEMM may run (it does only where the adapter
+    /// advertises its configuration); falls back to `LORAP_COOPERATIVE_MATRIX` (`off`), then
+    /// yes. The f64-reference tests turn it off: their 1e-4 bounds are f32 bounds.
+    pub cooperative_matrix: Option<bool>,
     /// FLOPs one matmul or attention dispatch may do before it is split (0 = never split); default
     /// `DISPATCH_FLOPS` on GPUs and none on CPU drivers (no watchdog there).
     pub max_dispatch_flops: Option<u64>,
@@ -540,7 +544,7 @@ impl Gpu {
         // tensor cores only where the adapter advertises the configuration the shader uses
         let coop_f16 = adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
             && features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
-            && std::env::var(COOP_ENV).as_deref() != Ok("off")
+            && opts.cooperative_matrix.unwrap_or_else(|| std::env::var(COOP_ENV).as_deref() != Ok("off"))
             && super::kernels::matmul::coop::coop_config_matches(&adapter.cooperative_matrix_properties(), info.subgroup_min_size, info.subgroup_max_size);
         let experimental_features = if coop_f16 {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;

@@ -25,7 +25,7 @@ use crate::format::weights::WeightStore;
 pub use crate::calib::stats::StatsNeed;
 use crate::calib::stats::LayerStats;
 use crate::gpu::Gpu;
-use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LinearKind, LINEARS};
+use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LINEARS};
 use crate::model::ModelConfig;
 
 /// What a method gets for one decoder layer.
@@ -222,7 +222,7 @@ impl BuiltLayer {
         debug_assert_eq!(self.linears.len(), j);
         self.push(self.name(j, "weight"), vec![out, inp], w);
         let w = round_trip(w, self.dtype);
-        self.linears.push(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        self.linears.push(GpuLinear::dense(gpu, out, inp, &w, None)?);
         Ok(())
     }
 
@@ -236,7 +236,7 @@ impl BuiltLayer {
         self.push(self.name(j, "factor_a"), vec![out, r], &a);
         self.push(self.name(j, "factor_b"), vec![r, inp], &b);
         self.plan.set_rank(j, Some(r));
-        self.linears.push(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+        self.linears.push(GpuLinear::low_rank(gpu, out, inp, &a, &b, r, None)?);
         Ok(())
     }
 
@@ -262,7 +262,7 @@ impl BuiltLayer {
         };
         self.plan.mpo.insert(LINEARS[j].to_string(), shape);
         let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();
-        self.linears.push(GpuLinear { out: m.rows, inp: m.cols, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        self.linears.push(GpuLinear::dense(gpu, m.rows, m.cols, &w, None)?);
         Ok(())
     }
 }

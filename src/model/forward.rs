@@ -16,20 +16,67 @@ pub enum LinearKind {
     LowRank { a: GpuBuf, b: GpuBuf, rank: usize },
 }
 
+/// f16 copies of a linear's weights for the cooperative-matrix (tensor core) GEMM, made only
+/// where the adapter runs it (`Gpu::coop_f16`): the forward products then take f16 weights and
+/// accumulate in f32, while the f32 weights stay for the decompositions and the channel scores.
+pub enum HalfWeights {
+    Dense(matmul::F16Weight),
+    /// A [out, rank], B [rank, inp].
+    LowRank { a: matmul::F16Weight, b: matmul::F16Weight },
+}
+
+impl HalfWeights {
+    fn bytes(&self) -> u64 {
+        match self {
+            HalfWeights::Dense(w) => w.buf.bytes(),
+            HalfWeights::LowRank { a, b } => a.buf.bytes() + b.buf.bytes(),
+        }
+    }
+}
+
+/// The f16 copy of host values [rows, cols].
+fn half_copy(gpu: &Gpu, v: &[f32], rows: usize, cols: usize) -> GpuResult<matmul::F16Weight> {
+    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    matmul::F16Weight::upload(gpu, &h, rows, cols)
+}
+
 pub struct GpuLinear {
     pub out: usize,
     pub inp: usize,
     pub kind: LinearKind,
     pub bias: Option<GpuBuf>,
+    /// f16 copies for the cooperative-matrix GEMM (None: f32 products only).
+    pub half: Option<HalfWeights>,
 }
 
 impl GpuLinear {
+    /// A dense linear from host weights W [out, inp], with their f16 copy where the adapter
+    /// runs the cooperative-matrix GEMM.
+    pub fn dense(gpu: &Gpu, out: usize, inp: usize, w: &[f32], bias: Option<GpuBuf>) -> GpuResult<Self> {
+        let half = if gpu.coop_f16() { Some(HalfWeights::Dense(half_copy(gpu, w, out, inp)?)) } else { None };
+        Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(w)? }, bias, half })
+    }
+
+    /// A factor pair A [out, rank], B [rank, inp] from host values (f16 copies as `dense`).
+    pub fn low_rank(gpu: &Gpu, out: usize, inp: usize, a: &[f32], b: &[f32], rank: usize, bias: Option<GpuBuf>) -> GpuResult<Self> {
+        let half = if gpu.coop_f16() { Some(HalfWeights::LowRank { a: half_copy(gpu, a, out, rank)?, b: half_copy(gpu, b, rank, inp)? }) } else { None };
+        Ok(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(a)?, b: gpu.upload(b)?, rank }, bias, half })
+    }
+
     /// y [rows, out] = x [rows, inp] W^T (+ bias).
     pub fn forward(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize) -> GpuResult<GpuBuf> {
         let y = gpu.alloc(rows * self.out)?;
-        match &self.kind {
-            LinearKind::Dense { w } => matmul::linear_into(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?,
-            LinearKind::LowRank { a, b, rank } => {
+        match (&self.kind, &self.half) {
+            (LinearKind::Dense { .. }, Some(HalfWeights::Dense(w))) => {
+                matmul::linear_f16_coop(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?
+            }
+            (LinearKind::LowRank { rank, .. }, Some(HalfWeights::LowRank { a, b })) => {
+                let t = gpu.alloc(rows * rank)?;
+                matmul::linear_f16_coop(gpu, enc, x, b, &t, matmul::GemmShape { m: rows, n: *rank, k: self.inp }, 0.0)?;
+                matmul::linear_f16_coop(gpu, enc, &t, a, &y, matmul::GemmShape { m: rows, n: self.out, k: *rank }, 0.0)?;
+            }
+            (LinearKind::Dense { w }, _) => matmul::linear_into(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?,
+            (LinearKind::LowRank { a, b, rank }, _) => {
                 let t = gpu.alloc(rows * rank)?;
                 matmul::linear_into(gpu, enc, x, b, &t, matmul::GemmShape { m: rows, n: *rank, k: self.inp }, 0.0)?;
                 matmul::linear_into(gpu, enc, &t, a, &y, matmul::GemmShape { m: rows, n: self.out, k: *rank }, 0.0)?;
@@ -114,17 +161,15 @@ pub fn mpo_dense(store: &WeightStore, layer: usize, j: usize, shape: &MpoShape) 
 fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, j: usize) -> Result<GpuLinear> {
     let (out, inp) = cfg.linear_shape(p, j);
     let name = crate::format::names::linear_base(layer, j);
-    let kind = match p.repr(j) {
-        LinearRepr::Dense => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
-        LinearRepr::LowRank(r) => LinearKind::LowRank {
-            a: gpu.upload(&store.f32(&format!("{name}.factor_a"), &[out, r])?)?,
-            b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
-            rank: r,
-        },
-        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, layer, j, &m)?)? },
-    };
     let bias = if j < 3 && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
-    Ok(GpuLinear { out, inp, kind, bias })
+    Ok(match p.repr(j) {
+        LinearRepr::Dense => GpuLinear::dense(gpu, out, inp, &store.f32(&format!("{name}.weight"), &[out, inp])?, bias)?,
+        LinearRepr::LowRank(r) => {
+            let (a, b) = (store.f32(&format!("{name}.factor_a"), &[out, r])?, store.f32(&format!("{name}.factor_b"), &[r, inp])?);
+            GpuLinear::low_rank(gpu, out, inp, &a, &b, r, bias)?
+        }
+        LinearRepr::Mpo(m) => GpuLinear::dense(gpu, out, inp, &mpo_dense(store, layer, j, &m)?, bias)?,
+    })
 }
 
 /// A dense decoder layer's tensors converted to f32 on the host: the compression pipeline
@@ -168,7 +213,7 @@ impl DenseHost {
                 Some(Some(b)) => Some(gpu.upload(b)?),
                 _ => None,
             };
-            Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&self.weights[j])? }, bias })
+            Ok(GpuLinear::dense(gpu, out, inp, &self.weights[j], bias)?)
         };
         Ok(LayerWeights {
             q: lin(0)?,
@@ -230,7 +275,7 @@ impl LayerWeights {
                 LinearKind::Dense { w } => w.bytes(),
                 LinearKind::LowRank { a, b, .. } => a.bytes() + b.bytes(),
             };
-            w + l.bias.as_ref().map_or(0, |b| b.bytes())
+            w + l.bias.as_ref().map_or(0, |b| b.bytes()) + l.half.as_ref().map_or(0, |h| h.bytes())
         };
         [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down].iter().map(|l| lin(l)).sum::<u64>() + self.in_norm.bytes() + self.post_norm.bytes()
     }

@@ -10,8 +10,9 @@ use crate::gpu::{rel_frobenius, Gpu, GpuOptions};
 /// Relative Frobenius error every kernel must stay under (f32 storage and arithmetic).
 pub const TOL: f64 = 1e-4;
 
+/// Vulkan, f32 products only (the f16 cooperative-matrix path has its own tests and bound).
 pub fn options() -> GpuOptions {
-    GpuOptions { backends: Some(wgpu::Backends::VULKAN), ..Default::default() }
+    GpuOptions { backends: Some(wgpu::Backends::VULKAN), cooperative_matrix: Some(false), ..Default::default() }
 }
 
 /// One shared context per test binary.

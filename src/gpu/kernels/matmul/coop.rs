@@ -125,7 +125,8 @@ pub fn linear_f16_coop(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w:
 mod tests {
     use super::*;
     use crate::gpu::kernels::matmul::reference::matmul_nt_ref;
-    use crate::gpu::kernels::test_util::{gpu, random};
+    use crate::gpu::kernels::test_util::{options, random};
+    use crate::gpu::GpuOptions;
     use crate::gpu::rel_frobenius;
 
     /// The shader is valid WGSL for naga (the compiler wgpu uses) with the capabilities the
@@ -160,7 +161,7 @@ mod tests {
     /// (no cooperative matrices) the path must be off and refuse to run.
     #[test]
     fn coop_gemm_matches_reference_or_is_refused() {
-        let g = gpu();
+        let g = Gpu::new(&GpuOptions { cooperative_matrix: Some(true), ..options() }).unwrap();
         if g.info.device_type == wgpu::DeviceType::Cpu {
             assert!(!coop_supported(&g), "CPU drivers have no tensor cores");
         }
