@@ -34,7 +34,7 @@ fn matmul_ceiling(gpu: &Gpu, s: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..4 {
         let mut enc = gpu.encoder();
-        matmul::linear_into(gpu, &mut enc, &a, &b, &c, s, s, s, 0.0).unwrap();
+        matmul::linear_into(gpu, &mut enc, &a, &b, &c, matmul::GemmShape { m: s, n: s, k: s }, 0.0).unwrap();
         let t = Instant::now();
         gpu.submit(enc);
         gpu.wait().unwrap();

@@ -1,166 +1,261 @@
 #!/usr/bin/env python3
-"""The PyTorch way of doing LoRAP's steps, as the baseline for `cargo bench --bench compress`.
+"""PyTorch baseline of a `lorap-gpu compress` run: the same work, on the same tokens, with the
+same ranks and the same kept FFN channels, timed per phase.
 
-Only for comparison on a machine that has PyTorch (and a CUDA GPU); nothing in the project
-depends on it. It runs the same work as `lorap-gpu compress` on the same synthetic model
-folder: per layer, forward hooks collect the input-feature sums of squares of every linear
-over the calibration windows; q/k/v/o get the activation-weighted SVD (torch.linalg.svd,
-full, on the GPU, as the reference code does) truncated to the fixed 3:1 ranks; the FFN
-gets the Wanda-style channel scores with the 1% reservation; the compressed layer then
-produces the next layer's inputs. Weights stream one layer at a time from safetensors.
+It reads the Rust run's compression_report.json (per-layer q/k/v/o ranks, the kept FFN
+channels, the SVD's oversampling and power iterations, the calibration shape) and the
+calibration token ids the run saved (`compress --save-calibration FILE`: little-endian u32,
+window after window), then per layer, streaming weights from the dense model's safetensors:
 
-Usage: python3 benches/pytorch_baseline.py MODEL_DIR [--windows 128 --seq 2048 --ratio 0.2]
-Prints wall time and peak CUDA memory, and one JSON line like the Rust bench.
+  statistics     forward over every window, hooks summing the squares of each linear's inputs
+                 (scale s_j = sqrt(sum / windows), zeros -> 1e-4, as calib::stats::scales)
+  decomposition  activation-weighted randomized SVD of q/k/v/o at the report's ranks:
+                 torch.svd_lowrank(W diag(s), q = rank + oversample, niter = power_iters),
+                 A = U sqrt(S), B = sqrt(S) V^T diag(1/s) (the Rust factor pair)
+  ffn            the Wanda-style channel scores are computed (the work the Rust run does), but
+                 the kept channels are the report's, so both runs build the same layer
+  propagation    the compressed layer (factor pairs as two products) maps the states onward
+  load / write   safetensors reads to the GPU and (with --save) writing the compressed layers,
+                 timed apart from the compute phases
+
+Each phase is bracketed by torch.cuda.synchronize(). Two modes:
+  fp32-strict  f32 weights and activations, TF32 off, SDPA's math kernel, f32 svd_lowrank
+  best         bf16 weights and activations, TF32 on for the f32 SVD, SDPA flash attention,
+               f32 svd_lowrank (the decomposition needs f32; the inputs are upcast)
+
+Usage: python3 benches/pytorch_baseline.py --model DENSE_DIR --report RUST_OUT/compression_report.json
+         --tokens CALIB.u32 --mode fp32-strict|best [--batch 2] [--save OUT_DIR] [--json FILE]
+Prints a phase table and one JSON line. Needs torch (CUDA for the timings to mean anything)
+and safetensors.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import time
-
-import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-
-
-def load_index(model_dir):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        return json.load(open(index))["weight_map"]
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
-
-
-def tensor(model_dir, wmap, name, dev):
-    with safe_open(os.path.join(model_dir, wmap[name]), "pt", device="cpu") as f:
-        return f.get_tensor(name).to(dev, torch.float32)
-
-
-def rms(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def rope(x, cos, sin):
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
-
-
-class Layer(torch.nn.Module):
-    def __init__(self, cfg, w):
-        super().__init__()
-        self.cfg = cfg
-        self.lin = torch.nn.ModuleDict()
-        for n, t in w.items():
-            if n.endswith("norm"):
-                continue
-            lin = torch.nn.Linear(t.shape[1], t.shape[0], bias=False, device=t.device)
-            lin.weight.data = t
-            self.lin[n] = lin
-        self.in_norm, self.post_norm = w["input_layernorm"], w["post_attention_layernorm"]
-
-    def forward(self, h, cos, sin):
-        c = self.cfg
-        b, t, d = h.shape
-        nh, nkv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-        hd = d // nh
-        x = rms(h, self.in_norm, c["rms_norm_eps"])
-        q = self.lin["q_proj"](x).view(b, t, nh, hd).transpose(1, 2)
-        k = self.lin["k_proj"](x).view(b, t, nkv, hd).transpose(1, 2)
-        v = self.lin["v_proj"](x).view(b, t, nkv, hd).transpose(1, 2)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        h = h + self.lin["o_proj"](a)
-        x = rms(h, self.post_norm, c["rms_norm_eps"])
-        return h + self.lin["down_proj"](F.silu(self.lin["gate_proj"](x)) * self.lin["up_proj"](x))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--windows", type=int, default=128)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--ratio", type=float, default=0.2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the dense model folder the Rust run compressed")
+    ap.add_argument("--report", required=True, help="the Rust run's compression_report.json")
+    ap.add_argument("--tokens", required=True, help="calibration ids written by compress --save-calibration")
+    ap.add_argument("--mode", choices=["fp32-strict", "best"], default="fp32-strict")
     ap.add_argument("--batch", type=int, default=2, help="windows per forward batch")
+    ap.add_argument("--save", help="write the compressed layers here (timed as 'write')")
+    ap.add_argument("--json", help="also write the result JSON to this file")
     args = ap.parse_args()
+
+    try:
+        import torch
+        import torch.nn.functional as F
+        from safetensors import safe_open
+    except ImportError as e:
+        print(f"pytorch baseline skipped: {e}", file=sys.stderr)
+        sys.exit(3)
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    strict = args.mode == "fp32-strict"
+    torch.backends.cuda.matmul.allow_tf32 = not strict
+    torch.backends.cudnn.allow_tf32 = not strict
+    act = torch.float32 if strict else torch.bfloat16
+
+    rep = json.load(open(args.report))
     cfg = json.load(open(os.path.join(args.model, "config.json")))
-    wmap = load_index(args.model)
+    svd_opts = rep["options"]["svd"]
+    oversample, niter = int(svd_opts["oversample"]), int(svd_opts["power_iters"])
+    weighted = bool(rep["options"].get("weighted_svd", True))
+    windows, seq = int(rep["calibration_windows"]), int(rep["calibration_seq_len"])
+    raw = open(args.tokens, "rb").read()
+    if len(raw) != 4 * windows * seq:
+        sys.exit(f"{args.tokens}: {len(raw) // 4} tokens, the report says {windows} x {seq}")
+    ids = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(windows, seq).long()
+
+    index = os.path.join(args.model, "model.safetensors.index.json")
+    if os.path.exists(index):
+        wmap = json.load(open(index))["weight_map"]
+    else:
+        with safe_open(os.path.join(args.model, "model.safetensors"), "pt") as f:
+            wmap = {k: "model.safetensors" for k in f.keys()}
+
+    phases = {k: 0.0 for k in ("load", "statistics", "decomposition", "ffn", "propagation", "write")}
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def phase(name):
+        sync()
+        t = time.perf_counter()
+        yield
+        sync()
+        phases[name] += time.perf_counter() - t
+
+    def tensor(name, dtype):
+        with safe_open(os.path.join(args.model, wmap[name]), "pt", device="cpu") as f:
+            return f.get_tensor(name).to(dev).to(dtype)
+
     d, nl = cfg["hidden_size"], cfg["num_hidden_layers"]
     nh = cfg["num_attention_heads"]
-    hd = d // nh
+    nkv = cfg.get("num_key_value_heads", nh)
+    hd = cfg.get("head_dim", d // nh)
+    eps = cfg["rms_norm_eps"]
+    if cfg.get("rope_scaling"):
+        print("note: rope_scaling is ignored (the llama2-7b preset has none)", file=sys.stderr)
+
+    def rms(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+    def rope(x, cos, sin):
+        h = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+
+    def attention(q, k, v):
+        if strict:
+            # f32 math kernel, KV heads repeated for the query groups
+            k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            if nkv != nh:
+                k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    class Linear:
+        """A dense weight or a factor pair (y = (x B^T) A^T, as the Rust forward runs it)."""
+
+        def __init__(self, w=None, a=None, b=None):
+            self.w, self.a, self.b = w, a, b
+
+        def __call__(self, x):
+            if self.w is not None:
+                return x @ self.w.t()
+            return (x @ self.b.t()) @ self.a.t()
+
+    def layer_forward(lin, norms, h, cos, sin, hook=None):
+        b, t, _ = h.shape
+
+        def run(name, x):
+            if hook is not None:
+                hook(name, x)
+            return lin[name](x)
+
+        x = rms(h, norms[0])
+        q = run("q", x).view(b, t, nh, hd).transpose(1, 2)
+        k = run("k", x).view(b, t, nkv, hd).transpose(1, 2)
+        v = run("v", x).view(b, t, nkv, hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        a = attention(q, k, v).transpose(1, 2).reshape(b, t, nh * hd)
+        h = h + run("o", a)
+        x = rms(h, norms[1])
+        g = run("gate", x)
+        u = run("up", x)
+        return h + run("down", F.silu(g) * u)
+
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     torch.manual_seed(0)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    ids = torch.randint(0, cfg["vocab_size"], (args.windows, args.seq))
-    emb = tensor(args.model, wmap, "model.embed_tokens.weight", dev)
-    hs = [emb[ids[i:i + args.batch].to(dev)] for i in range(0, args.windows, args.batch)]
-    del emb
-    inv = 1.0 / (cfg.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))
-    ang = torch.arange(args.seq, device=dev, dtype=torch.float32)[:, None] * inv[None]
-    ang = torch.cat((ang, ang), -1)
-    cos, sin = ang.cos(), ang.sin()
-    keep = 1 - args.ratio
-    for i in range(nl):
+    t_all = time.perf_counter()
+    with phase("load"):
+        emb = tensor("model.embed_tokens.weight", act)
+    with phase("propagation"):
+        hs = [emb[ids[i:i + args.batch].to(dev)] for i in range(0, windows, args.batch)]
+        del emb
+        theta = cfg.get("rope_theta", 10000.0)
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))
+        ang = torch.arange(seq, device=dev, dtype=torch.float32)[:, None] * inv[None]
+        ang = torch.cat((ang, ang), -1)
+        cos, sin = ang.cos().to(act), ang.sin().to(act)
+    agree = []
+    if args.save:
+        from safetensors.torch import save_file
+        os.makedirs(args.save, exist_ok=True)
+    for i, lr in enumerate(rep["layers"]):
         p = f"model.layers.{i}."
-        w = {n: tensor(args.model, wmap, p + s + ".weight", dev) for n, s in [
-            ("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"),
-            ("o_proj", "self_attn.o_proj"), ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
-            ("down_proj", "mlp.down_proj"), ("input_layernorm", "input_layernorm"),
-            ("post_attention_layernorm", "post_attention_layernorm")]}
-        layer = Layer(cfg, w)
+        with phase("load"):
+            w = {n: tensor(p + s + ".weight", act) for n, s in names.items()}
+            norms = (tensor(p + "input_layernorm.weight", act), tensor(p + "post_attention_layernorm.weight", act))
         sums = {}
 
-        def hook(name):
-            def f(mod, inp, out):
-                x = inp[0].reshape(-1, inp[0].shape[-1])
-                sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            return f
+        def hook(name, x):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x2.pow(2).sum(0)
 
-        handles = [layer.lin[n].register_forward_hook(hook(n)) for n in layer.lin]
-        with torch.no_grad():
+        with phase("statistics"), torch.no_grad():
+            dense = {n: Linear(w[n]) for n in names}
             for h in hs:
-                layer(h, cos, sin)
-        for hd_ in handles:
-            hd_.remove()
-        s = {n: (v / args.windows).sqrt().clamp_min(1e-4) for n, v in sums.items()}
-        # attention: weighted SVD, fixed 3:1 ranks
-        shapes = {n: w[n].shape for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        budget = keep * sum(a * b for a, b in shapes.values())
-        per = lambda n: sum(shapes[n])
-        r_vo = int(0.75 * budget // (per("v_proj") + per("o_proj")))
-        r_qk = int((budget - r_vo * (per("v_proj") + per("o_proj"))) // (per("q_proj") + per("k_proj")))
-        with torch.no_grad():
-            for n, r in [("q_proj", r_qk), ("k_proj", r_qk), ("v_proj", r_vo), ("o_proj", r_vo)]:
-                out_d, in_d = shapes[n]
-                if r * (out_d + in_d) >= out_d * in_d:
+                layer_forward(dense, norms, h, cos, sin, hook)
+            s = {n: (v / windows).sqrt().masked_fill(v == 0, 1e-4) for n, v in sums.items()}
+        lin = {}
+        with phase("decomposition"), torch.no_grad():
+            for j, n in enumerate(("q", "k", "v", "o")):
+                r = lr["ranks"][j]
+                if r is None:
+                    lin[n] = Linear(w[n])
                     continue
-                U, S, Vh = torch.linalg.svd(w[n] * s[n][None], full_matrices=False)
-                a = U[:, :r] * S[:r].sqrt()
-                b = (S[:r].sqrt()[:, None] * Vh[:r]) / s[n][None]
-                layer.lin[n].weight.data = a @ b  # same function as the factor pair
-            # FFN: Wanda-style channel scores, keep the lowest 1%, drop the next ratio
-            sc = ((w["up_proj"].abs() * s["up_proj"][None]).norm(dim=1) + (w["gate_proj"].abs() * s["gate_proj"][None]).norm(dim=1)
-                  + w["down_proj"].norm(dim=0) * s["down_proj"])
-            order = sc.argsort()
-            f = sc.numel()
-            res = math.ceil(0.01 * f)
-            remove = order[res:res + round(args.ratio * f)]
-            mask = torch.ones(f, dtype=torch.bool, device=dev)
-            mask[remove] = False
-            for n in ("gate_proj", "up_proj"):
-                layer.lin[n].weight.data = layer.lin[n].weight.data[mask]
-            layer.lin["down_proj"].weight.data = layer.lin["down_proj"].weight.data[:, mask]
-            hs = [layer(h, cos, sin) for h in hs]
-        del layer, w
-        print(f"layer {i + 1}/{nl} {time.time() - t0:.1f} s", flush=True)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    secs = time.time() - t0
+                sc = s[n] if weighted else torch.ones_like(s[n])
+                ws = w[n].float() * sc[None]
+                U, S, V = torch.svd_lowrank(ws, q=min(r + oversample, min(ws.shape)), niter=niter)
+                root = S[:r].sqrt()
+                a = U[:, :r] * root[None]
+                b = (root[:, None] * V[:, :r].t()) / sc[None]
+                lin[n] = Linear(a=a.to(act), b=b.to(act))
+        with phase("ffn"), torch.no_grad():
+            sg, sd = s["gate"], s["down"]
+            scores = ((w["up"].float() * sg[None]).norm(dim=1) + (w["gate"].float() * sg[None]).norm(dim=1)
+                      + w["down"].float().norm(dim=0) * sd)
+            kept = lr.get("ffn_kept_channels") or []
+            f = scores.numel()
+            if kept:
+                keep = torch.tensor(kept, device=dev)
+                # the baseline's own choice, for the record: same formula, same reserve
+                # methods::ffn::kept_channels: round(reserve f) lowest kept, the next removed
+                res = min(int(math.floor(rep["options"].get("reserve", 0.01) * f + 0.5)), len(kept))
+                removed = set(scores.argsort()[res:res + f - len(kept)].tolist())
+                agree.append(len(set(kept) - removed) / len(kept))
+            else:
+                keep = torch.arange(f, device=dev)
+            lin["gate"], lin["up"] = Linear(w["gate"][keep]), Linear(w["up"][keep])
+            lin["down"] = Linear(w["down"][:, keep].contiguous())
+        with phase("propagation"), torch.no_grad():
+            hs = [layer_forward(lin, norms, h, cos, sin) for h in hs]
+        if args.save:
+            with phase("write"):
+                out = {}
+                for n, l in lin.items():
+                    if l.w is not None:
+                        out[p + names[n] + ".weight"] = l.w.to(torch.float16).cpu().contiguous()
+                    else:
+                        out[p + names[n] + ".a"] = l.a.to(torch.float16).cpu().contiguous()
+                        out[p + names[n] + ".b"] = l.b.to(torch.float16).cpu().contiguous()
+                save_file(out, os.path.join(args.save, f"layer-{i:05d}.safetensors"))
+        del w, lin, dense
+        print(f"layer {i + 1}/{len(rep['layers'])} {time.perf_counter() - t_all:.1f} s", file=sys.stderr, flush=True)
+    sync()
+    secs = time.perf_counter() - t_all
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
-    print(f"pytorch baseline: {secs:.1f} s, peak CUDA memory {peak / 2**30:.2f} GiB on {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")
-    print(json.dumps({"baseline": "pytorch", "seconds": secs, "peak_gpu_bytes": peak, "windows": args.windows, "seq_len": args.seq, "device": dev}))
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"| phase ({args.mode}, {device}) | seconds |")
+    print("| --- | ---: |")
+    for k, v in phases.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"| total (wall) | {secs:.2f} |")
+    if agree:
+        print(f"\nFFN channels: the baseline's own scores agree with the Rust run's kept set on {100 * sum(agree) / len(agree):.2f}% of the kept channels (the report's set is used)")
+    res = {"baseline": "pytorch", "mode": args.mode, "device": device, "torch": torch.__version__, "seconds": secs,
+           "phases": phases, "peak_gpu_bytes": peak, "windows": windows, "seq_len": seq, "layers": len(rep["layers"]),
+           "ranks_layer0": rep["layers"][0]["ranks"] if rep["layers"] else None}
+    line = json.dumps(res)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ fn every_family(g: &Gpu) {
     let t = matmul::transpose(g, &mut enc, &ga, 0, k, 10, k).unwrap();
     matmul::gram_accumulate(g, &mut enc, &ga, m, k, &gram).unwrap();
     norms::col_sumsq_accumulate(g, &mut enc, &ga, m, k, &sumsq).unwrap();
-    norms::rms_norm(g, &mut enc, &ga, &gnw, &normed, m, k, 1e-5).unwrap();
+    norms::rms_norm(g, &mut enc, &ga, &gnw, &normed, norms::NormShape { rows: m, cols: k, eps: 1e-5 }).unwrap();
     norms::row_scaled_norms(g, &mut enc, &ga, &gnw, &scaled, m, k).unwrap();
     elementwise::silu_mul(g, &mut enc, &ggate, &gup, &act, m * k).unwrap();
     elementwise::add(g, &mut enc, &ggate, &gup, &sum, m * k).unwrap();

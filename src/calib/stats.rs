@@ -35,7 +35,7 @@ impl Observer for InputStats {
                 self.ones = Some(gpu.upload(&vec![1f32; rows])?);
             }
             let ones = self.ones.as_ref().unwrap();
-            matmul::gemm(gpu, enc, matmul::GemmShape { m: 1, n: cols, k: rows }, matmul::Operand::new(ones, rows), matmul::Operand::new(x, cols), sum, 0, cols, 1.0, 1.0)?;
+            matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: 1, n: cols, k: rows }, a: matmul::Operand::new(ones, rows), b: matmul::Operand::new(x, cols), c: matmul::GemmOutput::new(sum, cols), scale: matmul::Scale::ADD })?;
         }
         Ok(())
     }

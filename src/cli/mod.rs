@@ -249,6 +249,10 @@ pub struct CompressArgs {
     /// Calibration tokens per GPU batch (whole windows).
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
+    /// Also write the calibration token ids (little-endian u32, window after window) to this
+    /// file, outside --out: benches/pytorch_baseline.py calibrates on the very same tokens.
+    #[arg(long)]
+    pub save_calibration: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -308,7 +312,7 @@ pub struct GenerateArgs {
 
 impl Cli {
     pub fn gpu_options(&self) -> GpuOptions {
-        GpuOptions { adapter: self.adapter.clone(), max_binding: self.max_binding, backends: None }
+        GpuOptions { adapter: self.adapter.clone(), max_binding: self.max_binding, backends: None, shader_checks: None, max_dispatch_flops: None, cooperative_matrix: None }
     }
 }
 
@@ -354,6 +358,10 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     }
     let tok = model.tokenizer()?;
     let calib = calibration_windows(&tok, &a.calib, a.samples, a.seq_len)?;
+    if let Some(path) = &a.save_calibration {
+        let bytes: Vec<u8> = calib.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::write(path, bytes).with_context(|| format!("cannot write the calibration tokens to {}", path.display()))?;
+    }
     let method = match a.method {
         Method::Lorap => MethodOptions::Lorap(LorapOptions {
             allocation: a.allocation,
@@ -745,6 +753,15 @@ fn gpu_info(cli: &Cli) -> Result<()> {
         let f = a.features;
         let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
         println!("    f16 {}, subgroups {}, f64 {}, timestamps {}", has(wgpu::Features::SHADER_F16), has(wgpu::Features::SUBGROUP), has(wgpu::Features::SHADER_F64), has(wgpu::Features::TIMESTAMP_QUERY));
+        if a.cooperative_matrix.is_empty() {
+            println!("    cooperative matrices: none (the adapter does not advertise EXPERIMENTAL_COOPERATIVE_MATRIX configurations; f32 kernels only)");
+        } else {
+            println!("    cooperative matrices (M x N x K, A/B type -> C type):");
+            for c in &a.cooperative_matrix {
+                let sat = if c.saturating_accumulation { ", saturating" } else { "" };
+                println!("      {} x {} x {}, {:?} -> {:?}{sat}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type);
+            }
+        }
     }
     let chosen = gpu::Gpu::new(&cli.gpu_options())?;
     println!("selected: {} ({:?}), effective storage binding {} B", chosen.info.name, chosen.info.backend, chosen.max_binding_bytes());

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::timer::PassTimer;
 
 pub use super::kernels::Shader;
+use super::kernels::attention::AttnKernel;
 use super::kernels::matmul::NtKernel;
 
 /// Environment variable naming the adapter (substring of its name, or its index).
@@ -21,6 +22,38 @@ pub const NT_KERNEL_ENV: &str = "LORAP_NT_KERNEL";
 /// Environment variable turning the timestamp-query pass timer off (`off`; it is on where
 /// the adapter has timestamp queries).
 pub const GPU_TIMING_ENV: &str = "LORAP_GPU_TIMING";
+/// Environment variable forcing the attention kernel (`rows` or `flash`; comparisons).
+pub const ATTENTION_KERNEL_ENV: &str = "LORAP_ATTENTION_KERNEL";
+/// Environment variable turning the cooperative-matrix (tensor core) path off (`off`).
+pub const COOP_ENV: &str = "LORAP_COOPERATIVE_MATRIX";
+/// Environment variable choosing how shader modules are compiled (`checked` or `trusted`).
+pub const SHADER_CHECKS_ENV: &str = "LORAP_SHADER_CHECKS";
+
+/// How wgpu compiles our WGSL modules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShaderChecks {
+    /// No injected runtime checks (no index clamps, no loop-bounding counters): the checks
+    /// stop GPU drivers from unrolling the accumulator loops and cost 10-100x on some GPUs
+    /// (gfx-rs/wgpu #7698, #6521). Sound because every kernel guards its own indices exactly
+    /// (each room's `*_exact_guards` test runs awkward shapes with NaN sentinels around
+    /// the operands) and every loop has a bound from its parameters.
+    #[default]
+    Trusted,
+    /// wgpu's default: bounds clamps and `force_loop_bounding` (a fallback for debugging a
+    /// driver, or an untrusted build).
+    Checked,
+}
+
+impl ShaderChecks {
+    /// Parses `checked` / `trusted` (the environment knob's values).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "checked" => Some(ShaderChecks::Checked),
+            "trusted" => Some(ShaderChecks::Trusted),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -44,6 +77,8 @@ pub enum GpuError {
     DeviceLost(String),
     #[error("{MAX_BINDING_ENV} must be a byte count, got {0:?}")]
     BadBindingEnv(String),
+    #[error("{SHADER_CHECKS_ENV} must be `checked` or `trusted`, got {0:?}")]
+    BadShaderChecksEnv(String),
     #[error("a single row of {row_bytes} bytes exceeds the storage binding limit of {limit} bytes")]
     RowTooLarge { row_bytes: u64, limit: u64 },
     #[error("buffer of {bytes} bytes exceeds the adapter's maximum buffer size of {limit} bytes")]
@@ -64,7 +99,20 @@ pub struct GpuOptions {
     /// Backends to search; default: WGPU_BACKEND, else all. Tests pin Vulkan so a missing
     /// driver fails loudly instead of falling back to GL.
     pub backends: Option<wgpu::Backends>,
+    /// How shader modules are compiled; falls back to `LORAP_SHADER_CHECKS`, then trusted.
+    pub shader_checks: Option<ShaderChecks>,
+    /// Whether the f16 cooperative-matrix GEMM may run (it does only where the adapter
+    /// advertises its configuration); falls back to `LORAP_COOPERATIVE_MATRIX` (`off`), then
+    /// yes. The f64-reference tests turn it off: their 1e-4 bounds are f32 bounds.
+    pub cooperative_matrix: Option<bool>,
+    /// FLOPs one matmul or attention dispatch may do before it is split (0 = never split); default
+    /// `DISPATCH_FLOPS` on GPUs and none on CPU drivers (no watchdog there).
+    pub max_dispatch_flops: Option<u64>,
 }
+
+/// Default FLOP cap of one matmul dispatch on a GPU: 2^37 (0.14 s at 1 TFLOP/s, 0.7 s at
+/// 200 GFLOP/s), under the ~2 s after which display GPUs reset a busy device.
+pub const DISPATCH_FLOPS: u64 = 1 << 37;
 
 /// One adapter as `gpu-info` shows it.
 #[derive(Debug, Clone)]
@@ -73,6 +121,9 @@ pub struct AdapterReport {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Cooperative-matrix (tensor core) configurations the adapter advertises (empty when it
+    /// lacks EXPERIMENTAL_COOPERATIVE_MATRIX).
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -93,7 +144,10 @@ pub fn list_adapters(backends: wgpu::Backends) -> Vec<AdapterReport> {
     adapters
         .into_iter()
         .enumerate()
-        .map(|(index, a)| AdapterReport { index, info: a.get_info(), limits: a.limits(), features: a.features() })
+        .map(|(index, a)| {
+            let cooperative_matrix = if a.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) { a.cooperative_matrix_properties() } else { Vec::new() };
+            AdapterReport { index, info: a.get_info(), limits: a.limits(), features: a.features(), cooperative_matrix }
+        })
         .collect()
 }
 
@@ -458,6 +512,15 @@ pub struct Gpu {
     max_binding: u64,
     /// The A B^T matmul kernel for this adapter (`LORAP_NT_KERNEL` read once, at `new`).
     nt_kernel: NtKernel,
+    /// Runtime checks compiled into shader modules (`LORAP_SHADER_CHECKS` read once, at `new`).
+    shader_checks: ShaderChecks,
+    /// FLOPs one matmul or attention dispatch may do (0 = no cap).
+    max_dispatch_flops: u64,
+    /// The attention kernel for this adapter (`LORAP_ATTENTION_KERNEL` read once, at `new`).
+    attn_kernel: AttnKernel,
+    /// Whether the f16 cooperative-matrix GEMM runs here (adapter configuration and subgroup
+    /// width match, `LORAP_COOPERATIVE_MATRIX` not `off`; decided at `new`).
+    coop_f16: bool,
     pipelines: Mutex<PipelineCache>,
     uniforms: Mutex<UniformRing>,
     pool: Arc<BufferPool>,
@@ -484,12 +547,26 @@ impl Gpu {
         let adapter = choose_adapter(adapters, wanted.as_deref(), backends)?;
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let features = adapter.features() & wanted_features();
+        let mut features = adapter.features() & wanted_features();
+        // tensor cores only where the adapter advertises the configuration the shader uses
+        let coop_f16 = adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
+            && opts.cooperative_matrix.unwrap_or_else(|| std::env::var(COOP_ENV).as_deref() != Ok("off"))
+            && super::kernels::matmul::coop::coop_config_matches(&adapter.cooperative_matrix_properties(), info.subgroup_min_size, info.subgroup_max_size);
+        let experimental_features = if coop_f16 {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: wgpu's experimental features may be unsound or change; only the one
+            // cooperative-matrix kernel uses this one, on adapters that list its configuration
+            // (LORAP_COOPERATIVE_MATRIX=off opens the device without it).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("lorap-gpu"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -519,14 +596,19 @@ impl Gpu {
         let cap = opts.max_binding.or(env_cap);
         let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = cap.map_or(adapter_binding, |c| c.min(adapter_binding)).max(256);
-        let nt_kernel = match std::env::var(NT_KERNEL_ENV).as_deref() {
-            Ok("tiled") => NtKernel::Tiled,
-            Ok("vec4") => NtKernel::Vec4,
-            _ => NtKernel::for_device(info.device_type),
+        let nt_kernel = std::env::var(NT_KERNEL_ENV).ok().and_then(|s| NtKernel::parse(&s)).unwrap_or_else(|| NtKernel::for_device(info.device_type));
+        let attn_kernel = std::env::var(ATTENTION_KERNEL_ENV).ok().and_then(|s| AttnKernel::parse(&s)).unwrap_or_else(|| AttnKernel::for_device(info.device_type));
+        let max_dispatch_flops = opts.max_dispatch_flops.unwrap_or(if info.device_type == wgpu::DeviceType::Cpu { 0 } else { DISPATCH_FLOPS });
+        let shader_checks = match opts.shader_checks {
+            Some(c) => c,
+            None => match std::env::var(SHADER_CHECKS_ENV) {
+                Ok(s) => ShaderChecks::parse(&s).ok_or(GpuError::BadShaderChecksEnv(s))?,
+                Err(_) => ShaderChecks::default(),
+            },
         };
         let timing = features.contains(wgpu::Features::TIMESTAMP_QUERY) && std::env::var(GPU_TIMING_ENV).map_or(true, |v| v.trim() != "off");
         let timer = timing.then(|| Mutex::new(PassTimer::new(queue.get_timestamp_period())));
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, timing, "GPU ready");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?attn_kernel, coop_f16, ?shader_checks, timing, "GPU ready");
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -535,6 +617,10 @@ impl Gpu {
             features,
             max_binding,
             nt_kernel,
+            shader_checks,
+            max_dispatch_flops,
+            attn_kernel,
+            coop_f16,
             pipelines: Mutex::new(PipelineCache::default()),
             uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
@@ -548,6 +634,26 @@ impl Gpu {
     /// The kernel `gemm` runs A B^T products with on this adapter (chosen at `new`).
     pub fn nt_kernel(&self) -> NtKernel {
         self.nt_kernel
+    }
+
+    /// The runtime checks this context compiles shader modules with (chosen at `new`).
+    pub fn shader_checks(&self) -> ShaderChecks {
+        self.shader_checks
+    }
+
+    /// Whether the f16 cooperative-matrix GEMM runs on this device (chosen at `new`).
+    pub fn coop_f16(&self) -> bool {
+        self.coop_f16
+    }
+
+    /// The attention kernel `causal_attention` / `cached_attention` run (chosen at `new`).
+    pub fn attn_kernel(&self) -> AttnKernel {
+        self.attn_kernel
+    }
+
+    /// FLOPs one matmul or attention dispatch may do before it is split (0 = no cap).
+    pub fn max_dispatch_flops(&self) -> u64 {
+        self.max_dispatch_flops
     }
 
     /// Effective storage binding limit in bytes.
@@ -804,10 +910,16 @@ impl Gpu {
             return p.clone();
         }
         let module = cache.modules.entry(key.shader).or_insert_with(|| {
-            self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(key.shader.name()),
-                source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
-            })
+            let desc = wgpu::ShaderModuleDescriptor { label: Some(key.shader.name()), source: wgpu::ShaderSource::Wgsl(key.shader.source().into()) };
+            match self.shader_checks {
+                ShaderChecks::Checked => self.device.create_shader_module(desc),
+                // SAFETY: the modules are this crate's own WGSL (never user input). Each kernel
+                // bounds every index it reads or writes by the sizes its wrapper binds (the rooms'
+                // exact-guard tests surround operands with NaN sentinels at awkward shapes), and
+                // every loop runs to a bound taken from its parameters, so neither the clamps nor
+                // the loop counters wgpu would add can change a result.
+                ShaderChecks::Trusted => unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) },
+            }
         });
         let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(name, v)| (name, v as f64)).collect();
         let label = format!("{}:{}:{:?}", key.shader.name(), key.entry, key.constants);
@@ -843,6 +955,19 @@ impl Gpu {
             binding: wgpu::BufferBinding { buffer: buf.raw(), offset: start, size: std::num::NonZeroU64::new(size) },
             inner_offset: inner as u32,
         }
+    }
+
+    /// `window` for a shader that reads the binding as an array of vec4: the size rounded up
+    /// to whole vec4s (at most 12 bytes more; buffers are allocated in multiples of 16 bytes,
+    /// so the rounding stays inside the buffer). Needs a storage offset alignment that is a
+    /// multiple of 16, so the binding starts on a vec4.
+    pub fn window_vec4<'a>(&self, buf: &'a GpuBuf, first: usize, count: usize) -> BindWindow<'a> {
+        debug_assert!(self.limits.min_storage_buffer_offset_alignment.is_multiple_of(16));
+        let mut w = self.window(buf, first, count);
+        let size = w.binding.size.map_or(0, |s| s.get()).next_multiple_of(16).min(buf.bytes() - w.binding.offset);
+        debug_assert!(size <= self.max_binding, "binding window of {size} bytes over the limit");
+        w.binding.size = std::num::NonZeroU64::new(size);
+        w
     }
 
     /// Records one dispatch: `params` goes to binding 0 as a uniform (its own slot of the
@@ -992,5 +1117,30 @@ mod tests {
         assert_eq!(g.pipeline_count(), 1);
         g.pipeline(PipelineKey::new(Shader::Elementwise, "silu_mul"));
         assert_eq!(g.pipeline_count(), 2);
+    }
+
+    /// The knob: `checked` compiles wgpu's runtime checks in, `trusted` (the default) leaves
+    /// them out; on in-bounds kernels both give the same bits (lavapipe shows no speed change:
+    /// the checks matter to GPU drivers' loop unrolling).
+    #[test]
+    fn checked_and_trusted_modules_agree() {
+        use crate::gpu::matmul::{gemm_with, GemmCall, GemmOutput, GemmShape, NtKernel, Operand, Scale};
+        let mut outs = Vec::new();
+        for checks in [ShaderChecks::Checked, ShaderChecks::Trusted] {
+            let g = Gpu::new(&GpuOptions { shader_checks: Some(checks), ..crate::gpu::kernels::test_util::options() }).unwrap();
+            assert_eq!(g.shader_checks(), checks);
+            let (m, k, n) = (67, 45, 131);
+            let (a, b) = (g.upload(&random(m * k, 5)).unwrap(), g.upload(&random(n * k, 6)).unwrap());
+            let c = g.alloc(m * n).unwrap();
+            let mut enc = g.encoder();
+            for nt in [NtKernel::Register, NtKernel::Tiled, NtKernel::Vec4] {
+                gemm_with(&g, &mut enc, GemmCall { shape: GemmShape { m, n, k }, a: Operand::new(&a, k), b: Operand::new(&b, k).t(), c: GemmOutput::new(&c, n), scale: Scale { alpha: 1.0, beta: 0.5 } }, nt).unwrap();
+            }
+            g.submit(enc);
+            outs.push(g.read(&c).unwrap());
+        }
+        assert_eq!(outs[0], outs[1]);
+        assert_eq!(ShaderChecks::parse("checked"), Some(ShaderChecks::Checked));
+        assert_eq!(ShaderChecks::parse("fast"), None);
     }
 }

@@ -8,7 +8,7 @@ pub mod timer;
 // The kernel families keep their old public paths (`gpu::matmul`, `gpu::norms`, ...).
 pub use kernels::{attention, elementwise, loss, matmul, norms, rope};
 
-pub use context::{list_adapters, Gpu, GpuBuf, GpuError, GpuOptions};
+pub use context::{list_adapters, Gpu, GpuBuf, GpuError, GpuOptions, ShaderChecks};
 
 /// Relative Frobenius error ||got - want|| / ||want||, the bound every kernel test states.
 pub fn rel_frobenius(got: &[f32], want: &[f64]) -> f64 {

@@ -174,6 +174,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let down = ffn::gather_cols(&host.weights[Linear::Down], d, f, &kept);
     let fk = kept.len();
     built.plan.ffn_width = fk;
+    built.ffn_kept_channels = kept.clone();
     built.dense(gpu, Linear::Gate, &gate, fk, d)?;
     built.dense(gpu, Linear::Up, &up, fk, d)?;
     built.dense(gpu, Linear::Down, &down, d, fk)?;

@@ -25,7 +25,7 @@ pub use crate::calib::stats::StatsNeed;
 use crate::calib::stats::LayerStats;
 use crate::gpu::Gpu;
 use crate::format::linear::{Linear, PerLinear};
-use crate::model::forward::{DenseHost, GpuLinear, LayerWeights, LinearKind};
+use crate::model::forward::{DenseHost, GpuLinear, LayerWeights};
 use crate::model::ModelConfig;
 
 /// What a method gets for one decoder layer.
@@ -182,11 +182,14 @@ pub struct BuiltLayer {
     /// Seconds of host-side linear algebra in the method's decompositions (the report
     /// splits decomposition time into GPU and host with it).
     pub host_seconds: f64,
+    /// Input FFN channels kept, ascending, when the method prunes channels (the report
+    /// lists them so a baseline can keep the very same ones).
+    pub ffn_kept_channels: Vec<usize>,
 }
 
 impl BuiltLayer {
     pub fn new(dtype: Dtype, out_index: usize) -> Self {
-        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0 }
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new() }
     }
 
     fn name(&self, linear: Linear, suffix: &str) -> String {
@@ -211,7 +214,7 @@ impl BuiltLayer {
         debug_assert_eq!(self.linears.len(), linear.index());
         self.push(self.name(linear, "weight"), vec![out, inp], w);
         let w = round_trip(w, self.dtype);
-        self.linears.push(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        self.linears.push(GpuLinear::dense(gpu, out, inp, &w, None)?);
         Ok(())
     }
 
@@ -225,7 +228,7 @@ impl BuiltLayer {
         self.push(self.name(linear, "factor_a"), vec![out, r], &a);
         self.push(self.name(linear, "factor_b"), vec![r, inp], &b);
         self.plan.set_rank(linear, Some(r));
-        self.linears.push(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+        self.linears.push(GpuLinear::low_rank(gpu, out, inp, &a, &b, r, None)?);
         Ok(())
     }
 
@@ -251,7 +254,7 @@ impl BuiltLayer {
         };
         self.plan.mpo.insert(linear.name().to_string(), shape);
         let w: Vec<f32> = rounded.reconstruct().iter().map(|&x| x as f32).collect();
-        self.linears.push(GpuLinear { out: m.rows, inp: m.cols, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+        self.linears.push(GpuLinear::dense(gpu, m.rows, m.cols, &w, None)?);
         Ok(())
     }
 }

@@ -177,7 +177,7 @@ pub fn feature_pair_with(gpu: &Gpu, w: &[f32], sigma: &GpuBuf, inp: usize, r: us
     let ug = gpu.upload(&u)?;
     let b = gpu.alloc(k * inp)?;
     let mut enc = gpu.encoder();
-    matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: k, n: inp, k: out }, matmul::Operand::new(&ug, k).t(), matmul::Operand::new(&wg, inp), &b, 0, inp, 1.0, 0.0)?;
+    matmul::gemm(gpu, &mut enc, matmul::GemmCall { shape: matmul::GemmShape { m: k, n: inp, k: out }, a: matmul::Operand::new(&ug, k).t(), b: matmul::Operand::new(&wg, inp), c: matmul::GemmOutput::new(&b, inp), scale: matmul::Scale::SET })?;
     gpu.submit(enc);
     Ok(FeaturePair { a: u, b: gpu.read(&b)?, eigenvalues, trace, host_seconds: host.seconds() })
 }

@@ -153,7 +153,7 @@ pub fn randomized_svd(gpu: &Gpu, a: &GpuBuf, m: usize, n: usize, k: usize, opts:
         // Z = A^T Q [n, l]
         let z = gpu.alloc(n * l)?;
         let mut enc = gpu.encoder();
-        matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: n, n: l, k: m }, matmul::Operand::new(a, n).t(), matmul::Operand::new(&q, l), &z, 0, l, 1.0, 0.0)?;
+        matmul::gemm(gpu, &mut enc, matmul::GemmCall { shape: matmul::GemmShape { m: n, n: l, k: m }, a: matmul::Operand::new(a, n).t(), b: matmul::Operand::new(&q, l), c: matmul::GemmOutput::new(&z, l), scale: matmul::Scale::SET })?;
         gpu.submit(enc);
         drop(q);
         let z = orthonormalize(gpu, z, n, l, &mut host)?;
@@ -167,8 +167,8 @@ pub fn randomized_svd(gpu: &Gpu, a: &GpuBuf, m: usize, n: usize, k: usize, opts:
     let b = gpu.alloc(l * n)?;
     let bbt = gpu.alloc(l * l)?;
     let mut enc = gpu.encoder();
-    matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: l, n, k: m }, matmul::Operand::new(&q, l).t(), matmul::Operand::new(a, n), &b, 0, n, 1.0, 0.0)?;
-    matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: l, n: l, k: n }, matmul::Operand::new(&b, n), matmul::Operand::new(&b, n).t(), &bbt, 0, l, 1.0, 0.0)?;
+    matmul::gemm(gpu, &mut enc, matmul::GemmCall { shape: matmul::GemmShape { m: l, n, k: m }, a: matmul::Operand::new(&q, l).t(), b: matmul::Operand::new(a, n), c: matmul::GemmOutput::new(&b, n), scale: matmul::Scale::SET })?;
+    matmul::gemm(gpu, &mut enc, matmul::GemmCall { shape: matmul::GemmShape { m: l, n: l, k: n }, a: matmul::Operand::new(&b, n), b: matmul::Operand::new(&b, n).t(), c: matmul::GemmOutput::new(&bbt, l), scale: matmul::Scale::SET })?;
     gpu.submit(enc);
     let gv = gpu.read(&bbt)?;
     drop(bbt);
@@ -179,7 +179,7 @@ pub fn randomized_svd(gpu: &Gpu, a: &GpuBuf, m: usize, n: usize, k: usize, opts:
     let vt = gpu.alloc(k * n)?;
     let mut enc = gpu.encoder();
     let u = matmul::matmul(gpu, &mut enc, &q, &ub, m, l, k)?;
-    matmul::gemm(gpu, &mut enc, matmul::GemmShape { m: k, n, k: l }, matmul::Operand::new(&ub_scaled, k).t(), matmul::Operand::new(&b, n), &vt, 0, n, 1.0, 0.0)?;
+    matmul::gemm(gpu, &mut enc, matmul::GemmCall { shape: matmul::GemmShape { m: k, n, k: l }, a: matmul::Operand::new(&ub_scaled, k).t(), b: matmul::Operand::new(&b, n), c: matmul::GemmOutput::new(&vt, n), scale: matmul::Scale::SET })?;
     gpu.submit(enc);
     let mut read = gpu.read_many(&[&u, &vt])?.into_iter();
     let (u, vt) = (read.next().unwrap_or_default(), read.next().unwrap_or_default());

@@ -16,23 +16,70 @@ pub enum LinearKind {
     LowRank { a: GpuBuf, b: GpuBuf, rank: usize },
 }
 
+/// f16 copies of a linear's weights for the cooperative-matrix (tensor core) GEMM, made only
+/// where the adapter runs it (`Gpu::coop_f16`): the forward products then take f16 weights and
+/// accumulate in f32, while the f32 weights stay for the decompositions and the channel scores.
+pub enum HalfWeights {
+    Dense(matmul::F16Weight),
+    /// A [out, rank], B [rank, inp].
+    LowRank { a: matmul::F16Weight, b: matmul::F16Weight },
+}
+
+impl HalfWeights {
+    fn bytes(&self) -> u64 {
+        match self {
+            HalfWeights::Dense(w) => w.buf.bytes(),
+            HalfWeights::LowRank { a, b } => a.buf.bytes() + b.buf.bytes(),
+        }
+    }
+}
+
+/// The f16 copy of host values [rows, cols].
+fn half_copy(gpu: &Gpu, v: &[f32], rows: usize, cols: usize) -> GpuResult<matmul::F16Weight> {
+    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    matmul::F16Weight::upload(gpu, &h, rows, cols)
+}
+
 pub struct GpuLinear {
     pub out: usize,
     pub inp: usize,
     pub kind: LinearKind,
     pub bias: Option<GpuBuf>,
+    /// f16 copies for the cooperative-matrix GEMM (None: f32 products only).
+    pub half: Option<HalfWeights>,
 }
 
 impl GpuLinear {
+    /// A dense linear from host weights W [out, inp], with their f16 copy where the adapter
+    /// runs the cooperative-matrix GEMM.
+    pub fn dense(gpu: &Gpu, out: usize, inp: usize, w: &[f32], bias: Option<GpuBuf>) -> GpuResult<Self> {
+        let half = if gpu.coop_f16() { Some(HalfWeights::Dense(half_copy(gpu, w, out, inp)?)) } else { None };
+        Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(w)? }, bias, half })
+    }
+
+    /// A factor pair A [out, rank], B [rank, inp] from host values (f16 copies as `dense`).
+    pub fn low_rank(gpu: &Gpu, out: usize, inp: usize, a: &[f32], b: &[f32], rank: usize, bias: Option<GpuBuf>) -> GpuResult<Self> {
+        let half = if gpu.coop_f16() { Some(HalfWeights::LowRank { a: half_copy(gpu, a, out, rank)?, b: half_copy(gpu, b, rank, inp)? }) } else { None };
+        Ok(GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(a)?, b: gpu.upload(b)?, rank }, bias, half })
+    }
+
     /// y [rows, out] = x [rows, inp] W^T (+ bias).
     pub fn forward(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize) -> GpuResult<GpuBuf> {
         let y = gpu.alloc(rows * self.out)?;
-        match &self.kind {
-            LinearKind::Dense { w } => matmul::linear_into(gpu, enc, x, w, &y, rows, self.inp, self.out, 0.0)?,
-            LinearKind::LowRank { a, b, rank } => {
+        match (&self.kind, &self.half) {
+            (LinearKind::Dense { .. }, Some(HalfWeights::Dense(w))) => {
+                matmul::linear_f16_coop(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?
+            }
+            (LinearKind::LowRank { rank, .. }, Some(HalfWeights::LowRank { a, b })) => {
                 let t = gpu.alloc(rows * rank)?;
-                matmul::linear_into(gpu, enc, x, b, &t, rows, self.inp, *rank, 0.0)?;
-                matmul::linear_into(gpu, enc, &t, a, &y, rows, *rank, self.out, 0.0)?;
+                matmul::linear_f16_coop(gpu, enc, x, b, &t, matmul::GemmShape { m: rows, n: *rank, k: self.inp }, 0.0)?;
+                matmul::linear_f16_coop(gpu, enc, &t, a, &y, matmul::GemmShape { m: rows, n: self.out, k: *rank }, 0.0)?;
+            }
+            (LinearKind::Dense { w }, _) => matmul::linear_into(gpu, enc, x, w, &y, matmul::GemmShape { m: rows, n: self.out, k: self.inp }, 0.0)?,
+            (LinearKind::LowRank { a, b, rank }, _) => {
+                let t = gpu.alloc(rows * rank)?;
+                matmul::linear_into(gpu, enc, x, b, &t, matmul::GemmShape { m: rows, n: *rank, k: self.inp }, 0.0)?;
+                matmul::linear_into(gpu, enc, &t, a, &y, matmul::GemmShape { m: rows, n: self.out, k: *rank }, 0.0)?;
             }
         }
         if let Some(b) = &self.bias {
@@ -131,17 +178,15 @@ pub fn mpo_dense(store: &WeightStore, layer: usize, linear: Linear, shape: &MpoS
 fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, linear: Linear) -> Result<GpuLinear> {
     let (out, inp) = cfg.linear_shape(p, linear);
     let name = crate::format::names::linear_base(layer, linear);
-    let kind = match p.repr(linear) {
-        LinearRepr::Dense => LinearKind::Dense { w: gpu.upload(&store.f32(&format!("{name}.weight"), &[out, inp])?)? },
-        LinearRepr::LowRank(r) => LinearKind::LowRank {
-            a: gpu.upload(&store.f32(&format!("{name}.factor_a"), &[out, r])?)?,
-            b: gpu.upload(&store.f32(&format!("{name}.factor_b"), &[r, inp])?)?,
-            rank: r,
-        },
-        LinearRepr::Mpo(m) => LinearKind::Dense { w: gpu.upload(&mpo_dense(store, layer, linear, &m)?)? },
-    };
     let bias = if linear.is_qkv() && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
-    Ok(GpuLinear { out, inp, kind, bias })
+    Ok(match p.repr(linear) {
+        LinearRepr::Dense => GpuLinear::dense(gpu, out, inp, &store.f32(&format!("{name}.weight"), &[out, inp])?, bias)?,
+        LinearRepr::LowRank(r) => {
+            let (a, b) = (store.f32(&format!("{name}.factor_a"), &[out, r])?, store.f32(&format!("{name}.factor_b"), &[r, inp])?);
+            GpuLinear::low_rank(gpu, out, inp, &a, &b, r, bias)?
+        }
+        LinearRepr::Mpo(m) => GpuLinear::dense(gpu, out, inp, &mpo_dense(store, layer, linear, &m)?, bias)?,
+    })
 }
 
 /// A dense decoder layer's tensors converted to f32 on the host: the compression pipeline
@@ -185,7 +230,7 @@ impl DenseHost {
                 Some(b) => Some(gpu.upload(b)?),
                 None => None,
             };
-            Ok(GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&self.weights[l])? }, bias })
+            Ok(GpuLinear::dense(gpu, out, inp, &self.weights[l], bias)?)
         };
         Ok(LayerWeights {
             q: lin(Linear::Q)?,
@@ -246,7 +291,7 @@ impl LayerWeights {
                 LinearKind::Dense { w } => w.bytes(),
                 LinearKind::LowRank { a, b, .. } => a.bytes() + b.bytes(),
             };
-            w + l.bias.as_ref().map_or(0, |b| b.bytes())
+            w + l.bias.as_ref().map_or(0, |b| b.bytes()) + l.half.as_ref().map_or(0, |h| h.bytes())
         };
         [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down].iter().map(|l| lin(l)).sum::<u64>() + self.in_norm.bytes() + self.post_norm.bytes()
     }
@@ -319,7 +364,7 @@ impl LayerPass<'_> {
         let LayerPass { gpu, cfg, lw, tokens } = *self;
         let d = cfg.hidden_size;
         let xn = gpu.alloc(tokens * d)?;
-        norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, tokens, d, cfg.rms_norm_eps as f32)?;
+        norms::rms_norm(gpu, enc, h, &lw.in_norm, &xn, norms::NormShape { rows: tokens, cols: d, eps: cfg.rms_norm_eps as f32 })?;
         if let Some(o) = obs {
             o.see(gpu, enc, Site::AttnInput, &xn, tokens, d)?;
         }
@@ -340,7 +385,7 @@ impl LayerPass<'_> {
         elementwise::add(gpu, enc, h, &o, &h2, tokens * d)?;
         drop(o);
         let xn2 = gpu.alloc(tokens * d)?;
-        norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, tokens, d, cfg.rms_norm_eps as f32)?;
+        norms::rms_norm(gpu, enc, &h2, &lw.post_norm, &xn2, norms::NormShape { rows: tokens, cols: d, eps: cfg.rms_norm_eps as f32 })?;
         if let Some(o) = obs.as_deref_mut() {
             o.see(gpu, enc, Site::FfnInput, &xn2, tokens, d)?;
         }
@@ -508,7 +553,7 @@ impl Runner {
         let head = self.head()?;
         let xn = gpu.alloc(tokens * d)?;
         let mut enc = gpu.encoder();
-        norms::rms_norm(&gpu, &mut enc, h, &head.norm, &xn, tokens, d, eps)?;
+        norms::rms_norm(&gpu, &mut enc, h, &head.norm, &xn, norms::NormShape { rows: tokens, cols: d, eps })?;
         gpu.submit(enc);
         let logits = gpu.alloc(v)?;
         let mut out = Vec::new();
@@ -516,7 +561,7 @@ impl Runner {
             let mut enc = gpu.encoder();
             let shape = matmul::GemmShape { m: 1, n: v, k: d };
             let x = matmul::Operand { buf: &xn, offset: r * d, ld: d, trans: false };
-            matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+            matmul::gemm(&gpu, &mut enc, matmul::GemmCall { shape, a: x, b: matmul::Operand::new(&head.lm_head, d).t(), c: matmul::GemmOutput::new(&logits, v), scale: matmul::Scale::SET })?;
             gpu.submit(enc);
             out.push(gpu.read(&logits)?);
         }
@@ -556,13 +601,13 @@ impl Runner {
             let nll = gpu.alloc(n)?;
             let logits = gpu.alloc(rows_per_chunk.min(n) * v)?;
             let mut enc = gpu.encoder();
-            norms::rms_norm(&gpu, &mut enc, &h, &head.norm, &xn, n, d, eps)?;
+            norms::rms_norm(&gpu, &mut enc, &h, &head.norm, &xn, norms::NormShape { rows: n, cols: d, eps })?;
             drop(h);
             for r0 in (0..n).step_by(rows_per_chunk) {
                 let r1 = (r0 + rows_per_chunk).min(n);
                 let shape = matmul::GemmShape { m: r1 - r0, n: v, k: d };
                 let x = matmul::Operand { buf: &xn, offset: r0 * d, ld: d, trans: false };
-                matmul::gemm(&gpu, &mut enc, shape, x, matmul::Operand::new(&head.lm_head, d).t(), &logits, 0, v, 1.0, 0.0)?;
+                matmul::gemm(&gpu, &mut enc, matmul::GemmCall { shape, a: x, b: matmul::Operand::new(&head.lm_head, d).t(), c: matmul::GemmOutput::new(&logits, v), scale: matmul::Scale::SET })?;
                 let tw = gpu.alloc(r1 - r0)?;
                 let nw = gpu.alloc(r1 - r0)?;
                 enc.copy_buffer_to_buffer(tg.raw(), (r0 * 4) as u64, tw.raw(), 0, ((r1 - r0) * 4) as u64);

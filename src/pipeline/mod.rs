@@ -172,7 +172,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let reports_before = layer_reports.len();
 
     let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
-    let resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()));
+    let resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()), gpu.coop_f16());
     let on_host = crate::calib::states::keep_on_host(gpu, state_bytes, resident);
     if on_host {
         tracing::info!(state_bytes, resident, "calibration states kept on the host (with a layer's work they would cross the GPU budget)");
@@ -244,7 +244,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             built.push_copy(store, &name(n))?;
         }
-        let BuiltLayer { tensors, linears, plan, errors, spectra, .. } = built;
+        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, .. } = built;
         // the dense linears go before propagation: under a budget only one copy of the
         // layer's weights is on the GPU while the states run through it
         let LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm } = dense;
@@ -272,6 +272,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             ranks: [plan.q_rank, plan.k_rank, plan.v_rank, plan.o_rank],
             ffn_kept: plan.ffn_width,
             ffn_total: cfg.intermediate_size,
+            ffn_kept_channels,
             weighted_rel_error: errors,
             spectra,
             params_before: cfg.layer_params(i),
@@ -353,10 +354,13 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
 
 /// GPU bytes a layer's work holds at its peak beside the calibration states (the estimate
 /// that decides where the states live; the allocator enforces the budget itself): the
-/// largest dense layer in f32 and its compressed copy, one batch's activations, and the
-/// decomposition's buffers for the largest attention matrix.
-fn resident_bytes(cfg: &crate::model::ModelConfig, batch_tokens: usize) -> u64 {
-    let layer = (0..cfg.num_hidden_layers).map(|i| cfg.layer_params(i)).max().unwrap_or(0) as u64 * 4;
+/// largest dense layer in f32 (and f16 where the tensor-core GEMM runs) and its compressed
+/// copy, one batch's activations, and the decomposition's buffers for the largest attention
+/// matrix.
+fn resident_bytes(cfg: &crate::model::ModelConfig, batch_tokens: usize, half_copies: bool) -> u64 {
+    // f32 weights, plus their f16 copies where the cooperative-matrix GEMM runs
+    let per_param = if half_copies { 6 } else { 4 };
+    let layer = (0..cfg.num_hidden_layers).map(|i| cfg.layer_params(i)).max().unwrap_or(0) as u64 * per_param;
     let (d, f, q) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.q_dim() as u64);
     let activations = batch_tokens as u64 * (3 * d + 3 * q + 3 * f) * 4;
     // W S, Y, Z, Q, B at up to the break-even rank: about four copies of the matrix

@@ -14,6 +14,10 @@ pub struct LayerReport {
     pub ranks: [Option<usize>; 4],
     pub ffn_kept: usize,
     pub ffn_total: usize,
+    /// The FFN channels kept (ascending indices into the dense layer's), where the method
+    /// prunes channels: what a baseline needs to keep the same ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ffn_kept_channels: Vec<usize>,
     /// Relative weighted reconstruction error ||(W - AB) S||_F / ||W S||_F of q, k, v, o.
     pub weighted_rel_error: [f64; 4],
     /// Weighted singular values of q, k, v, o (as many as were computed).

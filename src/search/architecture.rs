@@ -182,7 +182,7 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
             None => None,
             Some(r) => {
                 let (a, b) = crate::methods::lorap::factors(dec, r, sc);
-                Some(GpuLinear { out: dec.m, inp: dec.n, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None })
+                Some(GpuLinear::low_rank(gpu, dec.m, dec.n, &a, &b, r, None)?)
             }
         });
     }
@@ -197,7 +197,7 @@ fn build_layer(gpu: &Gpu, model: &Model, lib: &LayerLibrary, i: usize, l: &PlanL
         let fk = kept.len();
         let [gate, up, down] = ffn::pruned_weights(&model.store, i, d, f, &kept)?;
         for (linear, w, out, inp) in [(Linear::Gate, gate, fk, d), (Linear::Up, up, fk, d), (Linear::Down, down, d, fk)] {
-            lw.replace_linear(linear, GpuLinear { out, inp, kind: LinearKind::Dense { w: gpu.upload(&w)? }, bias: None });
+            lw.replace_linear(linear, GpuLinear::dense(gpu, out, inp, &w, None)?);
         }
     }
     Ok(Some(lw))

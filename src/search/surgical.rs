@@ -68,7 +68,7 @@ pub fn surgical(
     opts: &SurgicalOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(Plan, SurgicalReport)> {
-    use crate::model::forward::{self, GpuLinear, LayerWeights, LinearKind, Runner};
+    use crate::model::forward::{self, GpuLinear, LayerWeights, Runner};
     let t0 = std::time::Instant::now();
     let cfg = &model.cfg;
     let n = cfg.num_hidden_layers;
@@ -124,7 +124,7 @@ pub fn surgical(
             let (out, inp) = cfg.linear_shape(&full, lin);
             let Some(r) = rank_for(k, out, inp) else { continue };
             let (a, b) = pair.truncated(r, out, inp);
-            lw.replace_linear(lin, GpuLinear { out, inp, kind: LinearKind::LowRank { a: gpu.upload(&a)?, b: gpu.upload(&b)?, rank: r }, bias: None });
+            lw.replace_linear(lin, GpuLinear::low_rank(gpu, out, inp, &a, &b, r, None)?);
         }
         Ok(lw)
     };

@@ -8,7 +8,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Tests pin Vulkan (lavapipe on CI) so a missing driver fails instead of falling back to GL.
 pub fn options() -> GpuOptions {
-    GpuOptions { backends: Some(wgpu::Backends::VULKAN), ..Default::default() }
+    // f32 products only: the tests' f64-reference bounds are f32 bounds (the f16
+    // cooperative-matrix path is tested with its own bound where the adapter has it)
+    GpuOptions { backends: Some(wgpu::Backends::VULKAN), cooperative_matrix: Some(false), ..Default::default() }
 }
 
 pub fn gpu() -> Arc<Gpu> {

@@ -10,8 +10,9 @@ use crate::gpu::{rel_frobenius, Gpu, GpuOptions};
 /// Relative Frobenius error every kernel must stay under (f32 storage and arithmetic).
 pub const TOL: f64 = 1e-4;
 
+/// Vulkan, f32 products only (the f16 cooperative-matrix path has its own tests and bound).
 pub fn options() -> GpuOptions {
-    GpuOptions { backends: Some(wgpu::Backends::VULKAN), ..Default::default() }
+    GpuOptions { backends: Some(wgpu::Backends::VULKAN), cooperative_matrix: Some(false), ..Default::default() }
 }
 
 /// One shared context per test binary.
@@ -44,4 +45,25 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
 pub fn check(name: &str, got: &[f32], want: &[f64]) {
     let e = rel_frobenius(got, want);
     assert!(e < TOL, "{name}: relative Frobenius error {e:e} >= {TOL:e}");
+}
+
+/// Uploads `data` ([rows, cols] row-major) at element `offset` of a buffer with leading
+/// dimension `ld`, every other element (the padding of each row, the head and the tail) NaN:
+/// a kernel that reads an element outside the block inside its binding turns results NaN.
+pub fn fenced(g: &Gpu, data: &[f32], rows: usize, cols: usize, ld: usize, offset: usize) -> crate::gpu::GpuBuf {
+    assert!(ld >= cols && data.len() == rows * cols);
+    let mut v = vec![f32::NAN; offset + rows * ld + 7];
+    for r in 0..rows {
+        v[offset + r * ld..][..cols].copy_from_slice(&data[r * cols..][..cols]);
+    }
+    g.upload(&v).unwrap()
+}
+
+/// The [rows, cols] block of a `fenced` layout, after asserting every element outside it is
+/// still NaN (a kernel wrote nothing outside its output).
+pub fn unfence(name: &str, all: &[f32], rows: usize, cols: usize, ld: usize, offset: usize) -> Vec<f32> {
+    let inside = |i: usize| i >= offset && (i - offset) / ld < rows && (i - offset) % ld < cols;
+    let stray = (0..all.len()).filter(|&i| !inside(i) && !all[i].is_nan()).count();
+    assert_eq!(stray, 0, "{name}: {stray} elements written outside the output block");
+    (0..rows).flat_map(|r| all[offset + r * ld..][..cols].to_vec()).collect()
 }

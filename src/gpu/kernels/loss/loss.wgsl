@@ -36,7 +36,11 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         workgroupBarrier();
     }
     if (lid == 0u) {
+        // a target outside the vocabulary has no logit: NaN says so (modules are compiled
+        // without clamps, so an unguarded read would take another row's value)
         let t = u32(targets[p.t_off + r]);
-        nll[p.o_off + r] = mx + log(red[0]) - logits[base + t];
+        var v = bitcast<f32>(0x7fc00000u);
+        if (t < p.cols) { v = mx + log(red[0]) - logits[base + t]; }
+        nll[p.o_off + r] = v;
     }
 }

@@ -48,4 +48,18 @@ mod tests {
             check(&format!("nll {rows}x{cols}"), &g.read(&gn).unwrap(), &nll_rows_ref(&logits, &targets, rows, cols));
         }
     }
+
+    /// A target past the vocabulary has no logit: NaN, never another row's value.
+    #[test]
+    fn out_of_vocabulary_target_gives_nan() {
+        let g = gpu();
+        let (rows, cols) = (3, 17);
+        let logits = random(rows * cols, 41);
+        let (gl, gt, gn) = (g.upload(&logits).unwrap(), g.upload(&[2.0, 17.0, 16.0]).unwrap(), g.alloc(rows).unwrap());
+        let mut enc = g.encoder();
+        nll_rows(&g, &mut enc, &gl, &gt, &gn, rows, cols).unwrap();
+        g.submit(enc);
+        let got = g.read(&gn).unwrap();
+        assert!(got[0].is_finite() && got[1].is_nan() && got[2].is_finite(), "{got:?}");
+    }
 }

@@ -50,9 +50,17 @@ pub fn col_sumsq_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBu
     Ok(())
 }
 
+/// Rows, width and epsilon of one RMSNorm.
+#[derive(Clone, Copy, Debug)]
+pub struct NormShape {
+    pub rows: usize,
+    pub cols: usize,
+    pub eps: f32,
+}
+
 /// y = rmsnorm(x) * w, row-wise, X [rows, cols].
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &GpuBuf, y: &GpuBuf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub fn rms_norm(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &GpuBuf, y: &GpuBuf, shape: NormShape) -> Result<()> {
+    let NormShape { rows, cols, eps } = shape;
     let pipe = gpu.pipeline(PipelineKey::new(Shader::Norms, "rms_norm"));
     let ww = gpu.window(w, 0, cols);
     for (r0, r1) in gpu.row_chunks(rows, &[cols])? {
@@ -122,7 +130,7 @@ mod tests {
         let w = random(cols, 8);
         let (gx, gw, gy) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.alloc(rows * cols).unwrap());
         let mut enc = g.encoder();
-        rms_norm(g, &mut enc, &gx, &gw, &gy, rows, cols, 1e-5).unwrap();
+        rms_norm(g, &mut enc, &gx, &gw, &gy, NormShape { rows, cols, eps: 1e-5 }).unwrap();
         g.submit(enc);
         check(&format!("rms_norm {rows}x{cols}"), &g.read(&gy).unwrap(), &rms_norm_ref(&x, &w, rows, cols, 1e-5));
     }
