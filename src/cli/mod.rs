@@ -49,7 +49,7 @@ pub enum Command {
     /// layers): the Pareto front of calibration perplexity, parameters and latency, with
     /// each front point written as a plan for `compress --plan`.
     Search(SearchArgs),
-    /// Write a compressed model in a format other tools load (hf-dense: plain transformers).
+    /// Write a model in a format other tools load (hf: transformers with custom code at the compressed size; gguf: llama.cpp; hf-dense: plain transformers).
     Export(ExportArgs),
     /// (Re)write the HTML/SVG report of a compressed model, with perplexity before/after.
     Report(ReportArgs),
@@ -144,6 +144,9 @@ pub struct ExportArgs {
     pub model: PathBuf,
     #[arg(long, value_enum, default_value_t = crate::export::ExportFormat::HfDense)]
     pub format: crate::export::ExportFormat,
+    /// Weight encoding of the GGUF's matrices (gguf only; norms stay f32).
+    #[arg(long = "type", value_enum, default_value_t = crate::export::gguf::GgufType::F16)]
+    pub gguf_type: crate::export::gguf::GgufType,
     /// Output folder (must not exist unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -553,11 +556,37 @@ fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
     check_weights(cli, &model)?;
     let gpu = gpu::Gpu::new(&cli.gpu_options())?;
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "export: layers", cli.quiet);
-    let path = match a.format {
-        crate::export::ExportFormat::HfDense => crate::export::export_hf_dense(&gpu, &model, &a.out, a.force, &mut |d, _| pb.update(d, "multiplying factors"))?,
-    };
-    pb.finish();
-    println!("wrote {} (hf-dense: {} parameters, loads in Hugging Face transformers)", path.display(), Model::open(&path)?.cfg.total_params());
+    match a.format {
+        crate::export::ExportFormat::HfDense => {
+            let path = crate::export::export_hf_dense(&gpu, &model, &a.out, a.force, &mut |d, _| pb.update(d, "multiplying factors"))?;
+            pb.finish();
+            println!("wrote {} (hf-dense: {} parameters, loads in Hugging Face transformers)", path.display(), Model::open(&path)?.cfg.total_params());
+        }
+        crate::export::ExportFormat::Hf => {
+            let path = crate::export::hf::export_hf(&model, &a.out, a.force, &mut |d, _| pb.update(d, "copying tensors"))?;
+            pb.finish();
+            println!(
+                "wrote {} (hf: {} parameters; AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) builds the factored layers)",
+                path.display(),
+                model.cfg.total_params()
+            );
+        }
+        crate::export::ExportFormat::Gguf => {
+            let s = crate::export::gguf::export_gguf(&gpu, &model, a.gguf_type, &a.out, a.force, &mut |d, _| pb.update(d, "writing tensors"))?;
+            pb.finish();
+            println!(
+                "wrote {} (gguf {}, llama.cpp architecture {}, {} tensors, {} bytes): {} parameters stored; the folder holds {} ({:+} from multiplying factor pairs and MPO cores back into dense matrices)",
+                s.path.display(),
+                a.gguf_type.name(),
+                s.arch.name(),
+                s.tensors,
+                s.bytes,
+                s.params,
+                s.folder_params,
+                s.params as i64 - s.folder_params as i64
+            );
+        }
+    }
     Ok(())
 }
 
@@ -680,6 +709,8 @@ fn eval(cli: &Cli, a: &EvalArgs) -> Result<()> {
     let mut out = serde_json::Map::new();
     out.insert("model".into(), a.model.display().to_string().into());
     out.insert("adapter".into(), r.gpu.info.name.clone().into());
+    // what other runtimes loading the same model must count (tools/interop compares them)
+    out.insert("parameters".into(), model.cfg.total_params().into());
     if a.ppl.text.is_some() {
         let rep = measure_perplexity(cli, &model, &mut r, &a.ppl, "perplexity: layers")?;
         if !a.json {

@@ -2,7 +2,10 @@
 //! multiplied back into its dense matrix (on the GPU) and every pruned FFN zero-padded to
 //! the original width, so a stock Hugging Face `LlamaForCausalLM` (or `Qwen2`, `Mistral`)
 //! loads it and computes the same function. It is as large as the original: the export is
-//! for compatibility, not for size.
+//! for compatibility, not for size. `gguf` (`gguf.rs`): one llama.cpp file at the pruned
+//! size (attention factor pairs multiplied back: llama.cpp has no factored linear). `hf`
+//! (`hf.rs`): the compressed tensors as they are, with custom modeling code transformers
+//! loads at the compressed size (`trust_remote_code=True`).
 
 use std::path::{Path, PathBuf};
 
@@ -17,11 +20,18 @@ use crate::model::forward::mpo_dense;
 use safetensors::Dtype;
 use crate::model::Model;
 
+pub mod gguf;
+pub mod hf;
+
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
     /// Plain dense Hugging Face checkpoint with the original shapes.
     HfDense,
+    /// Hugging Face folder with custom code (trust_remote_code) at the compressed size.
+    Hf,
+    /// llama.cpp GGUF (DIR/model.gguf) at the pruned size; --type f32|f16|q8_0.
+    Gguf,
 }
 
 /// Dense [out, in] = A [out, r] B [r, in], computed on the GPU in f32.

@@ -7,6 +7,7 @@
 pub mod claim;
 pub mod digest;
 pub mod dtype;
+pub mod gguf;
 pub mod input;
 pub mod linear;
 pub mod mpo;

@@ -1,0 +1,46 @@
+"""Compares the interop measurements of one model folder against `lorap-gpu eval --json`
+and prints a markdown table; exits 1 when a runtime misses its bound.
+
+Bounds on the mean NLL, relative to the tool's: 1e-3 for transformers (float32) and GGUF
+f32/f16 (the f16 rounding of multiplied-back factor pairs and f32 summation order are far
+below it); 2e-2 for GGUF q8_0 (8-bit weights: a model-quality change, not a bug).
+Parameter counts must equal the tool's for transformers; llama.cpp's count is reported
+with the difference the multiplied-back attention makes.
+
+Usage: python compare.py NAME TOOL.json [RUNTIME_LABEL=FILE.json ...]"""
+
+import json
+import sys
+
+BOUNDS = {"transformers": 1e-3, "gguf-f32": 1e-3, "gguf-f16": 1e-3, "gguf-q8_0": 2e-2}
+
+
+def main():
+    name, tool_path, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    tool = json.load(open(tool_path))
+    ref, params = tool["perplexity"]["mean_nll"], tool["parameters"]
+    rows = [("lorap-gpu eval", params, "", ref, 0.0, "", tool["perplexity"]["tokens_per_second"], "", "")]
+    ok = True
+    for item in rest:
+        label, path = item.split("=", 1)
+        r = json.load(open(path))
+        rel = (r["mean_nll"] - ref) / ref
+        bound = BOUNDS.get(label)
+        passed = bound is None or abs(rel) <= bound
+        if label == "transformers" and r["params"] != params:
+            passed = False
+        ok &= passed
+        size = r.get("file_bytes") or r.get("disk_bytes") or ""
+        gen = r.get("generate_tokens_per_second") or r.get("bench_tg_tokens_per_second") or ""
+        rows.append((label, r["params"], size, r["mean_nll"], rel, bound or "", r["prefill_tokens_per_second"], gen, "ok" if passed else "FAIL"))
+    print(f"\n### {name}\n")
+    print("| runtime | parameters | bytes on disk | mean NLL | rel. diff | bound | prefill tok/s | decode tok/s | |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    fmt = lambda x, f: (f % x) if isinstance(x, (int, float)) else str(x)  # noqa: E731
+    for label, p, size, nll, rel, bound, pre, gen, verdict in rows:
+        print(f"| {label} | {p} | {size} | {nll:.6f} | {rel:+.2e} | {bound} | {fmt(pre, '%.1f')} | {fmt(gen, '%.1f')} | {verdict} |")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
