@@ -232,17 +232,7 @@ impl DenseHost {
             };
             Ok(GpuLinear::dense(gpu, out, inp, &self.weights[l], bias)?)
         };
-        Ok(LayerWeights {
-            q: lin(Linear::Q)?,
-            k: lin(Linear::K)?,
-            v: lin(Linear::V)?,
-            o: lin(Linear::O)?,
-            gate: lin(Linear::Gate)?,
-            up: lin(Linear::Up)?,
-            down: lin(Linear::Down)?,
-            in_norm: gpu.upload(&self.in_norm)?,
-            post_norm: gpu.upload(&self.post_norm)?,
-        })
+        LayerWeights::assemble(lin, || Ok((gpu.upload(&self.in_norm)?, gpu.upload(&self.post_norm)?)))
     }
 }
 
@@ -253,17 +243,16 @@ impl LayerWeights {
         let d = cfg.hidden_size;
         let n = |s: &str| crate::format::names::layer(i, s);
         let lin = |l: Linear| load_linear(gpu, store, cfg, &p, i, l);
-        Ok(LayerWeights {
-            q: lin(Linear::Q)?,
-            k: lin(Linear::K)?,
-            v: lin(Linear::V)?,
-            o: lin(Linear::O)?,
-            gate: lin(Linear::Gate)?,
-            up: lin(Linear::Up)?,
-            down: lin(Linear::Down)?,
-            in_norm: gpu.upload(&store.f32(&n("input_layernorm.weight"), &[d])?)?,
-            post_norm: gpu.upload(&store.f32(&n("post_attention_layernorm.weight"), &[d])?)?,
-        })
+        LayerWeights::assemble(lin, || Ok((gpu.upload(&store.f32(&n("input_layernorm.weight"), &[d])?)?, gpu.upload(&store.f32(&n("post_attention_layernorm.weight"), &[d])?)?)))
+    }
+
+    /// A layer from each linear's constructor (called in `Linear::ALL` order) and then the
+    /// two norms'.
+    fn assemble(lin: impl Fn(Linear) -> Result<GpuLinear>, norms: impl FnOnce() -> Result<(GpuBuf, GpuBuf)>) -> Result<Self> {
+        let (q, k, v, o) = (lin(Linear::Q)?, lin(Linear::K)?, lin(Linear::V)?, lin(Linear::O)?);
+        let (gate, up, down) = (lin(Linear::Gate)?, lin(Linear::Up)?, lin(Linear::Down)?);
+        let (in_norm, post_norm) = norms()?;
+        Ok(LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm })
     }
 
     pub fn linear_mut(&mut self, linear: Linear) -> &mut GpuLinear {
