@@ -16,6 +16,13 @@
 # steps, to fit one device call's 10 minutes; kernels-checked reruns the kernel bench with
 # LORAP_SHADER_CHECKS=checked, wgpu's runtime checks compiled in, to measure what they cost), --peak FP32[,FP16] (TFLOP/s, for adapters not in the bench's
 # table), --out DIR (default $OUT on the device machine, else target/gpu-bench).
+# One device call lasts at most 10 minutes and a machine left idle 30 s is given back bare, so
+# each call must carry a whole step group, e.g. (full mode):
+#   --only info,tests,kernels,kernels-checked      the suite and the kernel benches
+#   --only layer,pytorch                           one 7B layer: Rust and both PyTorch modes
+#   --only full        (GPU_BENCH_STEP_LIMIT=420)  synth (13.5 GB) + the whole 7B compress
+#   --only full,pytorch                            the whole-model comparison, if the Rust run
+#                                                  leaves time (a stopped step is reported)
 # The report: DIR/gpu-bench-report.md; the log and the compress runs' JSON beside it (four
 # files: the device machine sends back at most eight); synthetic models, compressed folders and
 # calibration ids go to GPU_BENCH_MODELS (default target/gpu-bench-models).
