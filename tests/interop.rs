@@ -107,7 +107,7 @@ fn gguf_export_keeps_pruned_widths_and_drops_layers() {
     let f8 = GgufFile::read(&out8.join(FILE)).unwrap();
     let ty = |n: &str| f8.tensors.iter().find(|(t, _)| t.name == n).unwrap().0.ty;
     assert_eq!(ty("blk.0.attn_q.weight"), TensorType::Q8_0);
-    assert_eq!(ty("blk.0.ffn_down.weight"), if widths[0] % 32 == 0 { TensorType::Q8_0 } else { TensorType::F16 });
+    assert_eq!(ty("blk.0.ffn_down.weight"), if widths[0].is_multiple_of(32) { TensorType::Q8_0 } else { TensorType::F16 });
     assert_eq!(ty("blk.0.attn_norm.weight"), TensorType::F32);
     // an existing output is refused without --force
     assert!(export_gguf(&common::gpu(), &small, GgufType::F16, &out, false, &mut |_, _| {}).is_err());

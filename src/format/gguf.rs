@@ -101,7 +101,7 @@ impl TensorType {
 
     /// Whether rows of `ne0` values can be stored in this type (q8_0 needs whole blocks).
     pub fn fits(self, ne0: u64) -> bool {
-        self != TensorType::Q8_0 || ne0 % Q8_0_BLOCK as u64 == 0
+        self != TensorType::Q8_0 || ne0.is_multiple_of(Q8_0_BLOCK as u64)
     }
 
     /// `values` encoded (for q8_0 the innermost dimension must be a multiple of 32).
@@ -355,7 +355,7 @@ impl GgufFile {
             let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let ty = TensorType::from_code(c.u32()?)?;
             let offset = c.u64()?;
-            ensure!(offset % ALIGNMENT == 0, "{name}: offset {offset} is not aligned to {ALIGNMENT}");
+            ensure!(offset.is_multiple_of(ALIGNMENT), "{name}: offset {offset} is not aligned to {ALIGNMENT}");
             infos.push((TensorInfo { name, dims, ty }, offset));
         }
         let data_start = align(c.at as u64);
