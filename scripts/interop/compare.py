@@ -3,7 +3,8 @@ and prints a markdown table; exits 1 when a runtime misses its bound.
 
 Bounds on the mean NLL, relative to the tool's: 1e-3 for transformers (float32) and GGUF
 f32/f16 (the f16 rounding of multiplied-back factor pairs and f32 summation order are far
-below it); 2e-2 for GGUF q8_0 (8-bit weights: a model-quality change, not a bug).
+below it); 1e-2 for GGUF q8_0 (8-bit weights change the model a little: measured
+1.6e-3 on SmolLM2-135M at 0.5).
 Parameter counts must equal the tool's for transformers; llama.cpp's count is reported
 with the difference the multiplied-back attention makes.
 
@@ -12,7 +13,7 @@ Usage: python compare.py NAME TOOL.json [RUNTIME_LABEL=FILE.json ...]"""
 import json
 import sys
 
-BOUNDS = {"transformers": 1e-3, "gguf-f32": 1e-3, "gguf-f16": 1e-3, "gguf-q8_0": 2e-2}
+BOUNDS = {"transformers": 1e-3, "gguf-f32": 1e-3, "gguf-f16": 1e-3, "gguf-q8_0": 1e-2}
 
 
 def main():
@@ -39,6 +40,17 @@ def main():
     fmt = lambda x, f: (f % x) if isinstance(x, (int, float)) else str(x)  # noqa: E731
     for label, p, size, nll, rel, bound, pre, gen, verdict in rows:
         print(f"| {label} | {p} | {size} | {nll:.6f} | {rel:+.2e} | {bound} | {fmt(pre, '%.1f')} | {fmt(gen, '%.1f')} | {verdict} |")
+    print()
+    for item in rest:
+        label, path = item.split("=", 1)
+        r = json.load(open(path))
+        if "round_trip" in r:
+            rt = r["round_trip"]
+            text = r["generated"].replace("\n", " ")
+            print(f"- {label}: class {r['class']}; save_pretrained/from_pretrained round trip: {rt['params']} parameters, max |logit diff| {rt['max_abs_logit_diff']:.3g}; greedy continuation of \"The capital of France is\": \"{text}\"")
+        if "tokenizer" in r:
+            t = r["tokenizer"]
+            print(f"- {label}: llama.cpp's tokenizer (from the GGUF) vs tokenizer.json on {t['tokens_hf']} tokens: {'identical' if t['identical'] else 'differ from token ' + str(t['first_difference'])}; llama-bench pp128 {r.get('bench_pp_tokens_per_second', float('nan')):.1f} tok/s")
     sys.exit(0 if ok else 1)
 
 

@@ -177,9 +177,10 @@ fn vocab_metadata(model: &Model) -> Result<Vec<(String, Value)>> {
         let ty = if t["special"].as_bool() == Some(true) { TokenType::Control } else { TokenType::UserDefined };
         place(t["id"].as_u64().context("tokenizer.json: an added token has no id")?, t["content"].as_str().unwrap_or(""), ty)?;
     }
-    // ids the tokenizer never produces (a vocabulary padded past the tokenizer) still need a name
+    // ids the tokenizer never produces (a vocabulary padded past the tokenizer) still need a
+    // name; llama.cpp marks them unused
+    let types: Vec<i32> = tokens.iter().zip(types).map(|(t, ty)| (if t.is_none() { TokenType::Unused } else { ty }) as i32).collect();
     let tokens: Vec<String> = tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
-    let types: Vec<i32> = types.into_iter().zip(&tokens).map(|(ty, t)| if t.starts_with("[PAD") && ty as i32 == 1 { TokenType::Unused } else { ty } as i32).collect();
     let merges: Vec<String> = m["merges"]
         .as_array()
         .context("tokenizer.json: model.merges is not a list")?
@@ -373,8 +374,7 @@ pub fn export_gguf(gpu: &Gpu, model: &Model, ty: GgufType, out: &Path, force: bo
         let file = std::fs::File::create(&file_path).with_context(|| format!("{}: cannot create", file_path.display()))?;
         let mut w = GgufWriter::new(BufWriter::with_capacity(1 << 20, file), &metadata, infos)?;
         let store = &model.store;
-        let names = crate::format::names::EMBED;
-        w.write_tensor(&store.f32(names, &[cfg.vocab_size, cfg.hidden_size])?)?;
+        w.write_tensor(&store.f32(crate::format::names::EMBED, &[cfg.vocab_size, cfg.hidden_size])?)?;
         w.write_tensor(&store.f32(crate::format::names::FINAL_NORM, &[cfg.hidden_size])?)?;
         if !cfg.tie_word_embeddings {
             w.write_tensor(&store.f32(crate::format::names::LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])?)?;

@@ -355,7 +355,7 @@ impl GgufFile {
             let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let ty = TensorType::from_code(c.u32()?)?;
             let offset = c.u64()?;
-            ensure!(offset % ALIGNMENT == 0, "{name}: offset {offset} is not aligned to {ALIGNMENT}");
+            ensure!(offset.is_multiple_of(ALIGNMENT), "{name}: offset {offset} is not aligned to {ALIGNMENT}");
             infos.push((TensorInfo { name, dims, ty }, offset));
         }
         let data_start = align(c.at as u64);
