@@ -985,9 +985,12 @@ impl Gpu {
         }
         let size = (params.len() as u64).next_multiple_of(16).max(16);
         let align = (self.limits.min_uniform_buffer_offset_alignment as u64).max(16);
+        // the encoder's identity keys both its uniform chunks and its timestamp queries
+        let key = EncoderKey::of(enc);
+        let timed = self.timer.as_ref().map(|t| t.lock().unwrap().next_pass(&self.device, key.clone()));
         let (uniform, offset) = {
             let mut ring = self.uniforms.lock().unwrap();
-            let slot = ring.slot(&self.device, EncoderKey::of(enc), size, align);
+            let slot = ring.slot(&self.device, key, size, align);
             self.pool.set_uniform_bytes(ring.alive * UNIFORM_CHUNK);
             slot
         };
@@ -1002,7 +1005,6 @@ impl Gpu {
             layout: &pipeline.layout,
             entries: &entries,
         });
-        let timed = self.timer.as_ref().map(|t| t.lock().unwrap().next_pass(&self.device, EncoderKey::of(enc)));
         let timestamp_writes = timed.as_ref().map(|(set, first)| wgpu::ComputePassTimestampWrites { query_set: set, beginning_of_pass_write_index: Some(*first), end_of_pass_write_index: Some(first + 1) });
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
         pass.set_pipeline(&pipeline.compute);

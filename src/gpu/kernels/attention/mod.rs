@@ -233,14 +233,20 @@ mod tests {
         let q = random(s.tokens * s.n_heads * s.head_dim, 10);
         let k = random(s.tokens * s.n_kv * s.head_dim, 11);
         let v = random(s.tokens * s.n_kv * s.head_dim, 12);
-        let (gq, gk, gv) = (g.upload(&q).unwrap(), g.upload(&k).unwrap(), g.upload(&v).unwrap());
         let want = causal_attention_ref(s, &q, &k, &v);
+        both_kernels_match(g, &format!("attention {s:?}"), [&q, &k, &v], &want, |enc, bufs, kernel| causal_attention_with(g, enc, s, bufs, kernel));
+    }
+
+    /// Runs `attend` with each attention kernel on q, k, v (uploaded once) and checks its
+    /// output against `want`.
+    fn both_kernels_match(g: &Gpu, what: &str, [q, k, v]: [&[f32]; 3], want: &[f64], attend: impl Fn(&mut wgpu::CommandEncoder, [&GpuBuf; 4], AttnKernel) -> Result<()>) {
+        let (gq, gk, gv) = (g.upload(q).unwrap(), g.upload(k).unwrap(), g.upload(v).unwrap());
         for kernel in [AttnKernel::Rows, AttnKernel::Flash] {
             let go = g.alloc(q.len()).unwrap();
             let mut enc = g.encoder();
-            causal_attention_with(g, &mut enc, s, [&gq, &gk, &gv, &go], kernel).unwrap();
+            attend(&mut enc, [&gq, &gk, &gv, &go], kernel).unwrap();
             g.submit(enc);
-            check(&format!("attention {kernel:?} {s:?}"), &g.read(&go).unwrap(), &want);
+            check(&format!("{what} {kernel:?}"), &g.read(&go).unwrap(), want);
         }
     }
 
@@ -286,15 +292,8 @@ mod tests {
         for x in k[(s.pos0 + s.tokens) * kd..].iter_mut().chain(v[(s.pos0 + s.tokens) * kd..].iter_mut()) {
             *x = f32::NAN;
         }
-        let (gq, gk, gv) = (g.upload(&q).unwrap(), g.upload(&k).unwrap(), g.upload(&v).unwrap());
         let want = cached_attention_ref(s, &q, &k, &v);
-        for kernel in [AttnKernel::Rows, AttnKernel::Flash] {
-            let go = g.alloc(q.len()).unwrap();
-            let mut enc = g.encoder();
-            cached_attention_with(g, &mut enc, s, [&gq, &gk, &gv, &go], kernel).unwrap();
-            g.submit(enc);
-            check(&format!("cached attention {kernel:?} {s:?}"), &g.read(&go).unwrap(), &want);
-        }
+        both_kernels_match(g, &format!("cached attention {s:?}"), [&q, &k, &v], &want, |enc, bufs, kernel| cached_attention_with(g, enc, s, bufs, kernel));
     }
 
     #[test]
