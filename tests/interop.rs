@@ -16,31 +16,11 @@ use lorap_gpu::pipeline::{self, Run};
 
 const VOCAB: usize = 101;
 
-/// A byte-level BPE tokenizer.json with two merges.
-fn write_bpe_tokenizer(dir: &std::path::Path) {
-    let named = ["<s>", "t", "1", "2", "t1", "t2"];
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..VOCAB).map(|i| (named.get(i).map_or_else(|| format!("x{i}"), |s| s.to_string()), serde_json::json!(i))).collect();
-    let tok = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": ["t 1", "t 2"]},
-    });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
-}
-
 fn compressed(dir: &std::path::Path) -> (Model, Model) {
     let src = dir.join("dense");
     let cfg = synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 3, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: VOCAB, tied: true });
     synthetic::write_random_model(&src, &cfg, 5).unwrap();
-    write_bpe_tokenizer(&src);
+    common::write_bpe_tokenizer(&src, VOCAB);
     let dense = Model::open(&src).unwrap();
     let plan = Plan {
         layers: vec![

@@ -527,8 +527,8 @@ fn unsupported_config_features_are_refused_up_front() {
     let compress = |m: &Path, seq: &str| with_paths(&["compress", "--ratio", "0.3", "--samples", "2", "--seq-len", seq], &[("--model", m), ("--calib", &calib), ("--out", &out)], &[]);
     let eval = |m: &Path, seq: &str| with_paths(&["eval", "--seq-len", seq], &[("--model", m), ("--text", &calib)], &[]);
     let cases: Vec<(&str, &str, serde_json::Value, ErrorClass, &str)> = vec![
-        ("attention bias", "llama", serde_json::json!({"attention_bias": true}), ErrorClass::Unsupported, "attention_bias: true"),
-        ("mlp bias", "llama", serde_json::json!({"mlp_bias": true}), ErrorClass::Unsupported, "mlp_bias: true"),
+        ("mistral biases", "mistral", serde_json::json!({"attention_bias": true}), ErrorClass::Unsupported, "attention_bias / mlp_bias: true on a mistral model"),
+        ("qwen2 mlp bias", "qwen2", serde_json::json!({"mlp_bias": true}), ErrorClass::Unsupported, "mlp_bias: true on a qwen2 model"),
         ("yarn", "llama", serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), ErrorClass::Unsupported, "rope_scaling.rope_type \"yarn\" is not supported"),
         ("llama3 factor 0", "llama", serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 0}}), ErrorClass::BadConfig, "rope_scaling.factor must be a positive finite number, got 0"),
         ("llama3 equal frequency factors", "llama", serde_json::json!({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 2, "high_freq_factor": 2}}), ErrorClass::BadConfig, "rope_scaling.high_freq_factor"),

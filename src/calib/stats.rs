@@ -1,6 +1,7 @@
 //! Activation statistics of a layer's linear inputs, accumulated on the GPU over all
 //! calibration tokens: per-column sums of squares (activation scales) and, for methods that
-//! need them, Gram matrices (input covariances).
+//! need them, Gram matrices (input covariances) or the FFN intermediate features' moments
+//! split into fitting and held-out windows.
 
 use anyhow::Result;
 
@@ -19,6 +20,41 @@ struct InputStats {
     gram: Option<[(GpuBuf, GpuBuf); 4]>,
     ones: Option<GpuBuf>,
     tokens: usize,
+    /// The down_proj input's moments, fitting and held-out windows apart.
+    ffn: Option<FfnMomentsAcc>,
+}
+
+/// Every `HOLD_OUT_EVERY`-th calibration window (the 4th, 8th, ...) is held out of the FFN
+/// refit's fit: the ridge is chosen on those windows, then the fit uses them too.
+pub const HOLD_OUT_EVERY: usize = 4;
+
+/// GPU accumulators of `FfnMoments`.
+struct FfnMomentsAcc {
+    /// (Gram, column sums) of the fitting and the held-out windows.
+    fit: (GpuBuf, GpuBuf),
+    held_out: (GpuBuf, GpuBuf),
+    seq_len: usize,
+    /// Windows seen so far (the batches come in window order).
+    windows: usize,
+    fit_tokens: usize,
+    held_out_tokens: usize,
+}
+
+impl InputStats {
+    /// A ones vector of at least `rows` entries (the column sums are ones^T X).
+    fn ones(&mut self, gpu: &Gpu, rows: usize) -> GpuResult<&GpuBuf> {
+        if self.ones.as_ref().is_none_or(|o| (o.bytes() / 4) < rows as u64) {
+            self.ones = Some(gpu.upload(&vec![1f32; rows])?);
+        }
+        Ok(self.ones.as_ref().unwrap())
+    }
+}
+
+/// G += X^T X and sum += 1^T X over rows `row0..row0 + rows` of x [.., cols].
+fn moments_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, ones: &GpuBuf, x: &GpuBuf, (row0, rows): (usize, usize), cols: usize, (g, sum): (&GpuBuf, &GpuBuf)) -> GpuResult<()> {
+    let xs = matmul::Operand { offset: row0 * cols, ..matmul::Operand::new(x, cols) };
+    matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: cols, n: cols, k: rows }, a: xs.t(), b: xs, c: matmul::GemmOutput::new(g, cols), scale: matmul::Scale::ADD })?;
+    matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: 1, n: cols, k: rows }, a: matmul::Operand::new(ones, rows), b: xs, c: matmul::GemmOutput::new(sum, cols), scale: matmul::Scale::ADD })
 }
 
 impl Observer for InputStats {
@@ -28,14 +64,28 @@ impl Observer for InputStats {
             self.tokens += rows;
         }
         norms::col_sumsq_accumulate(gpu, enc, x, rows, cols, &self.sumsq[s])?;
-        if let Some(gram) = &self.gram {
+        if self.gram.is_some() {
+            self.ones(gpu, rows)?;
+            let (Some(gram), Some(ones)) = (&self.gram, &self.ones) else { unreachable!() };
             let (g, sum) = &gram[s];
-            matmul::gram_accumulate(gpu, enc, x, rows, cols, g)?;
-            if self.ones.as_ref().is_none_or(|o| (o.bytes() / 4) < rows as u64) {
-                self.ones = Some(gpu.upload(&vec![1f32; rows])?);
+            moments_accumulate(gpu, enc, ones, x, (0, rows), cols, (g, sum))?;
+        }
+        if site == Site::DownInput && self.ffn.is_some() {
+            self.ones(gpu, rows)?;
+            let (Some(acc), Some(ones)) = (&mut self.ffn, &self.ones) else { unreachable!() };
+            let windows = rows / acc.seq_len;
+            // runs of consecutive windows of one kind, one pair of products each
+            let mut w = 0;
+            while w < windows {
+                let held = |k: usize| (acc.windows + k) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1;
+                let kind = held(w);
+                let end = (w..windows).find(|&k| held(k) != kind).unwrap_or(windows);
+                let (target, count) = if kind { (&acc.held_out, &mut acc.held_out_tokens) } else { (&acc.fit, &mut acc.fit_tokens) };
+                moments_accumulate(gpu, enc, ones, x, (w * acc.seq_len, (end - w) * acc.seq_len), cols, (&target.0, &target.1))?;
+                *count += (end - w) * acc.seq_len;
+                w = end;
             }
-            let ones = self.ones.as_ref().unwrap();
-            matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: 1, n: cols, k: rows }, a: matmul::Operand::new(ones, rows), b: matmul::Operand::new(x, cols), c: matmul::GemmOutput::new(sum, cols), scale: matmul::Scale::ADD })?;
+            acc.windows += windows;
         }
         Ok(())
     }
@@ -48,6 +98,35 @@ pub struct LayerStats {
     /// Input covariance [cols, cols] of each site (methods that need it): the uncentred
     /// second moment by default.
     pub cov: Option<[Vec<f32>; 4]>,
+    /// The down_proj input's moments (`StatsNeed::FfnMoments`).
+    pub ffn: Option<FfnMoments>,
+}
+
+/// Sums over some calibration tokens of h h^T and h (h: one token's features).
+#[derive(Debug, Clone)]
+pub struct Moments {
+    /// Sum of h h^T, [dim, dim] row-major.
+    pub gram: Vec<f32>,
+    /// Sum of h.
+    pub sum: Vec<f32>,
+    pub tokens: usize,
+}
+
+impl Moments {
+    /// Both sets' sums together.
+    pub fn merged(&self, other: &Moments) -> Moments {
+        let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect();
+        Moments { gram: add(&self.gram, &other.gram), sum: add(&self.sum, &other.sum), tokens: self.tokens + other.tokens }
+    }
+}
+
+/// The FFN intermediate features' (down_proj input's) moments over the fitting windows
+/// and over the held-out ones (every `HOLD_OUT_EVERY`-th window).
+#[derive(Debug, Clone)]
+pub struct FfnMoments {
+    pub dim: usize,
+    pub fit: Moments,
+    pub held_out: Moments,
 }
 
 impl LayerStats {
@@ -88,6 +167,9 @@ pub enum StatsNeed {
     Scales,
     /// Also each input site's covariance: mean-centred, or the uncentred second moment.
     Covariance { centred: bool },
+    /// Also the down_proj input's moments, fitting and held-out windows apart (the FFN
+    /// least-squares refit and the OBS channel selection).
+    FfnMoments,
 }
 
 /// One statistics pass of the calibration states through the dense layer `dense` (the
@@ -95,7 +177,7 @@ pub enum StatsNeed {
 pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, states: StatesView, need: StatsNeed) -> Result<LayerStats> {
     let StatesView { table, states: batches, seq_len, windows } = states;
     let (need_cov, centred) = match need {
-        StatsNeed::Scales => (false, false),
+        StatsNeed::Scales | StatsNeed::FfnMoments => (false, false),
         StatsNeed::Covariance { centred } => (true, centred),
     };
     let dims = [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, dense.gate.out];
@@ -105,7 +187,13 @@ pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &
     } else {
         None
     };
-    let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0 };
+    let ffn = if need == StatsNeed::FfnMoments {
+        let pair = || -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(dims[3] * dims[3])?, gpu.zeros(dims[3])?)) };
+        Some(FfnMomentsAcc { fit: pair()?, held_out: pair()?, seq_len, windows: 0, fit_tokens: 0, held_out_tokens: 0 })
+    } else {
+        None
+    };
+    let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0, ffn };
     batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
         // only the inputs are needed: the next layer's come from the compressed layer
@@ -133,7 +221,58 @@ pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &
             Some(std::array::from_fn(|_| it.next().unwrap()))
         }
     };
+    let ffn = match &stats.ffn {
+        None => None,
+        Some(acc) => {
+            let mut v = gpu.read_many(&[&acc.fit.0, &acc.fit.1, &acc.held_out.0, &acc.held_out.1])?.into_iter();
+            let mut next = || v.next().unwrap_or_default();
+            let fit = Moments { gram: next(), sum: next(), tokens: acc.fit_tokens };
+            let held_out = Moments { gram: next(), sum: next(), tokens: acc.held_out_tokens };
+            Some(FfnMoments { dim: dims[3], fit, held_out })
+        }
+    };
     let mut it = sc.into_iter();
-    Ok(LayerStats { scales: std::array::from_fn(|_| it.next().unwrap()), cov })
+    Ok(LayerStats { scales: std::array::from_fn(|_| it.next().unwrap()), cov, ffn })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::test_util::{gpu, random};
+
+    /// The split moments against f64 sums over the same windows: every 4th window (counted
+    /// across batches) held out, windows of 7 tokens, 13 awkward columns, batches of 3 and
+    /// then 6 windows (so the held-out runs cross the batch boundary). f32 GEMM sums of a
+    /// few dozen products: bound 1e-5 relative.
+    #[test]
+    fn ffn_moments_split_windows_as_the_reference_does() {
+        let g = gpu();
+        let (seq, cols) = (7usize, 13usize);
+        let pair = || (g.zeros(cols * cols).unwrap(), g.zeros(cols).unwrap());
+        let ffn = FfnMomentsAcc { fit: pair(), held_out: pair(), seq_len: seq, windows: 0, fit_tokens: 0, held_out_tokens: 0 };
+        let mut st = InputStats { sumsq: std::array::from_fn(|_| g.zeros(cols).unwrap()), gram: None, ones: None, tokens: 0, ffn: Some(ffn) };
+        let batches = [random(3 * seq * cols, 41), random(6 * seq * cols, 42)];
+        for x in &batches {
+            let buf = g.upload(x).unwrap();
+            let mut enc = g.encoder();
+            st.see(&g, &mut enc, Site::DownInput, &buf, x.len() / cols, cols).unwrap();
+            g.submit(enc);
+        }
+        let acc = st.ffn.as_ref().unwrap();
+        assert_eq!((acc.fit_tokens, acc.held_out_tokens, acc.windows), (7 * seq, 2 * seq, 9));
+        let rows: Vec<&[f32]> = batches.iter().flat_map(|b| b.chunks(cols)).collect();
+        for (held, (gb, sb)) in [(false, &acc.fit), (true, &acc.held_out)] {
+            let (gram, sum) = (g.read(gb).unwrap(), g.read(sb).unwrap());
+            let mine: Vec<&[f32]> = rows.iter().enumerate().filter(|(t, _)| ((t / seq) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) == held).map(|(_, r)| *r).collect();
+            for i in 0..cols {
+                let s: f64 = mine.iter().map(|r| r[i] as f64).sum();
+                assert!((sum[i] as f64 - s).abs() <= 1e-5 * (1.0 + s.abs()), "held {held} sum {i}");
+                for j in 0..cols {
+                    let want: f64 = mine.iter().map(|r| r[i] as f64 * r[j] as f64).sum();
+                    assert!((gram[i * cols + j] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "held {held} gram ({i}, {j}): {} vs {want}", gram[i * cols + j]);
+                }
+            }
+        }
+    }
+}

@@ -236,6 +236,15 @@ pub struct CompressArgs {
     /// Ablation: score FFN channels by weight magnitudes only.
     #[arg(long)]
     pub magnitude_ffn: bool,
+    /// FFN compensation: refit the kept down_proj columns by ridge least squares with a
+    /// bias; the ridge (or no refit, or the removed channels' mean as the bias alone) is
+    /// chosen per layer on every 4th calibration window, held out of the fit.
+    #[arg(long)]
+    pub ffn_refit: bool,
+    /// How FFN channels are scored: wanda (weight norms x activation scales) or obs (the
+    /// output error left when the other channels compensate; the features' covariance).
+    #[arg(long, value_enum)]
+    pub ffn_selection: Option<crate::methods::ffn::ChannelSelection>,
     /// Power iterations of the randomized SVD.
     #[arg(long, default_value_t = 4)]
     pub power_iters: usize,
@@ -371,6 +380,8 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             weighted_svd: !a.plain_svd,
             reserve: if a.no_reserve { 0.0 } else { 0.01 },
             ffn_activation_scores: !a.magnitude_ffn,
+            ffn_selection: a.ffn_selection.unwrap_or_default(),
+            ffn_refit: a.ffn_refit,
         }),
         Method::Sfsd => MethodOptions::Sfsd(SfsdOptions { centred: a.sfsd_centred }),
         Method::Mpo => MethodOptions::Mpo(MpoOptions { cores: a.mpo_cores, max_bond: a.mpo_max_bond, share_centre: a.mpo_share_centre, matrices: a.mpo_matrices()? }),

@@ -236,8 +236,10 @@ impl CompressArgs {
     /// A method's own flags given with another `--method` are refused, not ignored.
     fn method_flags_match(&self) -> Result<(), CompressError> {
         use crate::methods::Method;
-        let given: [(&str, bool, Method); 7] = [
+        let given: [(&str, bool, Method); 9] = [
             ("--plain-svd", self.plain_svd, Method::Lorap),
+            ("--ffn-refit", self.ffn_refit, Method::Lorap),
+            ("--ffn-selection", self.ffn_selection.is_some(), Method::Lorap),
             ("--no-reserve", self.no_reserve, Method::Lorap),
             ("--magnitude-ffn", self.magnitude_ffn, Method::Lorap),
             ("--sfsd-centred", self.sfsd_centred, Method::Sfsd),

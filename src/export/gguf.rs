@@ -282,6 +282,11 @@ impl Layout<'_> {
             for lin in Linear::ALL {
                 let (o, inp) = cfg.linear_shape(&plan, lin);
                 t.push(TensorInfo::new(format!("blk.{i}.{}.weight", gguf_name(lin)), &[o, inp], self.matrix_type(inp)));
+                // a bias (the model's or one the method added): llama.cpp's llama and deci
+                // graphs load them where present
+                if cfg.has_bias(&plan, lin) {
+                    t.push(TensorInfo::new(format!("blk.{i}.{}.bias", gguf_name(lin)), &[o], TensorType::F32));
+                }
                 // llama.cpp's order: the FFN norm follows the attention output
                 if lin == Linear::O {
                     t.push(TensorInfo::new(format!("blk.{i}.ffn_norm.weight"), &[d], TensorType::F32));
@@ -387,8 +392,19 @@ pub fn export_gguf(gpu: &Gpu, model: &Model, ty: GgufType, out: &Path, force: bo
             progress(i, n);
             let norm = |s: &str| store.f32(&crate::format::names::layer(i, s), &[cfg.hidden_size]);
             w.write_tensor(&norm(crate::format::names::INPUT_NORM)?)?;
+            let plan = cfg.layer_plan(i);
             for lin in Linear::ALL {
                 w.write_tensor(&layout.linear(i, lin)?)?;
+                if cfg.has_bias(&plan, lin) {
+                    let (o, _) = cfg.linear_shape(&plan, lin);
+                    let b = store.f32(&crate::format::names::linear(i, lin, "bias"), &[o])?;
+                    // q and k rows are interleaved for llama.cpp's rope: their biases too
+                    w.write_tensor(&match lin {
+                        Linear::Q => rope_interleave(&b, cfg.n_heads(), cfg.head_dim(), 1),
+                        Linear::K => rope_interleave(&b, cfg.n_kv_heads(), cfg.head_dim(), 1),
+                        _ => b,
+                    })?;
+                }
                 if lin == Linear::O {
                     w.write_tensor(&norm(crate::format::names::POST_NORM)?)?;
                 }

@@ -46,6 +46,9 @@ fn hf_config(model: &Model) -> Value {
     c.insert("model_type".into(), json!("lorap"));
     c.insert("lorap_base_model_type".into(), base);
     c.insert("lorap_qkv_bias".into(), json!(model.cfg.qkv_bias()));
+    // the model's own biases by linear (the compression's are in each layer's `biases`)
+    let own: Vec<&str> = Linear::ALL.into_iter().filter(|&l| model.cfg.own_bias(l)).map(|l| l.short()).collect();
+    c.insert("lorap_own_biases".into(), json!(own));
     c.insert("architectures".into(), json!(["LorapForCausalLM"]));
     c.insert("auto_map".into(), json!({"AutoConfig": "configuration_lorap.LorapConfig", "AutoModelForCausalLM": "modeling_lorap.LorapForCausalLM"}));
     Value::Object(c)
@@ -87,11 +90,9 @@ pub fn export_hf(model: &Model, out: &Path, force: bool, progress: &mut dyn FnMu
         let plan = cfg.layer_plan(i);
         let mut tensors = Vec::new();
         for lin in Linear::ALL {
+            // weights, factors or cores, and the bias where the linear has one
             for (name, _) in cfg.stored_tensors(&plan, lin, &crate::format::names::linear_base(i, lin)) {
                 tensors.push(renamed(store, &name)?);
-            }
-            if lin.is_qkv() && cfg.qkv_bias() {
-                tensors.push(renamed(store, &crate::format::names::linear(i, lin, "bias"))?);
             }
         }
         for m in [crate::format::names::INPUT_NORM, crate::format::names::POST_NORM] {

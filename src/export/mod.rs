@@ -43,6 +43,25 @@ fn multiply(gpu: &Gpu, a: &[f32], b: &[f32], out: usize, r: usize, inp: usize) -
     Ok(gpu.read(&w)?)
 }
 
+/// Which of transformers' LlamaConfig bias switches a dense export needs.
+struct BiasGroups {
+    /// q, k, v, o carry biases (`attention_bias`).
+    attention: bool,
+    /// gate, up, down carry biases (`mlp_bias`).
+    mlp: bool,
+    /// The method added a bias somewhere (the export is then written as a llama).
+    added: bool,
+}
+
+impl BiasGroups {
+    fn of(cfg: &crate::model::ModelConfig) -> Self {
+        let added: Vec<Linear> = (0..cfg.num_hidden_layers).flat_map(|i| cfg.layer_plan(i).biases).collect();
+        let attention = added.iter().any(|l| l.is_attention());
+        let mlp = added.iter().any(|l| !l.is_attention());
+        BiasGroups { attention: attention || (cfg.qkv_bias() && !added.is_empty()), mlp, added: !added.is_empty() }
+    }
+}
+
 /// Writes `model` (compressed by this tool) as a dense checkpoint in `out`.
 pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progress: &mut dyn FnMut(usize, usize)) -> Result<PathBuf> {
     let cfg = &model.cfg;
@@ -51,6 +70,10 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
     }
     let store = &model.store;
     let n = cfg.num_hidden_layers;
+    let groups = BiasGroups::of(cfg);
+    if groups.added && cfg.attention_window().is_some() {
+        return Err(crate::model::config::ConfigError::Feature { path: cfg.path.clone(), what: "hf-dense export of a model with added biases writes a llama config, which has no sliding attention window".into() }.into());
+    }
     let mut folder = OutputFolder::create(out, &model.dir, force, n + 1)?;
     let (d, f_full) = (cfg.hidden_size, cfg.intermediate_size);
     for i in 0..n {
@@ -96,10 +119,20 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
             };
             tensors.push(OutTensor { name: wname, dtype, bytes: encode(&w, dtype), shape });
         }
-        if cfg.qkv_bias() {
-            for lin in Linear::ALL.into_iter().filter(|l| l.is_qkv()) {
-                tensors.push(OutTensor::copied(store, &crate::format::names::linear(i, lin, "bias"))?);
-            }
+        let group_on = |l: Linear| if l.is_attention() { groups.attention } else { groups.mlp };
+        for lin in Linear::ALL.into_iter().filter(|&l| group_on(l) || cfg.has_bias(&plan, l)) {
+            let bname = crate::format::names::linear(i, lin, "bias");
+            let (o, _) = cfg.linear_shape(&plan, lin);
+            // transformers switches biases on per group: the group's others are zeros, and a
+            // pruned gate/up bias is zero-padded like its rows
+            let b = if cfg.has_bias(&plan, lin) { store.f32(&bname, &[o])? } else { vec![0.0; o] };
+            let full = match lin {
+                Linear::Gate | Linear::Up => f_full,
+                _ => o,
+            };
+            let mut b = b;
+            b.resize(full, 0.0);
+            tensors.push(OutTensor { name: bname, dtype, bytes: encode(&b, dtype), shape: vec![full] });
         }
         for m in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             tensors.push(OutTensor::copied(store, &name(m))?);
@@ -115,6 +148,14 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
     folder.write_shard(n, &rest)?;
     let mut cfg_json = cfg.raw.clone();
     cfg_json.remove("lorap");
+    if groups.added {
+        // stock transformers has per-group bias switches only in LlamaConfig (qwen2's and
+        // mistral's MLPs have none): the same function as a llama, the q/k/v biases kept
+        cfg_json.insert("model_type".into(), "llama".into());
+        cfg_json.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        cfg_json.insert("attention_bias".into(), groups.attention.into());
+        cfg_json.insert("mlp_bias".into(), groups.mlp.into());
+    }
     folder.write_json("config.json", &serde_json::Value::Object(cfg_json))?;
     folder.copy_side_files(&model.dir)?;
     progress(n, n);

@@ -102,6 +102,11 @@ pub struct LayerPlan {
     /// Matrices stored as MPO cores, by linear name ("self_attn.q_proj", "mlp.up_proj", ...).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub mpo: std::collections::BTreeMap<String, MpoShape>,
+    /// Linears the method gave a bias (`{linear}.bias`, [out]): compensation of what was
+    /// removed (e.g. down_proj after the FFN refit). The model's own q/k/v biases (qwen2)
+    /// are not listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub biases: Vec<Linear>,
 }
 
 /// Shape of an MPO-stored matrix: rows = prod(row_factors), cols = prod(col_factors), core k
@@ -181,6 +186,11 @@ pub enum LinearRepr {
 }
 
 impl LayerPlan {
+    /// Whether the method gave `linear` a bias.
+    pub fn has_added_bias(&self, linear: Linear) -> bool {
+        self.biases.contains(&linear)
+    }
+
     fn rank_slot(&mut self, linear: Linear) -> &mut Option<usize> {
         match linear {
             Linear::Q => &mut self.q_rank,

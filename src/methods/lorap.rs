@@ -1,15 +1,17 @@
 //! LoRAP for one layer: activation-weighted low-rank q/k/v/o (randomized SVD of W S, the
 //! attention budget allocated across the four matrices) and gradient-free FFN channel
-//! pruning with the 1% reservation (method.md section 1).
+//! pruning with the 1% reservation (method.md section 1); optionally OBS channel scores
+//! and the least-squares refit of down_proj with a bias (`refit`).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use serde::{Deserialize, Serialize};
 
 use super::allocate::{self, Allocation, MatrixSpec};
-use super::ffn;
+use super::ffn::{self, ChannelSelection};
+use super::refit;
 use super::svd;
-use super::{BuiltLayer, LayerInput, LayerMethod};
+use super::{BuiltLayer, LayerInput, LayerMethod, StatsNeed};
 use crate::format::linear::Linear;
 use crate::format::plan::LayerPlan;
 use crate::gpu::Gpu;
@@ -59,11 +61,24 @@ pub struct LorapOptions {
     pub reserve: f64,
     /// Wanda-style activation-weighted channel scores (false: weight magnitudes only).
     pub ffn_activation_scores: bool,
+    /// How FFN channels are scored for removal.
+    #[serde(default)]
+    pub ffn_selection: ChannelSelection,
+    /// Refit the kept down_proj columns by ridge least squares with a bias (`refit`).
+    #[serde(default)]
+    pub ffn_refit: bool,
+}
+
+impl LorapOptions {
+    /// Whether the FFN work needs the intermediate features' moments.
+    pub fn needs_ffn_moments(&self) -> bool {
+        self.ffn_refit || self.ffn_selection == ChannelSelection::Obs
+    }
 }
 
 impl Default for LorapOptions {
     fn default() -> Self {
-        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true }
+        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, ffn_selection: ChannelSelection::Wanda, ffn_refit: false }
     }
 }
 
@@ -76,6 +91,14 @@ pub struct Lorap {
 impl LayerMethod for Lorap {
     fn name(&self) -> &'static str {
         "lorap"
+    }
+
+    fn stats_need(&self) -> StatsNeed {
+        if self.opts.needs_ffn_moments() {
+            StatsNeed::FfnMoments
+        } else {
+            StatsNeed::Scales
+        }
     }
 
     /// Activation-weighted SVD of q/k/v/o with the attention budget allocated across them,
@@ -166,18 +189,43 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
         bail!("layer {i}: FFN is not dense");
     };
-    let sxg = gpu.upload(sx)?;
-    let scores = ffn::channel_scores(gpu, [wg, wu, wd], &sxg, sh, d)?;
+    let moments = || stats.ffn.as_ref().context("the FFN refit and OBS scores need the intermediate features' moments");
+    let scores = match opts.opts.ffn_selection {
+        ChannelSelection::Wanda => ffn::channel_scores(gpu, [wg, wu, wd], &gpu.upload(sx)?, sh, d)?,
+        ChannelSelection::Obs => {
+            let m = moments()?;
+            let t = std::time::Instant::now();
+            let s = ffn::obs_scores(&host.weights[Linear::Down], d, &m.fit.merged(&m.held_out))?;
+            built.host_seconds += t.elapsed().as_secs_f64();
+            s
+        }
+    };
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
     let kept = ffn::kept_channels(&scores, remove, opts.opts.reserve);
     let (gate, up) = (ffn::gather_rows(&host.weights[Linear::Gate], d, &kept), ffn::gather_rows(&host.weights[Linear::Up], d, &kept));
-    let down = ffn::gather_cols(&host.weights[Linear::Down], d, f, &kept);
+    let (down, bias) = if opts.opts.ffn_refit {
+        let t = std::time::Instant::now();
+        let r = refit::refit_down(&host.weights[Linear::Down], d, &kept, moments()?).with_context(|| format!("layer {i}"))?;
+        built.host_seconds += t.elapsed().as_secs_f64();
+        built.ffn_refit = Some(r.report);
+        // the compensation adds to a bias the dense down_proj already had
+        let bias = match (r.bias, &host.biases[Linear::Down]) {
+            (Some(b), Some(own)) => Some(b.iter().zip(own).map(|(x, y)| x + y).collect()),
+            (b, _) => b,
+        };
+        (r.w, bias)
+    } else {
+        (ffn::gather_cols(&host.weights[Linear::Down], d, f, &kept), None)
+    };
     let fk = kept.len();
     built.plan.ffn_width = fk;
     built.ffn_kept_channels = kept.clone();
     built.dense(gpu, Linear::Gate, &gate, fk, d)?;
     built.dense(gpu, Linear::Up, &up, fk, d)?;
     built.dense(gpu, Linear::Down, &down, d, fk)?;
+    if let Some(b) = bias {
+        built.bias(gpu, Linear::Down, &b)?;
+    }
     Ok(())
 }
 

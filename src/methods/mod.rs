@@ -8,6 +8,7 @@ pub mod ffn;
 pub mod lorap;
 pub mod mpo;
 pub mod phase;
+pub mod refit;
 pub mod sfsd;
 pub mod svd;
 
@@ -185,11 +186,13 @@ pub struct BuiltLayer {
     /// Input FFN channels kept, ascending, when the method prunes channels (the report
     /// lists them so a baseline can keep the very same ones).
     pub ffn_kept_channels: Vec<usize>,
+    /// What the FFN compensation chose, when the method refits down_proj.
+    pub ffn_refit: Option<refit::RefitReport>,
 }
 
 impl BuiltLayer {
     pub fn new(dtype: Dtype, out_index: usize) -> Self {
-        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new() }
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new(), ffn_refit: None }
     }
 
     fn name(&self, linear: Linear, suffix: &str) -> String {
@@ -215,6 +218,29 @@ impl BuiltLayer {
         self.push(self.name(linear, "weight"), vec![out, inp], w);
         let w = round_trip(w, self.dtype);
         self.linears.push(GpuLinear::dense(gpu, out, inp, &w, None)?);
+        Ok(())
+    }
+
+    /// Gives `linear` (already built) the bias `b` [out] the method computed, stored as
+    /// `{linear}.bias` and listed in the plan's `biases`.
+    pub fn bias(&mut self, gpu: &Gpu, linear: Linear, b: &[f32]) -> Result<()> {
+        self.set_bias(gpu, linear, b)?;
+        self.plan.biases.push(linear);
+        Ok(())
+    }
+
+    /// Gives `linear` (already built) the model's own bias `b` (restricted to what the
+    /// method kept): stored, not listed as added.
+    pub fn model_bias(&mut self, gpu: &Gpu, linear: Linear, b: &[f32]) -> Result<()> {
+        self.set_bias(gpu, linear, b)
+    }
+
+    fn set_bias(&mut self, gpu: &Gpu, linear: Linear, b: &[f32]) -> Result<()> {
+        let b = round_trip(b, self.dtype);
+        let slot = self.linears.get_mut(linear.index()).context("a bias given before its linear was built")?;
+        anyhow::ensure!(slot.out == b.len() && slot.bias.is_none(), "{}: a bias of {} for {} outputs, or a second bias", linear.name(), b.len(), slot.out);
+        slot.bias = Some(gpu.upload(&b)?);
+        self.push(self.name(linear, "bias"), vec![b.len()], &b);
         Ok(())
     }
 

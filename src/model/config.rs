@@ -210,13 +210,14 @@ impl ModelConfig {
         c.path = path.into();
         let bad = |what: String| Err(ConfigError::Invalid { path: path.into(), what });
         let unsupported = |what: String| Err(ConfigError::Feature { path: path.into(), what });
-        // biases the forward pass lacks: refused, not dropped (qwen2's q/k/v biases are
-        // implemented; transformers' qwen2 has them whatever attention_bias says)
-        if c.attention_bias == Some(true) && c.model_type != ModelType::Qwen2 {
-            return unsupported("attention_bias: true (biases on q/k/v/o_proj) is not supported: the forward pass has no o_proj bias".into());
+        // llama's bias switches are honoured; mistral's modules have no biases whatever its
+        // config says, so a mistral config asking for them is refused, not dropped
+        // (transformers' qwen2 has q/k/v biases whatever attention_bias says)
+        if c.model_type == ModelType::Mistral && (c.attention_bias == Some(true) || c.mlp_bias == Some(true)) {
+            return unsupported("attention_bias / mlp_bias: true on a mistral model (transformers' mistral has no biases) is not supported".into());
         }
-        if c.mlp_bias == Some(true) {
-            return unsupported("mlp_bias: true (biases on gate/up/down_proj) is not supported: the forward pass has no FFN biases".into());
+        if c.model_type == ModelType::Qwen2 && c.mlp_bias == Some(true) {
+            return unsupported("mlp_bias: true on a qwen2 model (transformers' qwen2 has no FFN biases) is not supported".into());
         }
         if c.sliding_window == Some(0) {
             return bad("sliding_window must be positive (or null for none)".into());
@@ -296,6 +297,22 @@ impl ModelConfig {
         self.model_type == ModelType::Qwen2
     }
 
+    /// Whether the model's own `linear` has a bias: qwen2's q/k/v, llama's with
+    /// `attention_bias` (q/k/v/o) or `mlp_bias` (gate/up/down).
+    pub fn own_bias(&self, linear: Linear) -> bool {
+        match self.model_type {
+            ModelType::Qwen2 => linear.is_qkv(),
+            _ if linear.is_attention() => self.attention_bias == Some(true),
+            _ => self.mlp_bias == Some(true),
+        }
+    }
+
+    /// Whether `linear` of a layer with plan `p` has a bias: the model's own or one the
+    /// compression method added (`LayerPlan::biases`).
+    pub fn has_bias(&self, p: &LayerPlan, linear: Linear) -> bool {
+        self.own_bias(linear) || p.has_added_bias(linear)
+    }
+
     /// The sliding attention window the model uses (Mistral's `sliding_window`, Qwen2's
     /// with `use_sliding_window`), if any.
     pub fn attention_window(&self) -> Option<usize> {
@@ -365,17 +382,22 @@ impl ModelConfig {
     /// (e.g. "model.layers.3.self_attn.q_proj").
     pub fn stored_tensors(&self, p: &LayerPlan, linear: Linear, base: &str) -> Vec<(String, Vec<usize>)> {
         let (out, inp) = self.linear_shape(p, linear);
-        match p.repr(linear) {
+        let mut v = match p.repr(linear) {
             LinearRepr::Dense => vec![(format!("{base}.weight"), vec![out, inp])],
             LinearRepr::LowRank(r) => vec![(format!("{base}.factor_a"), vec![out, r]), (format!("{base}.factor_b"), vec![r, inp])],
             LinearRepr::Mpo(m) => m.core_shapes().iter().enumerate().filter(|(k, _)| !m.is_shared(*k)).map(|(k, s)| (format!("{base}.mpo_core_{k}"), s.to_vec())).collect(),
+        };
+        if self.has_bias(p, linear) {
+            v.push((format!("{base}.bias"), vec![out]));
         }
+        v
     }
 
-    /// Parameters `linear` of plan `p` stores.
+    /// Parameters `linear` of plan `p` stores (its bias included).
     pub fn linear_params(&self, p: &LayerPlan, linear: Linear) -> usize {
         let (out, inp) = self.linear_shape(p, linear);
-        match p.repr(linear) {
+        let bias = if self.has_bias(p, linear) { out } else { 0 };
+        bias + match p.repr(linear) {
             LinearRepr::Dense => out * inp,
             LinearRepr::LowRank(r) => r * (out + inp),
             LinearRepr::Mpo(m) => m.params(),
@@ -389,8 +411,7 @@ impl ModelConfig {
 
     /// Parameters of a decoder layer with plan `p`.
     pub fn plan_params(&self, p: &LayerPlan) -> usize {
-        let bias = if self.qkv_bias() { self.q_dim() + 2 * self.kv_dim() } else { 0 };
-        Linear::ALL.into_iter().map(|l| self.linear_params(p, l)).sum::<usize>() + 2 * self.hidden_size + bias
+        Linear::ALL.into_iter().map(|l| self.linear_params(p, l)).sum::<usize>() + 2 * self.hidden_size
     }
 
     /// Parameters of all decoder layers.
@@ -455,8 +476,15 @@ mod tests {
             Err(ConfigError::Invalid { what, .. }) => assert!(what.contains(with), "{extra}: {what}"),
             other => panic!("{extra}: expected an invalid config, got {other:?}"),
         };
-        feature(r#", "attention_bias": true"#, "attention_bias");
-        feature(r#", "mlp_bias": true"#, "mlp_bias");
+        // llama honours its bias switches; mistral's and qwen2's FFN modules have none
+        let llama = ModelConfig::parse(&config(r#", "attention_bias": true, "mlp_bias": true"#), "c").unwrap();
+        assert!(Linear::ALL.into_iter().all(|l| llama.own_bias(l)));
+        let on = |t: &str, extra: &str, with: &str| match ModelConfig::parse(&config(extra).replace("llama", t), "c") {
+            Err(ConfigError::Feature { what, .. }) => assert!(what.contains(with), "{t} {extra}: {what}"),
+            other => panic!("{t} {extra}: expected a refused feature, got {other:?}"),
+        };
+        on("mistral", r#", "attention_bias": true"#, "mistral");
+        on("qwen2", r#", "mlp_bias": true"#, "qwen2");
         feature(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#, "rope_scaling.type \"linear\"");
         feature(r#", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}"#, "rope_scaling.rope_type");
         for bad in [r#"{"rope_type": "llama3", "factor": 0}"#, r#"{"rope_type": "llama3", "factor": -2}"#, r#"{"rope_type": "llama3", "factor": "8"}"#] {

@@ -178,7 +178,7 @@ pub fn mpo_dense(store: &WeightStore, layer: usize, linear: Linear, shape: &MpoS
 fn load_linear(gpu: &Gpu, store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, layer: usize, linear: Linear) -> Result<GpuLinear> {
     let (out, inp) = cfg.linear_shape(p, linear);
     let name = crate::format::names::linear_base(layer, linear);
-    let bias = if linear.is_qkv() && cfg.qkv_bias() { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
+    let bias = if cfg.has_bias(p, linear) { Some(gpu.upload(&store.f32(&format!("{name}.bias"), &[out])?)?) } else { None };
     Ok(match p.repr(linear) {
         LinearRepr::Dense => GpuLinear::dense(gpu, out, inp, &store.f32(&format!("{name}.weight"), &[out, inp])?, bias)?,
         LinearRepr::LowRank(r) => {
@@ -196,7 +196,7 @@ pub struct DenseHost {
     pub layer: usize,
     /// The seven linears' weights [out, in].
     pub weights: PerLinear<Vec<f32>>,
-    /// Biases of q, k, v where the model has them (`None` for the others).
+    /// The model's own biases where it has them (`ModelConfig::own_bias`).
     pub biases: PerLinear<Option<Vec<f32>>>,
     pub in_norm: Vec<f32>,
     pub post_norm: Vec<f32>,
@@ -213,7 +213,7 @@ impl DenseHost {
             let (out, inp) = cfg.linear_shape(&full, lin);
             let name = crate::format::names::linear_base(i, lin);
             weights[lin] = store.f32(&format!("{name}.weight"), &[out, inp])?;
-            if lin.is_qkv() && cfg.qkv_bias() {
+            if cfg.own_bias(lin) {
                 biases[lin] = Some(store.f32(&format!("{name}.bias"), &[out])?);
             }
         }

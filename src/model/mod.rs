@@ -142,11 +142,6 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         out.push((names::layer(i, "input_layernorm.weight"), vec![d]));
         out.push((names::layer(i, "post_attention_layernorm.weight"), vec![d]));
-        if cfg.qkv_bias() {
-            for (n, width) in [("q_proj", cfg.q_dim()), ("k_proj", cfg.kv_dim()), ("v_proj", cfg.kv_dim())] {
-                out.push((names::layer(i, &format!("self_attn.{n}.bias")), vec![width]));
-            }
-        }
     }
     out
 }

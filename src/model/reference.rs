@@ -25,7 +25,7 @@ impl RefLinear {
     fn load(store: &WeightStore, cfg: &ModelConfig, p: &LayerPlan, l: usize, linear: Linear) -> Result<Self, WeightError> {
         let (out, inp) = cfg.linear_shape(p, linear);
         let name = crate::format::names::linear_base(l, linear);
-        let bias = if linear.is_qkv() && cfg.qkv_bias() { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
+        let bias = if cfg.has_bias(p, linear) { Some(f64v(store.f32(&format!("{name}.bias"), &[out])?)) } else { None };
         Ok(match p.repr(linear) {
             LinearRepr::Dense => RefLinear { out, inp, w: f64v(store.f32(&format!("{name}.weight"), &[out, inp])?), ab: None, bias },
             LinearRepr::Mpo(m) => RefLinear { out, inp, w: f64v(super::forward::mpo_dense(store, l, linear, &m)?), ab: None, bias },

@@ -19,7 +19,6 @@ pub use summary::{CompressionReport, LayerReport};
 
 use crate::calib::walker::Walker;
 use crate::error::CompressError;
-use crate::format::dtype::round_trip;
 use crate::format::output::{OutTensor, OutputFolder};
 use crate::format::plan::{CompressionSection, LayerPlan};
 use crate::gpu::Gpu;
@@ -114,6 +113,9 @@ pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &CompressOpt
         MethodOptions::Lorap(l) if !(0.0..1.0).contains(&l.reserve) => {
             return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", l.reserve)).into());
         }
+        MethodOptions::Lorap(l) if l.needs_ffn_moments() && calib.len() / seq_len.max(1) < crate::calib::stats::HOLD_OUT_EVERY => {
+            return Err(CompressError::BadArgument(format!("--ffn-refit and --ffn-selection obs need at least {} calibration windows (every {}th is held out to choose the ridge), got {}", crate::calib::stats::HOLD_OUT_EVERY, crate::calib::stats::HOLD_OUT_EVERY, calib.len() / seq_len.max(1))).into());
+        }
         MethodOptions::Lorap(_) | MethodOptions::Sfsd(_) => {}
     }
     if model.cfg.lorap.is_some() {
@@ -172,7 +174,11 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
     let reports_before = layer_reports.len();
 
     let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
-    let resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()), gpu.coop_f16());
+    let mut resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()), gpu.coop_f16());
+    if method.stats_need() == methods::StatsNeed::FfnMoments {
+        // two [f, f] Gram matrices (fitting and held-out windows) on the GPU
+        resident += 2 * (cfg.intermediate_size as u64).pow(2) * 4;
+    }
     let on_host = crate::calib::states::keep_on_host(gpu, state_bytes, resident);
     if on_host {
         tracing::info!(state_bytes, resident, "calibration states kept on the host (with a layer's work they would cross the GPU budget)");
@@ -234,17 +240,25 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         enter(&mut clock, Phase::Writing);
         clock.host_linear_algebra(built.host_seconds);
         let name = |s: &str| crate::format::names::layer(i, s);
-        if cfg.qkv_bias() {
-            for lin in Linear::ALL.into_iter().filter(|l| l.is_qkv()) {
-                let bias = host.biases[lin].as_deref().context("a q/k/v bias the config promises is missing")?;
-                built.linears[lin.index()].bias = Some(gpu.upload(&round_trip(bias, out_dtype))?);
-                built.push_copy(store, &crate::format::names::linear(i, lin, "bias"))?;
-            }
+        // the model's own biases, where the method set none; a pruned gate/up keeps the
+        // biases of its kept channels
+        let own: Vec<Linear> = Linear::ALL.into_iter().filter(|&l| cfg.own_bias(l) && !built.plan.has_added_bias(l)).collect();
+        for lin in own {
+            let bias = host.biases[lin].as_deref().context("a bias the config promises is missing")?;
+            let (out, _) = cfg.linear_shape(&built.plan, lin);
+            let bias = match lin {
+                Linear::Gate | Linear::Up if out != bias.len() => {
+                    anyhow::ensure!(built.ffn_kept_channels.len() == out, "layer {i}: the method pruned the FFN without naming the kept channels");
+                    built.ffn_kept_channels.iter().map(|&j| bias[j]).collect()
+                }
+                _ => bias.to_vec(),
+            };
+            built.model_bias(gpu, lin, &bias)?;
         }
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             built.push_copy(store, &name(n))?;
         }
-        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, .. } = built;
+        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, ffn_refit, .. } = built;
         // the dense linears go before propagation: under a budget only one copy of the
         // layer's weights is on the GPU while the states run through it
         let LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm } = dense;
@@ -273,6 +287,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             ffn_kept: plan.ffn_width,
             ffn_total: cfg.intermediate_size,
             ffn_kept_channels,
+            ffn_refit,
             weighted_rel_error: errors,
             spectra,
             params_before: cfg.layer_params(i),

@@ -18,6 +18,9 @@ pub struct LayerReport {
     /// prunes channels: what a baseline needs to keep the same ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ffn_kept_channels: Vec<usize>,
+    /// The FFN compensation's choice and its candidates' held-out errors (`--ffn-refit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_refit: Option<crate::methods::refit::RefitReport>,
     /// Relative weighted reconstruction error ||(W - AB) S||_F / ||W S||_F of q, k, v, o.
     pub weighted_rel_error: [f64; 4],
     /// Weighted singular values of q, k, v, o (as many as were computed).

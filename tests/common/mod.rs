@@ -112,3 +112,23 @@ pub fn tree_listing(dir: &std::path::Path) -> std::collections::BTreeMap<std::pa
     walk(dir, dir, &mut out);
     out
 }
+
+/// A byte-level BPE tokenizer.json with two merges.
+pub fn write_bpe_tokenizer(dir: &std::path::Path, vocab_size: usize) {
+    let named = ["<s>", "t", "1", "2", "t1", "t2"];
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..vocab_size).map(|i| (named.get(i).map_or_else(|| format!("x{i}"), |s| s.to_string()), serde_json::json!(i))).collect();
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": ["t 1", "t 2"]},
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+}

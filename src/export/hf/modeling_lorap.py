@@ -32,6 +32,8 @@ LINEARS = [
     "mlp.down_proj",
 ]
 RANK_KEYS = ["q_rank", "k_rank", "v_rank", "o_rank", "gate_rank", "up_rank", "down_rank"]
+# short names of the linears, as a layer's `biases` list (biases the compression added) names them
+SHORT = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
 class FactoredLinear(nn.Module):
@@ -102,6 +104,8 @@ class LorapForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         section = config.lorap
         qkv_bias = bool(getattr(config, "lorap_qkv_bias", False))
+        # folders written before `lorap_own_biases` name only qwen2's q/k/v biases
+        own_biases = getattr(config, "lorap_own_biases", None) or (["q", "k", "v"] if qkv_bias else [])
         d, hd = config.hidden_size, config.head_dim
         qd, kvd = config.num_attention_heads * hd, config.num_key_value_heads * hd
         holders = self._shared_holders(section["layers"])
@@ -112,7 +116,7 @@ class LorapForCausalLM(LlamaForCausalLM):
             mpo = plan.get("mpo") or {}
             for j, name in enumerate(LINEARS):
                 out_f, in_f = shapes[j]
-                bias = qkv_bias and j < 3
+                bias = SHORT[j] in own_biases or SHORT[j] in (plan.get("biases") or [])
                 if name in mpo:
                     lin = MpoLinear(mpo[name], bias, holders.get(name))
                 elif plan.get(RANK_KEYS[j]) is not None:

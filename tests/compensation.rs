@@ -1,0 +1,137 @@
+//! The FFN compensation end to end on small random models: OBS channel selection and the
+//! down_proj refit with its bias, stored, loaded, run on the GPU against the f64 CPU
+//! reference, counted, and carried by every export (hf-dense as a llama with mlp_bias, hf
+//! with the custom code's bias, GGUF's ffn_down.bias).
+
+mod common;
+
+use lorap_gpu::export::gguf::{export_gguf, GgufType, FILE};
+use lorap_gpu::format::gguf::GgufFile;
+use lorap_gpu::format::linear::Linear;
+use lorap_gpu::methods::ffn::ChannelSelection;
+use lorap_gpu::methods::lorap::LorapOptions;
+use lorap_gpu::methods::refit::RefitChoice;
+use lorap_gpu::methods::{CompressOptions, MethodOptions};
+use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
+use lorap_gpu::pipeline::{self, CompressionReport, Run};
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..n).map(|i| ((i as u64 * 2654435761 + seed * 97) % vocab as u64) as u32).collect()
+}
+
+fn refit_options(ratio: f64, selection: ChannelSelection) -> CompressOptions {
+    CompressOptions { method: MethodOptions::Lorap(LorapOptions { ffn_refit: true, ffn_selection: selection, ..Default::default() }), ratio, ..Default::default() }
+}
+
+/// A random model of `model_type` compressed with the refit: (dense, compressed, report).
+fn compressed(dir: &std::path::Path, model_type: &'static str, selection: ChannelSelection) -> (Model, Model, CompressionReport) {
+    let src = dir.join("dense");
+    let cfg = synthetic::config_json(synthetic::Shape { model_type, layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: false });
+    synthetic::write_random_model(&src, &cfg, 21).unwrap();
+    common::write_bpe_tokenizer(&src, 101);
+    let dense = Model::open(&src).unwrap();
+    let out = dir.join("small");
+    // 12 windows: 9 fit, 3 held out
+    let (_, rep) = pipeline::compress(&common::gpu(), &Run::new(&dense, &tokens(12 * 16, 101, 4), 16, &refit_options(0.3, selection), &out), &mut |_, _, _| {}).unwrap();
+    (dense, Model::open(&out).unwrap(), rep)
+}
+
+fn nll(m: &Model, toks: &[u32]) -> Vec<f32> {
+    Runner::new(common::gpu(), m.cfg.clone(), m.store.clone(), true).window_nll(toks, 12, &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn refit_biases_are_stored_counted_and_run_as_the_reference_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, small, rep) = compressed(dir.path(), "llama", ChannelSelection::Obs);
+    let sec = small.cfg.lorap.as_ref().unwrap();
+    for (l, plan) in rep.layers.iter().zip(&sec.layers) {
+        let r = l.ffn_refit.as_ref().expect("every layer reports its refit");
+        assert_eq!((r.fit_tokens, r.held_out_tokens), (9 * 16, 3 * 16));
+        assert_eq!(r.candidates.len(), 2 + lorap_gpu::methods::refit::RIDGE_GRID.len());
+        let best = r.candidates.iter().map(|c| c.held_out_rel_error).fold(f64::INFINITY, f64::min);
+        assert_eq!(r.candidates.iter().find(|c| c.choice == r.choice).unwrap().held_out_rel_error, best, "the held-out minimum is chosen");
+        assert_eq!(plan.biases.contains(&Linear::Down), r.choice != RefitChoice::Pruned);
+        assert!(plan.ffn_width < 160);
+    }
+    assert!(sec.layers.iter().any(|p| p.biases == vec![Linear::Down]), "a random model's FFN gains from some compensation");
+    // the bias is counted and stored
+    assert_eq!(small.cfg.decoder_params(), rep.decoder_params_after);
+    assert!(small.store.contains("model.layers.0.mlp.down_proj.bias") == sec.layers[0].biases.contains(&Linear::Down));
+    // GPU forward with the biases equals the f64 CPU reference
+    let toks = tokens(2 * 12, 101, 5);
+    let got = nll(&small, &toks);
+    let want: Vec<f64> = toks.chunks(12).flat_map(|w| reference::window_nll_ref(&small.cfg, &small.store, w).unwrap()).collect();
+    let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
+    assert!(e < 1e-4, "compressed forward GPU vs CPU: {e:e}");
+
+    // hf-dense: a stock llama with mlp_bias, computing the same function
+    let hf = dir.path().join("hf-dense");
+    lorap_gpu::export::export_hf_dense(&common::gpu(), &small, &hf, false, &mut |_, _| {}).unwrap();
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((raw["model_type"].as_str(), raw["mlp_bias"].as_bool(), raw["attention_bias"].as_bool()), (Some("llama"), Some(true), Some(false)));
+    let dense_export = Model::open(&hf).unwrap();
+    for name in ["gate_proj", "up_proj", "down_proj"] {
+        assert!(dense_export.store.contains(&format!("model.layers.1.mlp.{name}.bias")), "{name} bias (zeros where none was added)");
+    }
+    let e = lorap_gpu::gpu::rel_frobenius(&nll(&dense_export, &toks), &got.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(e < 1e-3, "hf-dense vs compressed NLL: {e:e}");
+
+    // hf (custom code): the bias under the linear's own name
+    let hfc = dir.path().join("hf");
+    lorap_gpu::export::hf::export_hf(&small, &hfc, false, &mut |_, _| {}).unwrap();
+    let exported = lorap_gpu::format::WeightStore::open(&hfc).unwrap();
+    for (i, plan) in sec.layers.iter().enumerate() {
+        assert_eq!(exported.contains(&format!("model.layers.{i}.mlp.down_proj.bias")), plan.biases.contains(&Linear::Down));
+    }
+
+    // GGUF: ffn_down.bias where the layer has one, counted in the file's parameters
+    let gg = dir.path().join("gguf");
+    let s = export_gguf(&common::gpu(), &small, GgufType::F32, &gg, false, &mut |_, _| {}).unwrap();
+    let f = GgufFile::read(&gg.join(FILE)).unwrap();
+    for (i, plan) in sec.layers.iter().enumerate() {
+        let name = format!("blk.{i}.ffn_down.bias");
+        match f.values(&name) {
+            Ok(v) => assert_eq!(v, small.store.f32(&format!("model.layers.{i}.mlp.down_proj.bias"), &[64]).unwrap()),
+            Err(_) => assert!(!plan.biases.contains(&Linear::Down), "{name} missing"),
+        }
+    }
+    assert_eq!(s.params, f.tensors.iter().map(|(t, _)| t.elements()).sum::<u64>());
+}
+
+/// qwen2 keeps its q/k/v biases; with an added down_proj bias hf-dense writes a llama with
+/// both bias groups on (o_proj's bias zero), the same function.
+#[test]
+fn qwen2_with_a_refit_exports_as_a_biased_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, small, _) = compressed(dir.path(), "qwen2", ChannelSelection::Wanda);
+    let sec = small.cfg.lorap.as_ref().unwrap();
+    assert!(sec.layers.iter().any(|p| p.biases.contains(&Linear::Down)));
+    assert!(small.store.contains("model.layers.0.self_attn.q_proj.bias"), "the model's own q/k/v biases stay");
+    let toks = tokens(2 * 12, 101, 6);
+    let got = nll(&small, &toks);
+    let want: Vec<f64> = toks.chunks(12).flat_map(|w| reference::window_nll_ref(&small.cfg, &small.store, w).unwrap()).collect();
+    assert!(lorap_gpu::gpu::rel_frobenius(&got, &want) < 1e-4);
+    let hf = dir.path().join("hf-dense");
+    lorap_gpu::export::export_hf_dense(&common::gpu(), &small, &hf, false, &mut |_, _| {}).unwrap();
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((raw["model_type"].as_str(), raw["mlp_bias"].as_bool(), raw["attention_bias"].as_bool()), (Some("llama"), Some(true), Some(true)));
+    let exported = Model::open(&hf).unwrap();
+    assert!(exported.store.contains("model.layers.0.self_attn.o_proj.bias"));
+    let e = lorap_gpu::gpu::rel_frobenius(&nll(&exported, &toks), &got.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(e < 1e-3, "hf-dense vs compressed NLL: {e:e}");
+}
+
+/// Too few calibration windows to hold any out: refused before any work, output untouched.
+#[test]
+fn the_refit_needs_held_out_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 1, hidden: 32, ffn: 64, heads: 2, kv_heads: 1, vocab: 50, tied: true }), 3).unwrap();
+    let model = Model::open(&src).unwrap();
+    let out = dir.path().join("never");
+    let e = pipeline::compress(&common::gpu(), &Run::new(&model, &tokens(3 * 16, 50, 1), 16, &refit_options(0.2, ChannelSelection::Wanda), &out), &mut |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("at least 4 calibration windows"), "{e}");
+    assert_eq!(lorap_gpu::cli::classify(&e), lorap_gpu::error::ErrorClass::BadArgument);
+    assert!(!out.exists());
+}
