@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::calib::stats::{FfnMoments, Moments};
 
 /// Ridges tried, relative to the mean kept-feature variance tr(Sigma[K, K]) / |K|.
-pub const RIDGE_GRID: [f64; 6] = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0];
+pub const RIDGE_GRID: [f64; 7] = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0];
 
 /// Output rows the held-out selection scores (a strided subset: each row is its own
 /// regression with the same normal matrix, so a subset compares the candidates at a
