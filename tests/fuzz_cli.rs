@@ -21,13 +21,13 @@ const FLAGS: &[&str] = &[
     "--target-ratio", "--evaluations", "--step", "--no-drop", "--allocation", "--seed", "--force", "--resume", "--json",
     "--text", "--max-tokens", "--task", "--prompt", "--max-new", "--preset", "--layers", "--format", "--base", "--adapter",
     "--max-binding", "--quiet", "--max-abs-weight", "--sfsd-centred", "--plain-svd", "--no-reserve", "--magnitude-ffn",
-    "--help", "--version", "-q",
+    "--layer-allocation", "--help", "--version", "-q",
 ];
 
 const VALUES: &[&str] = &[
     "0", "1", "-1", "2", "0.5", "0.3", "1e-12", "1e308", "-0", "nan", "NaN", "inf", "-inf", "18446744073709551616",
     "4294967296", "", " ", "abc", "q,k", "q,x,q", "0.1,0.2", "0.2,nan", "lorap", "sfsd", "mpo", "smollm2-135m",
-    "hf-dense", "fixed31", "/nonexistent/x", ".", "m", "--", "-",
+    "hf-dense", "fixed31", "uniform", "sensitivity", "/nonexistent/x", ".", "m", "--", "-",
 ];
 
 /// One argument: a known flag, a known value, or any short text.
@@ -89,6 +89,9 @@ fn assert_in_range(cli: &Cli) {
             assert!(a.max_vram.is_none_or(|v| gib_to_bytes("--max-vram", v).is_ok_and(|b| b > 0)));
             assert!(a.surgical_tolerance.is_finite() && a.surgical_tolerance >= 0.0);
             assert!(a.mpo_matrices().is_ok());
+            if a.layer_allocation == lorap_gpu::search::LayerAllocation::Sensitivity {
+                assert!(a.method == lorap_gpu::methods::Method::Lorap && a.plan.is_none() && a.samples > a.search_windows && a.search_windows >= 1);
+            }
         }
         Command::Search(a) => {
             assert!(a.target_ratio.is_none_or(|t| t > 0.0 && t < 1.0), "target {:?}", a.target_ratio);

@@ -272,3 +272,45 @@ fn surgical_search_respects_its_bound_and_its_plan_applies() {
     assert!(rep.steps.iter().all(|s| s.ppl <= s.allowed * (1.0 + 1e-12)), "{:?}", rep.steps);
     assert!(rep.final_ppl <= rep.base_ppl * 1.001f64.powi(14) * (1.0 + 1e-12));
 }
+
+/// `compress --layer-allocation sensitivity` end to end through the binary: it writes its
+/// report and the plan it compressed with (recorded in config.json as per-layer shapes),
+/// never picks a plan that scored worse than uniform, and lands within 0.5% of the uniform
+/// run's decoder parameters.
+#[test]
+fn sensitivity_allocation_compresses_at_the_uniform_parameter_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    small_model(dir.path(), 3);
+    synthetic::write_word_tokenizer(&src, 101).unwrap();
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(&calib, "the quick brown fox jumps over the lazy dog , a dog of the fox is in and to the . ".repeat(30)).unwrap();
+    let compress = |out: &std::path::Path, extra: &[&str]| -> pipeline::CompressionReport {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorap-gpu"))
+            .args(["--quiet", "compress", "--ratio", "0.3", "--seq-len", "16"])
+            .arg("--model").arg(&src).arg("--calib").arg(&calib).arg("--out").arg(out)
+            .args(extra)
+            .env("WGPU_BACKEND", "vulkan")
+            .output()
+            .expect("run lorap-gpu");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(out.join("compression_report.json")).unwrap()).unwrap()
+    };
+    let uniform = compress(&dir.path().join("uniform"), &["--samples", "6"]);
+    let out = dir.path().join("sensitivity");
+    let got = compress(&out, &["--samples", "8", "--search-windows", "2", "--layer-allocation", "sensitivity"]);
+    let off = (got.decoder_params_after as f64 / uniform.decoder_params_after as f64 - 1.0).abs();
+    assert!(off <= 0.005, "{} vs uniform {}", got.decoder_params_after, uniform.decoder_params_after);
+    // the scoring windows are left out of the statistics
+    assert_eq!(got.calibration_windows, 6);
+    let rep: search::SensitivityReport = serde_json::from_str(&std::fs::read_to_string(out.join("layer_allocation.json")).unwrap()).unwrap();
+    assert_eq!(rep.sensitivity.len(), 3);
+    assert!((1..=3).contains(&rep.candidates.len()), "{}", rep.candidates.len());
+    let picked = &rep.candidates[rep.picked];
+    assert!(picked.calib_ppl <= rep.candidates[0].calib_ppl);
+    assert_eq!(got.decoder_params_after, picked.decoder_params);
+    let applied = plan::Plan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(applied.layers, picked.plan.layers);
+    assert_eq!(got.options.plan.as_ref().map(|p| &p.layers), Some(&picked.plan.layers));
+    assert_eq!(Model::open(&out).unwrap().cfg.lorap.unwrap().layers.len(), 3);
+}

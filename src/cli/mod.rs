@@ -179,7 +179,14 @@ pub struct CompressArgs {
     /// last --search-windows calibration windows (then compress with that plan).
     #[arg(long)]
     pub surgical: bool,
-    /// Surgical search: scoring windows (the last ones of --samples; never statistics).
+    /// How the ratio is spread over the layers: uniform (every layer the same), or
+    /// sensitivity (lorap: one calibration probe per layer, then the best on the scoring
+    /// windows of the uniform plan and two sensitivity-guided plans at the same parameter
+    /// count; writes layer_allocation.json and plan.json).
+    #[arg(long, value_enum, default_value_t = crate::search::LayerAllocation::Uniform)]
+    pub layer_allocation: crate::search::LayerAllocation,
+    /// Surgical search and sensitivity allocation: scoring windows (the last ones of
+    /// --samples; never statistics).
     #[arg(long, default_value_t = 4)]
     pub search_windows: usize,
     /// Surgical search: leading layers never decomposed.
@@ -402,7 +409,8 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
     if let Some(v) = a.max_vram {
         gpu.set_budget(validate::gib_to_bytes("--max-vram", v)?);
     }
-    let mut surgical_report = None;
+    // what a search before the compression decided: its report's file name and text
+    let mut search_report: Option<(&str, String)> = None;
     let mut calib = calib;
     if a.surgical {
         let sopts = crate::search::surgical::SurgicalOptions {
@@ -422,17 +430,35 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             eprintln!("surgical search: search-window perplexity {:.3} -> {:.3}, {} of {} linears decomposed", rep.base_ppl, rep.final_ppl, rep.steps.iter().filter(|s| s.keep.is_some()).count(), rep.steps.len());
         }
         opts.plan = Some(plan);
+        search_report = Some(("surgical_search.json", serde_json::to_string_pretty(&rep)?));
+    }
+    if a.layer_allocation == crate::search::LayerAllocation::Sensitivity {
+        let MethodOptions::Lorap(lorap) = &opts.method else { return Err(CompressError::BadArgument("--layer-allocation sensitivity applies to --method lorap".into()).into()) };
+        let sopts = crate::search::SensitivityOptions { ratio: opts.ratio, allocation: lorap.allocation, reserve: lorap.reserve, svd: opts.svd };
+        let mut pb = Progress::new(model.cfg.num_hidden_layers, "layer allocation", cli.quiet);
+        let (plan, rep) = crate::search::sensitivity_plan(&gpu, &model, &calib, a.seq_len, a.search_windows, &sopts, &mut |d, t, what| {
+            pb.set_total(t);
+            pb.update(d, what)
+        })?;
+        pb.finish();
+        if !cli.quiet {
+            let (u, p) = (&rep.candidates[0], &rep.candidates[rep.picked]);
+            eprintln!("layer allocation: {} (scoring-window perplexity {:.3}, uniform {:.3}), {} decoder parameters, {:.0} s", p.origin, p.calib_ppl, u.calib_ppl, p.decoder_params, rep.seconds);
+        }
+        opts.plan = Some(plan);
+        search_report = Some(("layer_allocation.json", serde_json::to_string_pretty(&rep)?));
+    }
+    if search_report.is_some() {
         // the compression's statistics use the windows the search did not score on
         calib.truncate(calib.len() - a.search_windows * a.seq_len);
-        surgical_report = Some(rep);
     }
     let control = RunControl { force: a.force, resume: a.resume, batch_tokens: Some(a.batch_tokens), report_files: Some(crate::report::compress_files) , ..Default::default() };
     let mut pb = Progress::new(model.cfg.num_hidden_layers, "compress: layers", cli.quiet);
     let (path, rep) = pipeline::compress(&gpu, &Run::new(&model, &calib, a.seq_len, &opts, &a.out).with_control(control), &mut |done, _, what| pb.update(done, what.label()))?;
     pb.finish();
-    if let (Some(sr), Some(plan)) = (&surgical_report, &opts.plan) {
+    if let (Some((file, text)), Some(plan)) = (&search_report, &opts.plan) {
         // beside the finished model: what the search decided, and the plan to re-apply it
-        write_output(&path.join("surgical_search.json"), serde_json::to_string_pretty(sr)?.as_bytes())?;
+        write_output(&path.join(file), text.as_bytes())?;
         write_output(&path.join("plan.json"), serde_json::to_string_pretty(plan)?.as_bytes())?;
     }
     if a.json {

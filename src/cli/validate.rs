@@ -6,6 +6,7 @@
 
 use crate::error::CompressError;
 use crate::format::linear::Linear;
+use crate::search::LayerAllocation;
 
 use super::{Cli, Command, CompressArgs, EvalArgs, GenerateArgs, MemArgs, PerplexityArgs, ReportArgs, SearchArgs, SynthArgs};
 
@@ -192,10 +193,14 @@ impl CompressArgs {
         if let Some(v) = self.max_vram {
             gib_to_bytes("--max-vram", v)?;
         }
-        if self.surgical {
-            if self.method != crate::methods::Method::Sfsd || self.plan.is_some() {
-                return Err(bad("--surgical goes with --method sfsd and no --plan".into()));
-            }
+        if self.surgical && (self.method != crate::methods::Method::Sfsd || self.plan.is_some()) {
+            return Err(bad("--surgical goes with --method sfsd and no --plan".into()));
+        }
+        let sensitivity = self.layer_allocation == LayerAllocation::Sensitivity;
+        if sensitivity && self.plan.is_some() {
+            return Err(bad("--layer-allocation sensitivity makes the plan itself: give it or --plan, not both".into()));
+        }
+        if self.surgical || sensitivity {
             at_least("--search-windows", self.search_windows, 1)?;
             if self.samples <= self.search_windows {
                 return Err(bad(format!("--samples ({}) must exceed --search-windows ({}): statistics need windows of their own", self.samples, self.search_windows)));
@@ -236,7 +241,8 @@ impl CompressArgs {
     /// A method's own flags given with another `--method` are refused, not ignored.
     fn method_flags_match(&self) -> Result<(), CompressError> {
         use crate::methods::Method;
-        let given: [(&str, bool, Method); 9] = [
+        let given: [(&str, bool, Method); 10] = [
+            ("--layer-allocation sensitivity", self.layer_allocation == LayerAllocation::Sensitivity, Method::Lorap),
             ("--plain-svd", self.plain_svd, Method::Lorap),
             ("--ffn-refit", self.ffn_refit, Method::Lorap),
             ("--ffn-selection", self.ffn_selection.is_some(), Method::Lorap),

@@ -82,6 +82,10 @@ pub struct SearchResult {
     pub best_at_target: Option<usize>,
     /// The uniform plan at the target ratio.
     pub uniform_at_target: Option<usize>,
+    /// The sensitivity-guided plans (alpha 0.5 and 1.0; one is missing when it could not
+    /// meet the budget).
+    #[serde(default)]
+    pub guided: Vec<usize>,
     /// Increase of the mean calibration NLL when each layer alone is compressed at keep
     /// 1 - 2 x target (the others dense).
     pub sensitivity: Vec<f64>,
@@ -248,7 +252,7 @@ pub fn search(
         uniform_idx.push((r, record(format!("uniform {r:.2}"), plan, ppl, spt, &mut candidates)));
     }
     let target = opts.target_ratio.unwrap_or_else(|| opts.uniform_ratios.get(opts.uniform_ratios.len() / 2).copied().unwrap_or(0.2));
-    let budget = ((1.0 - target) * dense_params as f64) as usize;
+    let (budget, tol) = budget_at(target, dense_params);
     let start = Plan::uniform(n, 1.0 - target);
     let uniform_at_target = match uniform_idx.iter().find(|(r, _)| (r - target).abs() < 1e-9) {
         Some((_, k)) => *k,
@@ -285,11 +289,12 @@ pub fn search(
     }
     drop(entering);
     // guided plans: each layer removes a share inversely related to its sensitivity
+    let mut guided = Vec::new();
     for (k, alpha) in [0.5, 1.0].into_iter().enumerate() {
         progress(opts.uniform_ratios.len() + 1 + n + k, total, "sensitivity-guided plans");
         let Some(plan) = guided_plan(&sensitivity, alpha, |p| plan_params(cfg, &lib, p, opts), budget) else { continue };
         let (ppl, spt) = evaluate(&mut runner, &plan)?;
-        record(format!("sensitivity-guided a={alpha}"), plan.clone(), ppl, spt, &mut candidates);
+        guided.push(record(format!("sensitivity-guided a={alpha}"), plan.clone(), ppl, spt, &mut candidates));
         if ppl < best.1 {
             best = (plan, ppl);
         }
@@ -311,8 +316,7 @@ pub fn search(
     let points: Vec<[f64; 3]> = candidates.iter().map(|c| [c.decoder_params as f64, c.calib_ppl, c.seconds_per_token]).collect();
     // latency is measured, so noisy: the front uses it but parameters and perplexity decide ties
     let front = pareto_front(&points);
-    let tol = 0.005 * dense_params as f64;
-    let best_at_target = (0..candidates.len()).filter(|&k| (candidates[k].decoder_params as f64 - budget as f64).abs() <= tol).min_by(|&a, &b| candidates[a].calib_ppl.total_cmp(&candidates[b].calib_ppl));
+    let best_at_target = best_within(&candidates, 0..candidates.len(), budget, tol);
     let mut opts = opts.clone();
     opts.target_ratio = Some(target);
     Ok(SearchResult {
@@ -323,15 +327,28 @@ pub fn search(
         front,
         best_at_target,
         uniform_at_target: Some(uniform_at_target),
+        guided,
         sensitivity,
         adapter: gpu.info.name.clone(),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
+/// The decoder-parameter budget of a target ratio, and how far from it a plan may land and
+/// still count as "at the target" (half a percent of the dense decoder).
+pub(crate) fn budget_at(target: f64, dense_params: usize) -> (usize, f64) {
+    (((1.0 - target) * dense_params as f64) as usize, 0.005 * dense_params as f64)
+}
+
+/// The candidate of `among` with the lowest calibration perplexity whose parameter count is
+/// within `tol` of `budget` (the first of equals, so order says who wins a tie).
+pub(crate) fn best_within(candidates: &[Candidate], among: impl IntoIterator<Item = usize>, budget: usize, tol: f64) -> Option<usize> {
+    among.into_iter().filter(|&k| (candidates[k].decoder_params as f64 - budget as f64).abs() <= tol).min_by(|&a, &b| candidates[a].calib_ppl.total_cmp(&candidates[b].calib_ppl))
+}
+
 /// Per-layer removal r_i = c / (sensitivity_i + eps)^alpha (normalised, clamped to
 /// [0, 0.95]), with c found so the plan meets `budget`.
-fn guided_plan(sensitivity: &[f64], alpha: f64, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<Plan> {
+pub(crate) fn guided_plan(sensitivity: &[f64], alpha: f64, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<Plan> {
     let n = sensitivity.len();
     let mean = sensitivity.iter().map(|s| s.max(0.0)).sum::<f64>() / n as f64;
     let eps = 0.1 * mean.max(1e-6);
