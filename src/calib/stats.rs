@@ -40,20 +40,19 @@ struct FfnMomentsAcc {
     held_out_tokens: usize,
 }
 
-impl InputStats {
-    /// A ones vector of at least `rows` entries (the column sums are ones^T X).
-    fn ones(&mut self, gpu: &Gpu, rows: usize) -> GpuResult<&GpuBuf> {
-        if self.ones.as_ref().is_none_or(|o| (o.bytes() / 4) < rows as u64) {
-            self.ones = Some(gpu.upload(&vec![1f32; rows])?);
-        }
-        Ok(self.ones.as_ref().unwrap())
+/// A ones vector of at least `rows` entries in `slot` (the column sums are ones^T X); a
+/// function of the field alone so the other accumulators stay borrowable beside it.
+fn ones_of<'a>(gpu: &Gpu, slot: &'a mut Option<GpuBuf>, rows: usize) -> GpuResult<&'a GpuBuf> {
+    if slot.as_ref().is_none_or(|o| (o.bytes() / 4) < rows as u64) {
+        *slot = Some(gpu.upload(&vec![1f32; rows])?);
     }
+    Ok(slot.as_ref().expect("just filled"))
 }
 
 /// G += X^T X and sum += 1^T X over rows `row0..row0 + rows` of x [.., cols].
 fn moments_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, ones: &GpuBuf, x: &GpuBuf, (row0, rows): (usize, usize), cols: usize, (g, sum): (&GpuBuf, &GpuBuf)) -> GpuResult<()> {
+    matmul::gram_accumulate_rows(gpu, enc, x, (row0, rows), cols, g)?;
     let xs = matmul::Operand { offset: row0 * cols, ..matmul::Operand::new(x, cols) };
-    matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: cols, n: cols, k: rows }, a: xs.t(), b: xs, c: matmul::GemmOutput::new(g, cols), scale: matmul::Scale::ADD })?;
     matmul::gemm(gpu, enc, matmul::GemmCall { shape: matmul::GemmShape { m: 1, n: cols, k: rows }, a: matmul::Operand::new(ones, rows), b: xs, c: matmul::GemmOutput::new(sum, cols), scale: matmul::Scale::ADD })
 }
 
@@ -64,15 +63,12 @@ impl Observer for InputStats {
             self.tokens += rows;
         }
         norms::col_sumsq_accumulate(gpu, enc, x, rows, cols, &self.sumsq[s])?;
-        if self.gram.is_some() {
-            self.ones(gpu, rows)?;
-            let (Some(gram), Some(ones)) = (&self.gram, &self.ones) else { unreachable!() };
+        if let Some(gram) = &self.gram {
             let (g, sum) = &gram[s];
-            moments_accumulate(gpu, enc, ones, x, (0, rows), cols, (g, sum))?;
+            moments_accumulate(gpu, enc, ones_of(gpu, &mut self.ones, rows)?, x, (0, rows), cols, (g, sum))?;
         }
-        if site == Site::DownInput && self.ffn.is_some() {
-            self.ones(gpu, rows)?;
-            let (Some(acc), Some(ones)) = (&mut self.ffn, &self.ones) else { unreachable!() };
+        if let (Site::DownInput, Some(acc)) = (site, &mut self.ffn) {
+            let ones = ones_of(gpu, &mut self.ones, rows)?;
             let windows = rows / acc.seq_len;
             // runs of consecutive windows of one kind, one pair of products each
             let mut w = 0;
@@ -113,6 +109,37 @@ pub struct Moments {
 }
 
 impl Moments {
+    /// The mean feature vector.
+    pub fn mean(&self) -> Vec<f64> {
+        self.sum.iter().map(|&s| s as f64 / self.tokens as f64).collect()
+    }
+
+    /// Covariance entry (i, j) given the mean `mu`: the symmetric mean of both triangles of
+    /// the Gram sums (a GPU Gram's halves may differ in the last bit) over the tokens,
+    /// minus mu_i mu_j.
+    pub fn covariance(&self, mu: &[f64], i: usize, j: usize) -> f64 {
+        let f = self.sum.len();
+        0.5 * (self.gram[i * f + j] as f64 + self.gram[j * f + i] as f64) / self.tokens as f64 - mu[i] * mu[j]
+    }
+
+    /// The moments of tokens `tokens` of h [.., dim] row-major, summed in f32 as the GPU
+    /// does (tests' inputs).
+    #[cfg(test)]
+    pub(crate) fn of_tokens(h: &[f64], dim: usize, tokens: std::ops::Range<usize>) -> Moments {
+        let mut gram = vec![0f32; dim * dim];
+        let mut sum = vec![0f32; dim];
+        for t in tokens.clone() {
+            let row = &h[t * dim..(t + 1) * dim];
+            for i in 0..dim {
+                sum[i] += row[i] as f32;
+                for j in 0..dim {
+                    gram[i * dim + j] += (row[i] * row[j]) as f32;
+                }
+            }
+        }
+        Moments { gram, sum, tokens: tokens.len() }
+    }
+
     /// Both sets' sums together.
     pub fn merged(&self, other: &Moments) -> Moments {
         let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect();

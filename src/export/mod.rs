@@ -125,12 +125,11 @@ pub fn export_hf_dense(gpu: &Gpu, model: &Model, out: &Path, force: bool, progre
             let (o, _) = cfg.linear_shape(&plan, lin);
             // transformers switches biases on per group: the group's others are zeros, and a
             // pruned gate/up bias is zero-padded like its rows
-            let b = if cfg.has_bias(&plan, lin) { store.f32(&bname, &[o])? } else { vec![0.0; o] };
+            let mut b = if cfg.has_bias(&plan, lin) { store.f32(&bname, &[o])? } else { vec![0.0; o] };
             let full = match lin {
                 Linear::Gate | Linear::Up => f_full,
                 _ => o,
             };
-            let mut b = b;
             b.resize(full, 0.0);
             tensors.push(OutTensor { name: bname, dtype, bytes: encode(&b, dtype), shape: vec![full] });
         }

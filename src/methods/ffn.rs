@@ -51,9 +51,8 @@ pub fn obs_scores(w_down: &[f32], d: usize, m: &crate::calib::stats::Moments) ->
     use faer::{Mat, Side};
     let f = m.sum.len();
     anyhow::ensure!(m.tokens > 0 && w_down.len() == d * f && m.gram.len() == f * f, "OBS scores: no calibration tokens, or down_proj is not [{d}, {f}]");
-    let n = m.tokens as f64;
-    let mu: Vec<f64> = m.sum.iter().map(|&s| s as f64 / n).collect();
-    let mut sigma = Mat::<f64>::from_fn(f, f, |i, j| 0.5 * (m.gram[i * f + j] as f64 + m.gram[j * f + i] as f64) / n - mu[i] * mu[j]);
+    let mu = m.mean();
+    let mut sigma = Mat::<f64>::from_fn(f, f, |i, j| m.covariance(&mu, i, j));
     let damp = OBS_DAMPENING * (0..f).map(|i| sigma[(i, i)]).sum::<f64>() / f as f64;
     for i in 0..f {
         sigma[(i, i)] += damp.max(f64::MIN_POSITIVE);
@@ -132,15 +131,7 @@ mod tests {
             let base: Vec<f64> = (0..tokens * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
             let h: Vec<f64> = (0..tokens * f).map(|x| 0.2 + base[(x / f) * 3 + (x % f) % 3] * (1.0 + (x % f) as f64 * 0.1) + 0.3 * rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..d * f).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let mut m = crate::calib::stats::Moments { gram: vec![0.0; f * f], sum: vec![0.0; f], tokens };
-            for t in 0..tokens {
-                for i in 0..f {
-                    m.sum[i] += h[t * f + i] as f32;
-                    for j in 0..f {
-                        m.gram[i * f + j] += (h[t * f + i] * h[t * f + j]) as f32;
-                    }
-                }
-            }
+            let m = crate::calib::stats::Moments::of_tokens(&h, f, 0..tokens);
             let got = obs_scores(&w, d, &m).unwrap();
             // the dampened covariance in f64 from the tokens themselves
             let mu: Vec<f64> = (0..f).map(|i| (0..tokens).map(|t| h[t * f + i]).sum::<f64>() / tokens as f64).collect();

@@ -190,23 +190,21 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
         bail!("layer {i}: FFN is not dense");
     };
     let moments = || stats.ffn.as_ref().context("the FFN refit and OBS scores need the intermediate features' moments");
+    // the OBS scores' and the refit's factorizations run on the host
+    let mut host_clock = svd::HostClock::default();
     let scores = match opts.opts.ffn_selection {
         ChannelSelection::Wanda => ffn::channel_scores(gpu, [wg, wu, wd], &gpu.upload(sx)?, sh, d)?,
         ChannelSelection::Obs => {
             let m = moments()?;
-            let t = std::time::Instant::now();
-            let s = ffn::obs_scores(&host.weights[Linear::Down], d, &m.fit.merged(&m.held_out))?;
-            built.host_seconds += t.elapsed().as_secs_f64();
-            s
+            host_clock.time(|| ffn::obs_scores(&host.weights[Linear::Down], d, &m.fit.merged(&m.held_out)))?
         }
     };
     let remove = (((1.0 - setting.ffn_keep) * f as f64).round() as usize).min(f - 1);
     let kept = ffn::kept_channels(&scores, remove, opts.opts.reserve);
     let (gate, up) = (ffn::gather_rows(&host.weights[Linear::Gate], d, &kept), ffn::gather_rows(&host.weights[Linear::Up], d, &kept));
     let (down, bias) = if opts.opts.ffn_refit {
-        let t = std::time::Instant::now();
-        let r = refit::refit_down(&host.weights[Linear::Down], d, &kept, moments()?).with_context(|| format!("layer {i}"))?;
-        built.host_seconds += t.elapsed().as_secs_f64();
+        let m = moments()?;
+        let r = host_clock.time(|| refit::refit_down(&host.weights[Linear::Down], d, &kept, m)).with_context(|| format!("layer {i}"))?;
         built.ffn_refit = Some(r.report);
         // the compensation adds to a bias the dense down_proj already had
         let bias = match (r.bias, &host.biases[Linear::Down]) {
@@ -226,6 +224,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     if let Some(b) = bias {
         built.bias(gpu, Linear::Down, &b)?;
     }
+    built.host_seconds += host_clock.seconds();
     Ok(())
 }
 

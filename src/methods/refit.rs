@@ -77,13 +77,8 @@ struct Centred {
 }
 
 fn centred(m: &Moments, f: usize, kept: &[usize]) -> Centred {
-    let n = m.tokens as f64;
-    let mu: Vec<f64> = m.sum.iter().map(|&s| s as f64 / n).collect();
-    let cross = Mat::<f64>::from_fn(f, kept.len(), |i, c| {
-        let j = kept[c];
-        // the symmetric mean of both triangles: the GPU Gram's halves may differ in the last bit
-        0.5 * (m.gram[i * f + j] as f64 + m.gram[j * f + i] as f64) / n - mu[i] * mu[j]
-    });
+    let mu = m.mean();
+    let cross = Mat::<f64>::from_fn(f, kept.len(), |i, c| m.covariance(&mu, i, kept[c]));
     Centred { mu, cross }
 }
 
@@ -193,20 +188,6 @@ mod tests {
             .collect()
     }
 
-    fn moments(h: &[f64], f: usize, tokens: std::ops::Range<usize>) -> Moments {
-        let mut gram = vec![0f32; f * f];
-        let mut sum = vec![0f32; f];
-        for t in tokens.clone() {
-            for i in 0..f {
-                sum[i] += h[t * f + i] as f32;
-                for j in 0..f {
-                    gram[i * f + j] += (h[t * f + i] * h[t * f + j]) as f32;
-                }
-            }
-        }
-        Moments { gram, sum, tokens: tokens.len() }
-    }
-
     /// The f64 reference: least squares on the token matrix itself with an unpenalized
     /// intercept and the penalty n lambda ||W' - W[:, K]||^2, by normal equations in plain
     /// f64 Gaussian elimination.
@@ -266,7 +247,7 @@ mod tests {
         for (f, d, tokens, kept) in [(12usize, 5usize, 200usize, vec![0usize, 2, 3, 5, 7, 8, 11]), (9, 7, 60, vec![1, 4, 8])] {
             let h = features(tokens, f, f as u64);
             let w: Vec<f32> = { let mut rng = StdRng::seed_from_u64(3); (0..d * f).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-            let m = moments(&h, f, 0..tokens);
+            let m = Moments::of_tokens(&h, f, 0..tokens);
             let removed: Vec<usize> = (0..f).filter(|j| !kept.contains(j)).collect();
             let c = centred(&m, f, &kept);
             let alpha = 1e-2;
@@ -290,7 +271,7 @@ mod tests {
         let h = features(tokens, f, 7);
         let w: Vec<f32> = (0..d * f).map(|x| ((x * 7 % 11) as f32 - 5.0) / 5.0).collect();
         let kept = vec![0, 1, 4, 6, 9];
-        let m = moments(&h, f, 0..tokens);
+        let m = Moments::of_tokens(&h, f, 0..tokens);
         let wm = rows_of(&w, f, &(0..d).collect::<Vec<_>>());
         let wk = Mat::<f64>::from_fn(d, kept.len(), |r, a| wm[(r, kept[a])] * 1.1 + 0.01 * r as f64);
         let b: Vec<f64> = (0..d).map(|r| 0.1 * r as f64 - 0.2).collect();
@@ -315,7 +296,7 @@ mod tests {
         let h = features(400, f, 11);
         let w: Vec<f32> = (0..d * f).map(|x| ((x * 13 % 17) as f32 - 8.0) / 8.0).collect();
         let kept: Vec<usize> = (0..f).filter(|j| j % 5 != 1).collect();
-        let fm = FfnMoments { dim: f, fit: moments(&h, f, 0..300), held_out: moments(&h, f, 300..400) };
+        let fm = FfnMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..300), held_out: Moments::of_tokens(&h, f, 300..400) };
         let out = refit_down(&w, d, &kept, &fm).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         let chosen = score(out.report.choice);
@@ -328,7 +309,7 @@ mod tests {
         // bias or a large ridge
         let mut rng = StdRng::seed_from_u64(5);
         let noise: Vec<f64> = (0..200 * f).map(|_| 0.5 + rng.random_range(-1.0..1.0)).collect();
-        let few = FfnMoments { dim: f, fit: moments(&noise, f, 0..6), held_out: moments(&noise, f, 100..200) };
+        let few = FfnMoments { dim: f, fit: Moments::of_tokens(&noise, f, 0..6), held_out: Moments::of_tokens(&noise, f, 100..200) };
         let out = refit_down(&w, d, &kept, &few).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         assert!(score(RefitChoice::Ridge { alpha: RIDGE_GRID[0] }) > score(RefitChoice::Pruned), "{:?}", out.report);

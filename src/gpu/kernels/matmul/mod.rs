@@ -410,8 +410,13 @@ pub fn linear_into(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, w: &Gp
 
 /// G[cols,cols] += X^T X for X [rows, cols] row-major (one chunk of calibration rows).
 pub fn gram_accumulate(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, rows: usize, cols: usize, g: &GpuBuf) -> Result<()> {
-    let shape = GemmShape { m: cols, n: cols, k: rows };
-    gemm(gpu, enc, GemmCall { shape, a: Operand::new(x, cols).t(), b: Operand::new(x, cols), c: GemmOutput::new(g, cols), scale: Scale::ADD })
+    gram_accumulate_rows(gpu, enc, x, (0, rows), cols, g)
+}
+
+/// G[cols,cols] += X^T X over rows `row0..row0 + rows` of x [.., cols] row-major.
+pub fn gram_accumulate_rows(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, x: &GpuBuf, (row0, rows): (usize, usize), cols: usize, g: &GpuBuf) -> Result<()> {
+    let xs = Operand { offset: row0 * cols, ..Operand::new(x, cols) };
+    gemm(gpu, enc, GemmCall { shape: GemmShape { m: cols, n: cols, k: rows }, a: xs.t(), b: xs, c: GemmOutput::new(g, cols), scale: Scale::ADD })
 }
 
 #[cfg(test)]
@@ -521,6 +526,17 @@ mod tests {
             r0 += rows;
         }
         check(&format!("gram {chunks:?}x{cols}"), &g.read(&gg).unwrap(), &gram_ref(&x, total, cols));
+        // the same chunks as row ranges of one buffer
+        let whole = g.upload(&x).unwrap();
+        let gr = g.zeros(cols * cols).unwrap();
+        let mut r0 = 0;
+        for &rows in chunks {
+            let mut enc = g.encoder();
+            gram_accumulate_rows(g, &mut enc, &whole, (r0, rows), cols, &gr).unwrap();
+            g.submit(enc);
+            r0 += rows;
+        }
+        check(&format!("gram rows {chunks:?}x{cols}"), &g.read(&gr).unwrap(), &gram_ref(&x, total, cols));
     }
 
     #[test]
