@@ -1,7 +1,8 @@
-//! The FFN compensation end to end on small random models: OBS channel selection and the
-//! down_proj refit with its bias, stored, loaded, run on the GPU against the f64 CPU
-//! reference, counted, and carried by every export (hf-dense as a llama with mlp_bias, hf
-//! with the custom code's bias, GGUF's ffn_down.bias).
+//! The compensations end to end on small random models: OBS channel selection, the
+//! down_proj refit and the attention factor refit with their biases, stored, loaded, run on
+//! the GPU against the f64 CPU reference, counted, and carried by every export (hf-dense as
+//! a llama with mlp_bias/attention_bias, hf with the custom code's biases, GGUF's
+//! ffn_down.bias, attn_q.bias, ...).
 
 mod common;
 
@@ -25,6 +26,12 @@ fn refit_options(ratio: f64, selection: ChannelSelection) -> CompressOptions {
 
 /// A random model of `model_type` compressed with the refit: (dense, compressed, report).
 fn compressed(dir: &std::path::Path, model_type: &'static str, selection: ChannelSelection) -> (Model, Model, CompressionReport) {
+    compressed_with(dir, model_type, &refit_options(0.3, selection))
+}
+
+/// A random model of `model_type` compressed with `opts` on 12 windows: (dense,
+/// compressed, report).
+fn compressed_with(dir: &std::path::Path, model_type: &'static str, opts: &CompressOptions) -> (Model, Model, CompressionReport) {
     let src = dir.join("dense");
     let cfg = synthetic::config_json(synthetic::Shape { model_type, layers: 2, hidden: 64, ffn: 160, heads: 4, kv_heads: 2, vocab: 101, tied: false });
     synthetic::write_random_model(&src, &cfg, 21).unwrap();
@@ -32,7 +39,7 @@ fn compressed(dir: &std::path::Path, model_type: &'static str, selection: Channe
     let dense = Model::open(&src).unwrap();
     let out = dir.join("small");
     // 12 windows: 9 fit, 3 held out
-    let (_, rep) = pipeline::compress(&common::gpu(), &Run::new(&dense, &tokens(12 * 16, 101, 4), 16, &refit_options(0.3, selection), &out), &mut |_, _, _| {}).unwrap();
+    let (_, rep) = pipeline::compress(&common::gpu(), &Run::new(&dense, &tokens(12 * 16, 101, 4), 16, opts, &out), &mut |_, _, _| {}).unwrap();
     (dense, Model::open(&out).unwrap(), rep)
 }
 
@@ -120,6 +127,64 @@ fn qwen2_with_a_refit_exports_as_a_biased_llama() {
     assert!(exported.store.contains("model.layers.0.self_attn.o_proj.bias"));
     let e = lorap_gpu::gpu::rel_frobenius(&nll(&exported, &toks), &got.iter().map(|&x| x as f64).collect::<Vec<_>>());
     assert!(e < 1e-3, "hf-dense vs compressed NLL: {e:e}");
+}
+
+/// The attention refit: every factored q/k/v/o reports its choice, the chosen biases are
+/// stored (qwen2's own q/k/v biases added to them), counted, run as the f64 reference does,
+/// and exported (hf-dense as a llama with attention_bias, GGUF's attn_*.bias).
+#[test]
+fn attention_refit_biases_are_stored_and_run_as_the_reference_does() {
+    for model_type in ["llama", "qwen2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CompressOptions { method: MethodOptions::Lorap(LorapOptions { attention_refit: true, ..Default::default() }), ratio: 0.5, ..Default::default() };
+        let (dense, small, rep) = compressed_with(dir.path(), model_type, &opts);
+        let sec = small.cfg.lorap.as_ref().unwrap();
+        let mut refitted = 0;
+        for (l, plan) in rep.layers.iter().zip(&sec.layers) {
+            assert!(l.ffn_refit.is_none());
+            for lin in Linear::ATTENTION {
+                let r = &l.attention_refit[lin.index()];
+                assert_eq!(r.is_some(), plan.rank(lin).is_some(), "{model_type} {lin:?}: refit exactly where factored");
+                if let Some(r) = r {
+                    refitted += 1;
+                    assert_eq!((r.fit_tokens, r.held_out_tokens, r.features), (9 * 16, 3 * 16, plan.rank(lin).unwrap()));
+                    let best = r.candidates.iter().map(|c| c.held_out_rel_error).fold(f64::INFINITY, f64::min);
+                    assert_eq!(r.candidates.iter().find(|c| c.choice == r.choice).unwrap().held_out_rel_error, best);
+                    assert_eq!(plan.biases.contains(&lin), r.choice != RefitChoice::Pruned, "{model_type} {lin:?}");
+                }
+            }
+        }
+        assert!(refitted > 0 && sec.layers.iter().any(|p| !p.biases.is_empty()), "{model_type}: some factored matrix gains a bias");
+        assert_eq!(small.cfg.decoder_params(), rep.decoder_params_after);
+        if model_type == "qwen2" {
+            // a compensated q keeps the model's own bias inside its own
+            let (i, plan) = sec.layers.iter().enumerate().find(|(_, p)| p.biases.contains(&Linear::Q)).expect("a compensated q_proj");
+            let name = format!("model.layers.{i}.self_attn.q_proj.bias");
+            let (own, stored) = (dense.store.f32(&name, &[64]).unwrap(), small.store.f32(&name, &[64]).unwrap());
+            assert!(plan.biases.contains(&Linear::Q) && own != stored);
+        }
+        let toks = tokens(2 * 12, 101, 5);
+        let got = nll(&small, &toks);
+        let want: Vec<f64> = toks.chunks(12).flat_map(|w| reference::window_nll_ref(&small.cfg, &small.store, w).unwrap()).collect();
+        let e = lorap_gpu::gpu::rel_frobenius(&got, &want);
+        assert!(e < 1e-4, "{model_type}: compressed forward GPU vs CPU: {e:e}");
+        let hf = dir.path().join("hf-dense");
+        lorap_gpu::export::export_hf_dense(&common::gpu(), &small, &hf, false, &mut |_, _| {}).unwrap();
+        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        assert_eq!((raw["model_type"].as_str(), raw["attention_bias"].as_bool()), (Some("llama"), Some(true)));
+        let e = lorap_gpu::gpu::rel_frobenius(&nll(&Model::open(&hf).unwrap(), &toks), &got.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        assert!(e < 1e-3, "{model_type}: hf-dense vs compressed NLL: {e:e}");
+        if model_type == "llama" {
+            let gg = dir.path().join("gguf");
+            export_gguf(&common::gpu(), &small, GgufType::F32, &gg, false, &mut |_, _| {}).unwrap();
+            let f = GgufFile::read(&gg.join(FILE)).unwrap();
+            for (i, plan) in sec.layers.iter().enumerate() {
+                for (lin, name) in [(Linear::Q, "attn_q"), (Linear::K, "attn_k"), (Linear::V, "attn_v"), (Linear::O, "attn_output")] {
+                    assert_eq!(f.values(&format!("blk.{i}.{name}.bias")).is_ok(), plan.biases.contains(&lin), "blk.{i}.{name}.bias");
+                }
+            }
+        }
+    }
 }
 
 /// Too few calibration windows to hold any out: refused before any work, output untouched.

@@ -219,14 +219,19 @@ fn plans_drop_and_renumber_layers_and_set_keep_fractions() {
 #[test]
 fn search_returns_a_front_whose_plans_compress_to_their_parameter_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let model = small_model(dir.path(), 3);
+    // 4 layers: with one dropped, the other three can still hold 70% of the parameters
+    let model = small_model(dir.path(), 4);
     let gpu = common::gpu();
     let calib = tokens(10 * 16, 101, 1);
     let opts = search::SearchOptions { uniform_ratios: vec![0.2, 0.4], evaluations: 4, target_ratio: Some(0.3), ..Default::default() };
     let res = search::search(&gpu, &model, &calib, 16, 2, &opts, &mut |_, _, _| {}).unwrap();
-    // dense + 2 uniform + uniform at the target + 2 guided + up to 4 moves
-    assert!(res.candidates.len() >= 6 && res.candidates.len() <= 10, "{}", res.candidates.len());
-    assert_eq!(res.sensitivity.len(), 3);
+    // dense + 2 uniform + uniform at the target + 2 guided + the guided drop + up to 4 moves
+    assert!(res.candidates.len() >= 7 && res.candidates.len() <= 11, "{}", res.candidates.len());
+    let drop = res.candidates.iter().find(|c| c.origin.starts_with("drop layer")).expect("the guided drop is a candidate");
+    let least = (0..4).min_by(|&a, &b| res.sensitivity[a].total_cmp(&res.sensitivity[b])).unwrap();
+    assert_eq!(drop.origin, format!("drop layer {least}"));
+    assert_eq!(drop.plan.layers.iter().filter(|l| l.dropped).count(), 1);
+    assert_eq!(res.sensitivity.len(), 4);
     assert!(res.candidates.iter().all(|c| c.calib_ppl.is_finite() && c.calib_ppl > 1.0 && c.seconds_per_token > 0.0));
     let pts: Vec<[f64; 3]> = res.candidates.iter().map(|c| [c.decoder_params as f64, c.calib_ppl, c.seconds_per_token]).collect();
     for (i, p) in pts.iter().enumerate() {

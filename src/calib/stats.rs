@@ -1,7 +1,7 @@
 //! Activation statistics of a layer's linear inputs, accumulated on the GPU over all
 //! calibration tokens: per-column sums of squares (activation scales) and, for methods that
-//! need them, Gram matrices (input covariances) or the FFN intermediate features' moments
-//! split into fitting and held-out windows.
+//! need them, Gram matrices (input covariances) or some sites' moments split into fitting
+//! and held-out windows (the least-squares refits).
 
 use anyhow::Result;
 
@@ -20,16 +20,16 @@ struct InputStats {
     gram: Option<[(GpuBuf, GpuBuf); 4]>,
     ones: Option<GpuBuf>,
     tokens: usize,
-    /// The down_proj input's moments, fitting and held-out windows apart.
-    ffn: Option<FfnMomentsAcc>,
+    /// Each site's moments, fitting and held-out windows apart, where needed.
+    split: [Option<SplitAcc>; 4],
 }
 
-/// Every `HOLD_OUT_EVERY`-th calibration window (the 4th, 8th, ...) is held out of the FFN
-/// refit's fit: the ridge is chosen on those windows, then the fit uses them too.
+/// Every `HOLD_OUT_EVERY`-th calibration window (the 4th, 8th, ...) is held out of the
+/// refits' fit: the ridge is chosen on those windows, then the fit uses them too.
 pub const HOLD_OUT_EVERY: usize = 4;
 
-/// GPU accumulators of `FfnMoments`.
-struct FfnMomentsAcc {
+/// GPU accumulators of one site's `SplitMoments`.
+struct SplitAcc {
     /// (Gram, column sums) of the fitting and the held-out windows.
     fit: (GpuBuf, GpuBuf),
     held_out: (GpuBuf, GpuBuf),
@@ -67,7 +67,7 @@ impl Observer for InputStats {
             let (g, sum) = &gram[s];
             moments_accumulate(gpu, enc, ones_of(gpu, &mut self.ones, rows)?, x, (0, rows), cols, (g, sum))?;
         }
-        if let (Site::DownInput, Some(acc)) = (site, &mut self.ffn) {
+        if let Some(acc) = &mut self.split[s] {
             let ones = ones_of(gpu, &mut self.ones, rows)?;
             let windows = rows / acc.seq_len;
             // runs of consecutive windows of one kind, one pair of products each
@@ -94,8 +94,8 @@ pub struct LayerStats {
     /// Input covariance [cols, cols] of each site (methods that need it): the uncentred
     /// second moment by default.
     pub cov: Option<[Vec<f32>; 4]>,
-    /// The down_proj input's moments (`StatsNeed::FfnMoments`).
-    pub ffn: Option<FfnMoments>,
+    /// Each site's moments split into fitting and held-out windows (`StatsNeed::SplitMoments`).
+    pub split: [Option<SplitMoments>; 4],
 }
 
 /// Sums over some calibration tokens of h h^T and h (h: one token's features).
@@ -147,10 +147,10 @@ impl Moments {
     }
 }
 
-/// The FFN intermediate features' (down_proj input's) moments over the fitting windows
-/// and over the held-out ones (every `HOLD_OUT_EVERY`-th window).
+/// One input site's moments over the fitting windows and over the held-out ones (every
+/// `HOLD_OUT_EVERY`-th window).
 #[derive(Debug, Clone)]
-pub struct FfnMoments {
+pub struct SplitMoments {
     pub dim: usize,
     pub fit: Moments,
     pub held_out: Moments,
@@ -170,6 +170,11 @@ impl LayerStats {
     /// Covariance of `linear`'s input, when collected.
     pub fn input_cov(&self, linear: Linear) -> Option<&[f32]> {
         self.cov.as_ref().map(|c| c[Site::of(linear).index()].as_slice())
+    }
+
+    /// The split moments of `linear`'s input, when collected.
+    pub fn input_split(&self, linear: Linear) -> Option<&SplitMoments> {
+        self.split[Site::of(linear).index()].as_ref()
     }
 }
 
@@ -194,9 +199,33 @@ pub enum StatsNeed {
     Scales,
     /// Also each input site's covariance: mean-centred, or the uncentred second moment.
     Covariance { centred: bool },
-    /// Also the down_proj input's moments, fitting and held-out windows apart (the FFN
-    /// least-squares refit and the OBS channel selection).
-    FfnMoments,
+    /// Also some sites' moments, fitting and held-out windows apart (the least-squares
+    /// refits and the OBS channel selection).
+    SplitMoments(SplitSites),
+}
+
+/// The input sites whose moments a method needs split into fitting and held-out windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SplitSites {
+    /// The q/k/v input and the o_proj input (the attention factor refit).
+    pub attention: bool,
+    /// The down_proj input (the FFN refit, OBS scores).
+    pub ffn: bool,
+}
+
+impl SplitSites {
+    pub fn has(self, site: Site) -> bool {
+        match site {
+            Site::AttnInput | Site::OInput => self.attention,
+            Site::FfnInput => false,
+            Site::DownInput => self.ffn,
+        }
+    }
+
+    /// The sites' widths (`dims`: each site's input width).
+    pub fn widths(self, dims: [usize; 4]) -> impl Iterator<Item = usize> {
+        Site::ALL.into_iter().filter(move |&s| self.has(s)).map(move |s| dims[s.index()])
+    }
 }
 
 /// One statistics pass of the calibration states through the dense layer `dense` (the
@@ -204,23 +233,27 @@ pub enum StatsNeed {
 pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &LayerWeights, states: StatesView, need: StatsNeed) -> Result<LayerStats> {
     let StatesView { table, states: batches, seq_len, windows } = states;
     let (need_cov, centred) = match need {
-        StatsNeed::Scales | StatsNeed::FfnMoments => (false, false),
+        StatsNeed::Scales | StatsNeed::SplitMoments(_) => (false, false),
         StatsNeed::Covariance { centred } => (true, centred),
     };
-    let dims = [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, dense.gate.out];
+    let dims = site_dims(cfg, dense.gate.out);
     let gram = if need_cov {
         let mk = |n: usize| -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(n * n)?, gpu.zeros(n)?)) };
         Some([mk(dims[0])?, mk(dims[1])?, mk(dims[2])?, mk(dims[3])?])
     } else {
         None
     };
-    let ffn = if need == StatsNeed::FfnMoments {
-        let pair = || -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(dims[3] * dims[3])?, gpu.zeros(dims[3])?)) };
-        Some(FfnMomentsAcc { fit: pair()?, held_out: pair()?, seq_len, windows: 0, fit_tokens: 0, held_out_tokens: 0 })
-    } else {
-        None
+    let sites = match need {
+        StatsNeed::SplitMoments(sites) => sites,
+        _ => SplitSites::default(),
     };
-    let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0, ffn };
+    let mut split: [Option<SplitAcc>; 4] = Default::default();
+    for site in Site::ALL.into_iter().filter(|&s| sites.has(s)) {
+        let n = dims[site.index()];
+        let pair = || -> GpuResult<(GpuBuf, GpuBuf)> { Ok((gpu.zeros(n * n)?, gpu.zeros(n)?)) };
+        split[site.index()] = Some(SplitAcc { fit: pair()?, held_out: pair()?, seq_len, windows: 0, fit_tokens: 0, held_out_tokens: 0 });
+    }
+    let mut stats = InputStats { sumsq: [gpu.zeros(dims[0])?, gpu.zeros(dims[1])?, gpu.zeros(dims[2])?, gpu.zeros(dims[3])?], gram, ones: None, tokens: 0, split };
     batches.for_each(gpu, |h, tokens| {
         let mut enc = gpu.encoder();
         // only the inputs are needed: the next layer's come from the compressed layer
@@ -248,18 +281,31 @@ pub(super) fn collect_stats(gpu: &Gpu, cfg: &crate::model::ModelConfig, dense: &
             Some(std::array::from_fn(|_| it.next().unwrap()))
         }
     };
-    let ffn = match &stats.ffn {
-        None => None,
-        Some(acc) => {
+    let mut split: [Option<SplitMoments>; 4] = Default::default();
+    for (s, acc) in stats.split.iter().enumerate() {
+        if let Some(acc) = acc {
             let mut v = gpu.read_many(&[&acc.fit.0, &acc.fit.1, &acc.held_out.0, &acc.held_out.1])?.into_iter();
             let mut next = || v.next().unwrap_or_default();
             let fit = Moments { gram: next(), sum: next(), tokens: acc.fit_tokens };
             let held_out = Moments { gram: next(), sum: next(), tokens: acc.held_out_tokens };
-            Some(FfnMoments { dim: dims[3], fit, held_out })
+            split[s] = Some(SplitMoments { dim: dims[s], fit, held_out });
         }
-    };
+    }
     let mut it = sc.into_iter();
-    Ok(LayerStats { scales: std::array::from_fn(|_| it.next().unwrap()), cov, ffn })
+    Ok(LayerStats { scales: std::array::from_fn(|_| it.next().unwrap()), cov, split })
+}
+
+/// Each input site's width (`Site::index` order) for an FFN of width `ffn_width`.
+pub fn site_dims(cfg: &crate::model::ModelConfig, ffn_width: usize) -> [usize; 4] {
+    [cfg.hidden_size, cfg.q_dim(), cfg.hidden_size, ffn_width]
+}
+
+/// GPU bytes the split-moment accumulators of `need` take (two [n, n] Grams per site).
+pub fn split_bytes(cfg: &crate::model::ModelConfig, need: StatsNeed) -> u64 {
+    match need {
+        StatsNeed::SplitMoments(sites) => sites.widths(site_dims(cfg, cfg.intermediate_size)).map(|n| 2 * (n as u64).pow(2) * 4).sum(),
+        _ => 0,
+    }
 }
 
 
@@ -273,12 +319,14 @@ mod tests {
     /// then 6 windows (so the held-out runs cross the batch boundary). f32 GEMM sums of a
     /// few dozen products: bound 1e-5 relative.
     #[test]
-    fn ffn_moments_split_windows_as_the_reference_does() {
+    fn split_moments_hold_out_windows_as_the_reference_does() {
         let g = gpu();
         let (seq, cols) = (7usize, 13usize);
         let pair = || (g.zeros(cols * cols).unwrap(), g.zeros(cols).unwrap());
-        let ffn = FfnMomentsAcc { fit: pair(), held_out: pair(), seq_len: seq, windows: 0, fit_tokens: 0, held_out_tokens: 0 };
-        let mut st = InputStats { sumsq: std::array::from_fn(|_| g.zeros(cols).unwrap()), gram: None, ones: None, tokens: 0, ffn: Some(ffn) };
+        let acc = SplitAcc { fit: pair(), held_out: pair(), seq_len: seq, windows: 0, fit_tokens: 0, held_out_tokens: 0 };
+        let mut split: [Option<SplitAcc>; 4] = Default::default();
+        split[Site::DownInput.index()] = Some(acc);
+        let mut st = InputStats { sumsq: std::array::from_fn(|_| g.zeros(cols).unwrap()), gram: None, ones: None, tokens: 0, split };
         let batches = [random(3 * seq * cols, 41), random(6 * seq * cols, 42)];
         for x in &batches {
             let buf = g.upload(x).unwrap();
@@ -286,7 +334,7 @@ mod tests {
             st.see(&g, &mut enc, Site::DownInput, &buf, x.len() / cols, cols).unwrap();
             g.submit(enc);
         }
-        let acc = st.ffn.as_ref().unwrap();
+        let acc = st.split[Site::DownInput.index()].as_ref().unwrap();
         assert_eq!((acc.fit_tokens, acc.held_out_tokens, acc.windows), (7 * seq, 2 * seq, 9));
         let rows: Vec<&[f32]> = batches.iter().flat_map(|b| b.chunks(cols)).collect();
         for (held, (gb, sb)) in [(false, &acc.fit), (true, &acc.held_out)] {

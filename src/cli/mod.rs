@@ -248,6 +248,11 @@ pub struct CompressArgs {
     /// chosen per layer on every 4th calibration window, held out of the fit.
     #[arg(long)]
     pub ffn_refit: bool,
+    /// Attention compensation: refit the left factor of each factored q/k/v/o against the
+    /// full covariance and mean of its calibration inputs by ridge least squares with a
+    /// bias; chosen per matrix on the held-out windows as for --ffn-refit.
+    #[arg(long)]
+    pub attention_refit: bool,
     /// How FFN channels are scored: wanda (weight norms x activation scales) or obs (the
     /// output error left when the other channels compensate; the features' covariance).
     #[arg(long, value_enum)]
@@ -389,6 +394,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             ffn_activation_scores: !a.magnitude_ffn,
             ffn_selection: a.ffn_selection.unwrap_or_default(),
             ffn_refit: a.ffn_refit,
+            attention_refit: a.attention_refit,
         }),
         Method::Sfsd => MethodOptions::Sfsd(SfsdOptions { centred: a.sfsd_centred }),
         Method::Mpo => MethodOptions::Mpo(MpoOptions { cores: a.mpo_cores, max_bond: a.mpo_max_bond, share_centre: a.mpo_share_centre, matrices: a.mpo_matrices()? }),

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::allocate::{self, Allocation, MatrixSpec};
 use super::ffn::{self, ChannelSelection};
-use super::refit;
+use super::refit::{self, Features};
 use super::svd;
 use super::{BuiltLayer, LayerInput, LayerMethod, StatsNeed};
+use crate::calib::stats::SplitSites;
 use crate::format::linear::Linear;
 use crate::format::plan::LayerPlan;
 use crate::gpu::Gpu;
@@ -67,18 +68,28 @@ pub struct LorapOptions {
     /// Refit the kept down_proj columns by ridge least squares with a bias (`refit`).
     #[serde(default)]
     pub ffn_refit: bool,
+    /// Refit each factor pair's left factor, with a bias, against the full input
+    /// covariance and mean (`refit`).
+    #[serde(default)]
+    pub attention_refit: bool,
 }
 
 impl LorapOptions {
-    /// Whether the FFN work needs the intermediate features' moments.
-    pub fn needs_ffn_moments(&self) -> bool {
-        self.ffn_refit || self.ffn_selection == ChannelSelection::Obs
+    /// The sites whose moments the refits and OBS scores need, split into fitting and
+    /// held-out windows.
+    pub fn split_sites(&self) -> SplitSites {
+        SplitSites { attention: self.attention_refit, ffn: self.ffn_refit || self.ffn_selection == ChannelSelection::Obs }
+    }
+
+    /// Whether any of them is needed (every 4th window is then held out).
+    pub fn needs_split_moments(&self) -> bool {
+        self.split_sites() != SplitSites::default()
     }
 }
 
 impl Default for LorapOptions {
     fn default() -> Self {
-        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, ffn_selection: ChannelSelection::Wanda, ffn_refit: false }
+        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, ffn_selection: ChannelSelection::Wanda, ffn_refit: false, attention_refit: false }
     }
 }
 
@@ -94,8 +105,8 @@ impl LayerMethod for Lorap {
     }
 
     fn stats_need(&self) -> StatsNeed {
-        if self.opts.needs_ffn_moments() {
-            StatsNeed::FfnMoments
+        if self.opts.needs_split_moments() {
+            StatsNeed::SplitMoments(self.opts.split_sites())
         } else {
             StatsNeed::Scales
         }
@@ -159,16 +170,37 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
                     // the subspace is sized for the rank actually kept
                     _ => decompose(gpu, &m, *r, opts.svd, built)?,
                 };
-                let (a, b) = factors(&dec, *r, &m.scales);
+                let (mut a, b) = factors(&dec, *r, &m.scales);
+                let mut bias = None;
+                if opts.opts.attention_refit {
+                    let moments = stats.input_split(lin).context("the attention refit needs its inputs' moments")?;
+                    let mut clock = svd::HostClock::default();
+                    let fitted = clock.time(|| refit::refit(&m.w, out_dim, Features::Projected { b: &b, a0: &a, rank: *r }, moments)).with_context(|| format!("layer {}: {lin:?} refit", input.layer))?;
+                    built.host_seconds += clock.seconds();
+                    a = fitted.a;
+                    built.attention_refit[j] = Some(fitted.report);
+                    bias = with_own_bias(fitted.bias, input.host.biases[lin].as_deref());
+                }
                 let kept: f64 = dec.sigma[..*r].iter().map(|s| s * s).sum();
                 let energy = m.spec.energy;
                 built.errors[j] = ((energy - kept).max(0.0) / energy.max(f64::MIN_POSITIVE)).sqrt();
                 built.low_rank(gpu, lin, &a, &b, *r)?;
+                if let Some(bias) = bias {
+                    built.bias(gpu, lin, &bias)?;
+                }
                 built.spectra[j] = dec.sigma;
             }
         }
     }
     Ok(())
+}
+
+/// A compensation bias added to the bias the dense linear already had.
+fn with_own_bias(added: Option<Vec<f32>>, own: Option<&[f32]>) -> Option<Vec<f32>> {
+    match (added, own) {
+        (Some(b), Some(own)) => Some(b.iter().zip(own).map(|(x, y)| x + y).collect()),
+        (b, _) => b,
+    }
 }
 
 /// The top-`rank` SVD of W S, its host time added to the layer's.
@@ -189,7 +221,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let (LinearKind::Dense { w: wg }, LinearKind::Dense { w: wu }, LinearKind::Dense { w: wd }) = (&dense.gate.kind, &dense.up.kind, &dense.down.kind) else {
         bail!("layer {i}: FFN is not dense");
     };
-    let moments = || stats.ffn.as_ref().context("the FFN refit and OBS scores need the intermediate features' moments");
+    let moments = || stats.input_split(Linear::Down).context("the FFN refit and OBS scores need the intermediate features' moments");
     // the OBS scores' and the refit's factorizations run on the host
     let mut host_clock = svd::HostClock::default();
     let scores = match opts.opts.ffn_selection {
@@ -204,14 +236,9 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let (gate, up) = (ffn::gather_rows(&host.weights[Linear::Gate], d, &kept), ffn::gather_rows(&host.weights[Linear::Up], d, &kept));
     let (down, bias) = if opts.opts.ffn_refit {
         let m = moments()?;
-        let r = host_clock.time(|| refit::refit_down(&host.weights[Linear::Down], d, &kept, m)).with_context(|| format!("layer {i}"))?;
+        let r = host_clock.time(|| refit::refit(&host.weights[Linear::Down], d, Features::Kept(&kept), m)).with_context(|| format!("layer {i}"))?;
         built.ffn_refit = Some(r.report);
-        // the compensation adds to a bias the dense down_proj already had
-        let bias = match (r.bias, &host.biases[Linear::Down]) {
-            (Some(b), Some(own)) => Some(b.iter().zip(own).map(|(x, y)| x + y).collect()),
-            (b, _) => b,
-        };
-        (r.w, bias)
+        (r.a, with_own_bias(r.bias, host.biases[Linear::Down].as_deref()))
     } else {
         (ffn::gather_cols(&host.weights[Linear::Down], d, f, &kept), None)
     };

@@ -188,11 +188,13 @@ pub struct BuiltLayer {
     pub ffn_kept_channels: Vec<usize>,
     /// What the FFN compensation chose, when the method refits down_proj.
     pub ffn_refit: Option<refit::RefitReport>,
+    /// What each factored attention matrix's refit chose (q, k, v, o; `Linear::index`).
+    pub attention_refit: [Option<refit::RefitReport>; 4],
 }
 
 impl BuiltLayer {
     pub fn new(dtype: Dtype, out_index: usize) -> Self {
-        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new(), ffn_refit: None }
+        BuiltLayer { dtype, out_index, tensors: Vec::new(), linears: Vec::new(), plan: LayerPlan::default(), errors: [0.0; 4], spectra: Default::default(), host_seconds: 0.0, ffn_kept_channels: Vec::new(), ffn_refit: None, attention_refit: Default::default() }
     }
 
     fn name(&self, linear: Linear, suffix: &str) -> String {

@@ -1,27 +1,32 @@
-//! FFN compensation after channel pruning: the kept down_proj columns refitted by ridge
-//! least squares to the dense FFN's output on the calibration features, with an intercept
-//! (a down_proj bias); the ridge (or no refit, or the mean bias alone) chosen on held-out
-//! calibration windows. The Gram matrices come from the GPU (`calib::stats::FfnMoments`);
-//! the k x k solves are f64 Cholesky factorizations on the host (faer).
+//! Least-squares compensation of a compressed linear: the map that now reads fewer
+//! features (an FFN's kept channels, or a factor pair's rank-r projection B x) refitted by
+//! ridge least squares to the dense linear's output on the calibration inputs, with an
+//! intercept (a bias); the ridge (or no refit, or the mean bias alone) chosen on held-out
+//! calibration windows. The Gram matrices come from the GPU (`calib::stats::SplitMoments`);
+//! the small solves are f64 Cholesky factorizations on the host (faer).
 //!
-//! With h the intermediate features of a token, K the kept channels, R the removed ones, the
-//! pruned FFN outputs W'h_K + b in place of W h. Over the tokens, with mean mu and covariance
-//! Sigma of h, least squares with an unpenalized intercept and a ridge pulling W' towards
-//! the pruned columns W[:, K] (not towards zero) is
-//!     W' = (W Sigma[:, K] + lambda W[:, K]) (Sigma[K, K] + lambda I)^-1,   b = W mu - W' mu_K,
-//! which runs from the plain least-squares fit (lambda = 0) to FLAP's mean compensation
-//! (lambda -> infinity: W' = W[:, K], b = W[:, R] mu_R). The candidates "pruned" (W[:, K],
-//! no bias) and "mean bias" sit beside the ridge grid. With fewer tokens than kept channels
-//! a small ridge overfits (measured: SmolLM2 at 16 x 128 tokens): the held-out windows see it.
+//! With x an input token, z = P x its features (P selects the kept channels K, or is the
+//! right factor B) and A0 the map the compression left (W[:, K], or the left factor), the
+//! compressed linear outputs A z + b in place of W x. Over the tokens, with mean mu and
+//! covariance Sigma of x, least squares with an unpenalized intercept and a ridge pulling A
+//! towards A0 (not towards zero) is
+//!     A = (W Sigma P^T + lambda A0) (P Sigma P^T + lambda I)^-1,   b = W mu - A P mu,
+//! which runs from the plain least-squares fit (lambda = 0) to the mean compensation
+//! (lambda -> infinity: A = A0, b = (W - A0 P) mu; for pruning FLAP's W[:, R] mu_R). The
+//! candidates "as compressed" (A0, no bias) and "mean bias" sit beside the ridge grid. With
+//! fewer tokens than features a small ridge overfits (measured: SmolLM2's FFN at 16 x 128
+//! tokens): the held-out windows see it. For a factor pair whose B came from the SVD of W S
+//! (S the diagonal activation scale), the gain is what the full input covariance and the
+//! mean know beyond S.
 
 use anyhow::{ensure, Result};
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use serde::{Deserialize, Serialize};
 
-use crate::calib::stats::{FfnMoments, Moments};
+use crate::calib::stats::{Moments, SplitMoments};
 
-/// Ridges tried, relative to the mean kept-feature variance tr(Sigma[K, K]) / |K|.
+/// Ridges tried, relative to the mean feature variance tr(P Sigma P^T) / r.
 pub const RIDGE_GRID: [f64; 7] = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0];
 
 /// Output rows the held-out selection scores (a strided subset: each row is its own
@@ -29,16 +34,16 @@ pub const RIDGE_GRID: [f64; 7] = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0];
 /// fraction of the cost on wide layers).
 const SELECTION_ROWS: usize = 512;
 
-/// What the compensation of one layer's FFN became.
+/// What the compensation of one linear became.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum RefitChoice {
-    /// The kept columns as they were, no bias.
+    /// The map as the compression left it (pruned columns, or the factor pair), no bias.
     Pruned,
-    /// The kept columns as they were, plus the removed channels' mean contribution as a bias.
+    /// That map plus the mean of what it misses as a bias.
     MeanBias,
-    /// Ridge least squares with an intercept, pulled towards the pruned columns; `alpha` is
-    /// the ridge relative to the mean kept-feature variance.
+    /// Ridge least squares with an intercept, pulled towards the compressed map; `alpha` is
+    /// the ridge relative to the mean feature variance.
     Ridge { alpha: f64 },
 }
 
@@ -46,128 +51,214 @@ pub enum RefitChoice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CandidateScore {
     pub choice: RefitChoice,
-    /// Mean squared error of the FFN output on the held-out windows relative to the mean
-    /// squared dense output there (on the scored rows).
+    /// Mean squared error of the linear's output on the held-out windows relative to the
+    /// mean squared dense output there (on the scored rows).
     pub held_out_rel_error: f64,
 }
 
-/// What the report shows of one layer's refit.
+/// What the report shows of one linear's refit.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RefitReport {
     pub choice: RefitChoice,
     pub fit_tokens: usize,
     pub held_out_tokens: usize,
-    pub kept_channels: usize,
+    /// Kept channels, or the factor pair's rank.
+    #[serde(alias = "kept_channels")]
+    pub features: usize,
     pub candidates: Vec<CandidateScore>,
 }
 
-/// The refitted down_proj: [d, k] over the kept channels, and its bias (`None` when the
-/// choice is `Pruned`).
-pub struct RefitDown {
-    pub w: Vec<f32>,
+/// What the refitted linear reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Features<'a> {
+    /// The input's channels `kept` (ascending): a pruned matrix, A0 = W[:, K].
+    Kept(&'a [usize]),
+    /// The projection `b` x, b [rank, n] row-major: a factor pair's right factor, A0 = `a0`
+    /// [out, rank] its left one.
+    Projected { b: &'a [f32], a0: &'a [f32], rank: usize },
+}
+
+/// The refitted map: A [out, r] and its bias (`None` when the choice is `Pruned`).
+pub struct Refit {
+    pub a: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     pub report: RefitReport,
 }
 
-/// Mean and covariance of a set of moments, restricted to what the fit uses.
-struct Centred {
-    mu: Vec<f64>,
-    /// Sigma[:, K], [f, k].
-    cross: Mat<f64>,
+/// Sums over the tokens of a moment set, seen through the features P: G P^T, P G P^T, s
+/// and P s (G = sum x x^T, s = sum x).
+struct Through {
+    tokens: f64,
+    /// G P^T, [n, r].
+    gp: Mat<f64>,
+    /// P G P^T, [r, r].
+    pgp: Mat<f64>,
+    sum: Vec<f64>,
+    psum: Vec<f64>,
 }
 
-fn centred(m: &Moments, f: usize, kept: &[usize]) -> Centred {
-    let mu = m.mean();
-    let cross = Mat::<f64>::from_fn(f, kept.len(), |i, c| m.covariance(&mu, i, kept[c]));
-    Centred { mu, cross }
+impl Through {
+    fn add(&self, o: &Through) -> Through {
+        Through { tokens: self.tokens + o.tokens, gp: &self.gp + &o.gp, pgp: &self.pgp + &o.pgp, sum: self.sum.iter().zip(&o.sum).map(|(a, b)| a + b).collect(), psum: self.psum.iter().zip(&o.psum).map(|(a, b)| a + b).collect() }
+    }
 }
 
-/// Rows `rows` of W [d, f] as a matrix.
-fn rows_of(w: &[f32], f: usize, rows: &[usize]) -> Mat<f64> {
-    Mat::<f64>::from_fn(rows.len(), f, |r, j| w[rows[r] * f + j] as f64)
+/// The symmetric mean of both triangles of a GPU Gram (its halves may differ in the last
+/// bit), as an f64 matrix.
+fn gram_matrix(m: &Moments) -> Mat<f64> {
+    let n = m.sum.len();
+    Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (m.gram[i * n + j] as f64 + m.gram[j * n + i] as f64))
 }
 
-/// The candidate `choice` fitted for the rows of `w` ([rows, f]): W' [rows, k] and b.
-fn fit(w: &Mat<f64>, kept: &[usize], removed: &[usize], c: &Centred, choice: RefitChoice) -> Result<(Mat<f64>, Vec<f64>)> {
-    let (rows, k) = (w.nrows(), kept.len());
-    let kept_cols = Mat::<f64>::from_fn(rows, k, |r, c| w[(r, kept[c])]);
-    Ok(match choice {
-        RefitChoice::Pruned => (kept_cols, vec![0.0; rows]),
-        RefitChoice::MeanBias => {
-            let b = (0..rows).map(|r| removed.iter().map(|&j| w[(r, j)] * c.mu[j]).sum()).collect();
-            (kept_cols, b)
+impl Features<'_> {
+    fn rank(&self) -> usize {
+        match self {
+            Features::Kept(k) => k.len(),
+            Features::Projected { rank, .. } => *rank,
         }
+    }
+
+    /// P as a matrix [r, n] (only for projections: a selection is gathered instead).
+    fn projection(b: &[f32], rank: usize, n: usize) -> Mat<f64> {
+        Mat::<f64>::from_fn(rank, n, |c, j| b[c * n + j] as f64)
+    }
+
+    fn through(&self, m: &Moments, gram: &Mat<f64>) -> Through {
+        let n = m.sum.len();
+        let sum: Vec<f64> = m.sum.iter().map(|&x| x as f64).collect();
+        let (gp, pgp, psum) = match *self {
+            Features::Kept(kept) => {
+                let gp = Mat::<f64>::from_fn(n, kept.len(), |i, c| gram[(i, kept[c])]);
+                let pgp = Mat::<f64>::from_fn(kept.len(), kept.len(), |a, c| gp[(kept[a], c)]);
+                (gp, pgp, kept.iter().map(|&j| sum[j]).collect())
+            }
+            Features::Projected { b, rank, .. } => {
+                let p = Self::projection(b, rank, n);
+                let gp = gram * p.transpose();
+                let pgp = &p * &gp;
+                let psum = (0..rank).map(|c| (0..n).map(|j| p[(c, j)] * sum[j]).sum()).collect();
+                (gp, pgp, psum)
+            }
+        };
+        Through { tokens: m.tokens as f64, gp, pgp, sum, psum }
+    }
+
+    /// A0 for rows `rows` of W (`w` holds those rows).
+    fn start(&self, w: &Mat<f64>, rows: &[usize]) -> Mat<f64> {
+        match *self {
+            Features::Kept(kept) => Mat::<f64>::from_fn(w.nrows(), kept.len(), |r, c| w[(r, kept[c])]),
+            Features::Projected { a0, rank, .. } => Mat::<f64>::from_fn(rows.len(), rank, |r, c| a0[rows[r] * rank + c] as f64),
+        }
+    }
+}
+
+/// Rows `rows` of W [.., n] as a matrix.
+fn rows_of(w: &[f32], n: usize, rows: &[usize]) -> Mat<f64> {
+    Mat::<f64>::from_fn(rows.len(), n, |r, j| w[rows[r] * n + j] as f64)
+}
+
+/// The candidate `choice` fitted for the rows `w` of W with starting map `a0` from the
+/// sums `t`: A [rows, r] and b.
+fn fit(w: &Mat<f64>, a0: &Mat<f64>, t: &Through, choice: RefitChoice) -> Result<(Mat<f64>, Vec<f64>)> {
+    let (rows, r) = (w.nrows(), a0.ncols());
+    let n = t.tokens;
+    let mu_z: Vec<f64> = t.psum.iter().map(|x| x / n).collect();
+    let w_mu: Vec<f64> = (0..rows).map(|i| (0..w.ncols()).map(|j| w[(i, j)] * t.sum[j]).sum::<f64>() / n).collect();
+    let bias_of = |a: &Mat<f64>| -> Vec<f64> { (0..rows).map(|i| w_mu[i] - (0..r).map(|c| a[(i, c)] * mu_z[c]).sum::<f64>()).collect() };
+    Ok(match choice {
+        RefitChoice::Pruned => (a0.clone(), vec![0.0; rows]),
+        RefitChoice::MeanBias => (a0.clone(), bias_of(a0)),
         RefitChoice::Ridge { alpha } => {
-            let mut normal = Mat::<f64>::from_fn(k, k, |a, b| c.cross[(kept[a], b)]);
-            let lambda = alpha * (0..k).map(|a| normal[(a, a)]).sum::<f64>() / k as f64;
-            for a in 0..k {
+            // the features' covariance P Sigma P^T and the cross term W Sigma P^T
+            let mut normal = Mat::<f64>::from_fn(r, r, |a, c| t.pgp[(a, c)] / n - mu_z[a] * mu_z[c]);
+            let lambda = alpha * (0..r).map(|a| normal[(a, a)]).sum::<f64>() / r as f64;
+            for a in 0..r {
                 normal[(a, a)] += lambda.max(f64::MIN_POSITIVE);
             }
-            let llt = normal.llt(Side::Lower).map_err(|_| anyhow::anyhow!("FFN refit: the kept features' covariance plus a ridge of {alpha} is not positive definite"))?;
-            let mut rhs = w * &c.cross;
-            for r in 0..rows {
-                for a in 0..k {
-                    rhs[(r, a)] += lambda * kept_cols[(r, a)];
+            let llt = normal.llt(Side::Lower).map_err(|_| anyhow::anyhow!("refit: the features' covariance plus a ridge of {alpha} is not positive definite"))?;
+            let mut rhs = w * &t.gp;
+            for i in 0..rows {
+                for c in 0..r {
+                    rhs[(i, c)] = rhs[(i, c)] / n - w_mu[i] * mu_z[c] + lambda * a0[(i, c)];
                 }
             }
-            let wk = llt.rsolve(&rhs);
-            let b = (0..rows).map(|r| (0..w.ncols()).map(|j| w[(r, j)] * c.mu[j]).sum::<f64>() - (0..k).map(|a| wk[(r, a)] * c.mu[kept[a]]).sum::<f64>()).collect();
-            (wk, b)
+            let a = llt.rsolve(&rhs);
+            let b = bias_of(&a);
+            (a, b)
         }
     })
 }
 
-/// Mean squared error per token of x -> W'x_K + b against x -> W x over the tokens of
-/// `m`, and the mean squared target, for the rows of `w`.
-fn held_out_error(w: &Mat<f64>, wk: &Mat<f64>, b: &[f64], kept: &[usize], m: &Moments, gram: &Mat<f64>) -> (f64, f64) {
-    let n = m.tokens as f64;
-    let mut diff = w.clone();
-    for r in 0..w.nrows() {
-        for (a, &j) in kept.iter().enumerate() {
-            diff[(r, j)] -= wk[(r, a)];
-        }
-    }
-    let quad = |x: &Mat<f64>| -> f64 {
-        let xg = x * gram;
-        (0..x.nrows()).flat_map(|r| (0..x.ncols()).map(move |j| (r, j))).map(|(r, j)| xg[(r, j)] * x[(r, j)]).sum()
-    };
-    let sum: Vec<f64> = m.sum.iter().map(|&s| s as f64).collect();
-    let cross: f64 = (0..w.nrows()).map(|r| b[r] * (0..w.ncols()).map(|j| diff[(r, j)] * sum[j]).sum::<f64>()).sum();
-    let err = (quad(&diff) - 2.0 * cross + n * b.iter().map(|x| x * x).sum::<f64>()) / n;
-    (err.max(0.0), quad(w) / n)
+/// What the held-out error of any candidate needs of the held-out sums for rows `w`:
+/// diag(W G W^T), W G P^T and W s.
+struct HeldOut<'a> {
+    t: &'a Through,
+    wgw: Vec<f64>,
+    wgp: Mat<f64>,
+    ws: Vec<f64>,
 }
 
-/// Refits down_proj `w` [d, f] restricted to `kept` (ascending): every candidate is fitted
-/// on the fitting windows and scored on the held-out ones; the winner is fitted again on
-/// all windows.
-pub fn refit_down(w: &[f32], d: usize, kept: &[usize], moments: &FfnMoments) -> Result<RefitDown> {
-    let f = moments.dim;
-    ensure!(w.len() == d * f && !kept.is_empty() && kept.iter().all(|&j| j < f), "FFN refit: down_proj is not [{d}, {f}] or the kept channels are out of range");
-    ensure!(moments.fit.tokens > 0 && moments.held_out.tokens > 0, "FFN refit: needs fitting and held-out calibration windows ({} and {} tokens)", moments.fit.tokens, moments.held_out.tokens);
-    let removed: Vec<usize> = (0..f).filter(|j| kept.binary_search(j).is_err()).collect();
-    let step = d.div_ceil(SELECTION_ROWS);
-    let scored: Vec<usize> = (0..d).step_by(step).collect();
-    let ws = rows_of(w, f, &scored);
-    let fit_stats = centred(&moments.fit, f, kept);
-    let held = &moments.held_out;
-    let held_gram = Mat::<f64>::from_fn(f, f, |i, j| held.gram[i * f + j] as f64);
+impl<'a> HeldOut<'a> {
+    fn new(w: &Mat<f64>, gram: &Mat<f64>, t: &'a Through) -> Self {
+        let wg = w * gram;
+        let wgw = (0..w.nrows()).map(|i| (0..w.ncols()).map(|j| wg[(i, j)] * w[(i, j)]).sum()).collect();
+        let ws = (0..w.nrows()).map(|i| (0..w.ncols()).map(|j| w[(i, j)] * t.sum[j]).sum()).collect();
+        HeldOut { t, wgw, wgp: w * &t.gp, ws }
+    }
+
+    /// Mean squared error per token of x -> A P x + b against x -> W x, and the mean
+    /// squared target.
+    fn error(&self, a: &Mat<f64>, b: &[f64]) -> (f64, f64) {
+        let (n, r) = (self.t.tokens, a.ncols());
+        let apgp = a * &self.t.pgp;
+        let mut err = 0.0;
+        for i in 0..a.nrows() {
+            let dot = |x: &dyn Fn(usize) -> f64| (0..r).map(|c| a[(i, c)] * x(c)).sum::<f64>();
+            let quad = self.wgw[i] - 2.0 * dot(&|c| self.wgp[(i, c)]) + dot(&|c| apgp[(i, c)]);
+            let cross = self.ws[i] - dot(&|c| self.t.psum[c]);
+            err += quad - 2.0 * b[i] * cross + n * b[i] * b[i];
+        }
+        ((err / n).max(0.0), self.wgw.iter().sum::<f64>() / n)
+    }
+}
+
+/// Refits the linear `w` [out, n] that now reads `features`: every candidate is fitted on
+/// the fitting windows and scored on the held-out ones; the winner is fitted again on all
+/// windows.
+pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments) -> Result<Refit> {
+    let n = moments.dim;
+    let r = features.rank();
+    ensure!(w.len() == out * n && r > 0, "refit: the weight is not [{out}, {n}] or there is nothing to fit");
+    match features {
+        Features::Kept(kept) => ensure!(kept.iter().all(|&j| j < n), "refit: kept channels out of range"),
+        Features::Projected { b, a0, rank } => ensure!(b.len() == rank * n && a0.len() == out * rank, "refit: factors are not [{out}, {rank}] x [{rank}, {n}]"),
+    }
+    ensure!(moments.fit.tokens > 0 && moments.held_out.tokens > 0, "refit: needs fitting and held-out calibration windows ({} and {} tokens)", moments.fit.tokens, moments.held_out.tokens);
+    let step = out.div_ceil(SELECTION_ROWS);
+    let scored: Vec<usize> = (0..out).step_by(step).collect();
+    let ws = rows_of(w, n, &scored);
+    let a0s = features.start(&ws, &scored);
+    let fit_sums = features.through(&moments.fit, &gram_matrix(&moments.fit));
+    let held_gram = gram_matrix(&moments.held_out);
+    let held_sums = features.through(&moments.held_out, &held_gram);
+    let held = HeldOut::new(&ws, &held_gram, &held_sums);
+    drop(held_gram);
     let mut candidates = vec![RefitChoice::Pruned, RefitChoice::MeanBias];
     candidates.extend(RIDGE_GRID.iter().map(|&alpha| RefitChoice::Ridge { alpha }));
     let mut scores = Vec::new();
     for choice in candidates {
-        let (wk, b) = fit(&ws, kept, &removed, &fit_stats, choice)?;
-        let (err, target) = held_out_error(&ws, &wk, &b, kept, held, &held_gram);
+        let (a, b) = fit(&ws, &a0s, &fit_sums, choice)?;
+        let (err, target) = held.error(&a, &b);
         scores.push(CandidateScore { choice, held_out_rel_error: err / target.max(f64::MIN_POSITIVE) });
     }
-    drop(held_gram);
     let best = scores.iter().min_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error)).map(|s| s.choice).unwrap_or(RefitChoice::Pruned);
-    let all = moments.fit.merged(held);
-    let (wk, b) = fit(&rows_of(w, f, &(0..d).collect::<Vec<_>>()), kept, &removed, &centred(&all, f, kept), best)?;
-    let k = kept.len();
-    let report = RefitReport { choice: best, fit_tokens: moments.fit.tokens, held_out_tokens: held.tokens, kept_channels: k, candidates: scores };
-    let wk: Vec<f32> = (0..d * k).map(|x| wk[(x / k, x % k)] as f32).collect();
+    let all_rows: Vec<usize> = (0..out).collect();
+    let wall = rows_of(w, n, &all_rows);
+    let (a, b) = fit(&wall, &features.start(&wall, &all_rows), &fit_sums.add(&held_sums), best)?;
+    let report = RefitReport { choice: best, fit_tokens: moments.fit.tokens, held_out_tokens: moments.held_out.tokens, features: r, candidates: scores };
+    let a: Vec<f32> = (0..out * r).map(|x| a[(x / r, x % r)] as f32).collect();
     let bias = (best != RefitChoice::Pruned).then(|| b.iter().map(|&x| x as f32).collect());
-    Ok(RefitDown { w: wk, bias, report })
+    Ok(Refit { a, bias, report })
 }
 
 #[cfg(test)]
@@ -188,17 +279,22 @@ mod tests {
             .collect()
     }
 
-    /// The f64 reference: least squares on the token matrix itself with an unpenalized
-    /// intercept and the penalty n lambda ||W' - W[:, K]||^2, by normal equations in plain
-    /// f64 Gaussian elimination.
-    fn ridge_reference(h: &[f64], f: usize, tokens: usize, w: &[f32], d: usize, kept: &[usize], lambda: f64) -> (Vec<f64>, Vec<f64>) {
-        let k = kept.len();
+    /// The f64 reference: least squares of the targets W x on the token matrix of the
+    /// case's features z with an unpenalized intercept and the penalty
+    /// n lambda ||A - A0||^2, lambda = alpha * (mean feature variance), by normal equations
+    /// in plain f64 Gauss-Jordan elimination.
+    fn ridge_reference(case: &Case, h: &[f64], tokens: usize, w: &[f32], alpha: f64) -> (Vec<f64>, Vec<f64>) {
+        let (n, d, a0) = (case.n, case.d, case.a0(w));
+        let zs: Vec<Vec<f64>> = (0..tokens).map(|t| case.z(&h[t * n..(t + 1) * n])).collect();
+        let k = zs[0].len();
+        let mean: Vec<f64> = (0..k).map(|c| zs.iter().map(|z| z[c]).sum::<f64>() / tokens as f64).collect();
+        let lambda = alpha * (0..k).map(|c| zs.iter().map(|z| (z[c] - mean[c]).powi(2)).sum::<f64>() / tokens as f64).sum::<f64>() / k as f64;
         let p = k + 1;
         let mut a = vec![0f64; p * p];
         let mut rhs = vec![0f64; p * d];
-        for t in 0..tokens {
-            let z: Vec<f64> = kept.iter().map(|&j| h[t * f + j]).chain([1.0]).collect();
-            let y: Vec<f64> = (0..d).map(|r| (0..f).map(|j| w[r * f + j] as f64 * h[t * f + j]).sum()).collect();
+        for (t, z) in zs.iter().enumerate() {
+            let z: Vec<f64> = z.iter().copied().chain([1.0]).collect();
+            let y: Vec<f64> = (0..d).map(|r| (0..n).map(|j| w[r * n + j] as f64 * h[t * n + j]).sum()).collect();
             for i in 0..p {
                 for j in 0..p {
                     a[i * p + j] += z[i] * z[j];
@@ -211,7 +307,7 @@ mod tests {
         for i in 0..k {
             a[i * p + i] += tokens as f64 * lambda;
             for r in 0..d {
-                rhs[i * d + r] += tokens as f64 * lambda * w[r * f + kept[i]] as f64;
+                rhs[i * d + r] += tokens as f64 * lambda * a0[r * k + i];
             }
         }
         // Gauss-Jordan with partial pivoting
@@ -242,52 +338,108 @@ mod tests {
         (wk, b)
     }
 
+    fn random_matrix(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The case's features: a selection, or a random projection with a random A0.
+    struct Case {
+        n: usize,
+        d: usize,
+        kept: Vec<usize>,
+        /// (B [rank, n], A0 [d, rank]) for a projection.
+        pair: Option<(Vec<f32>, Vec<f32>)>,
+    }
+
+    impl Case {
+        fn features(&self) -> Features<'_> {
+            match &self.pair {
+                None => Features::Kept(&self.kept),
+                Some((b, a0)) => Features::Projected { b, a0, rank: b.len() / self.n },
+            }
+        }
+
+        fn z(&self, x: &[f64]) -> Vec<f64> {
+            match &self.pair {
+                None => self.kept.iter().map(|&j| x[j]).collect(),
+                Some((b, _)) => b.chunks(self.n).map(|row| row.iter().zip(x).map(|(p, v)| *p as f64 * v).sum()).collect(),
+            }
+        }
+
+        fn a0(&self, w: &[f32]) -> Vec<f64> {
+            match &self.pair {
+                None => (0..self.d).flat_map(|r| self.kept.iter().map(move |&j| w[r * self.n + j] as f64)).collect(),
+                Some((_, a0)) => a0.iter().map(|&x| x as f64).collect(),
+            }
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case { n: 12, d: 5, kept: vec![0, 2, 3, 5, 7, 8, 11], pair: None },
+            Case { n: 9, d: 7, kept: vec![1, 4, 8], pair: None },
+            Case { n: 11, d: 6, kept: vec![], pair: Some((random_matrix(4 * 11, 21), random_matrix(6 * 4, 22))) },
+            Case { n: 7, d: 9, kept: vec![], pair: Some((random_matrix(3 * 7, 23), random_matrix(9 * 3, 24))) },
+        ]
+    }
+
     #[test]
     fn ridge_fit_matches_the_f64_reference() {
-        for (f, d, tokens, kept) in [(12usize, 5usize, 200usize, vec![0usize, 2, 3, 5, 7, 8, 11]), (9, 7, 60, vec![1, 4, 8])] {
-            let h = features(tokens, f, f as u64);
-            let w: Vec<f32> = { let mut rng = StdRng::seed_from_u64(3); (0..d * f).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-            let m = Moments::of_tokens(&h, f, 0..tokens);
-            let removed: Vec<usize> = (0..f).filter(|j| !kept.contains(j)).collect();
-            let c = centred(&m, f, &kept);
-            let alpha = 1e-2;
-            let (wk, b) = fit(&rows_of(&w, f, &(0..d).collect::<Vec<_>>()), &kept, &removed, &c, RefitChoice::Ridge { alpha }).unwrap();
-            let lambda = alpha * kept.iter().enumerate().map(|(a, _)| c.cross[(kept[a], a)]).sum::<f64>() / kept.len() as f64;
-            let (rw, rb) = ridge_reference(&h, f, tokens, &w, d, &kept, lambda);
-            // f32 Gram sums over a few hundred tokens: ~1e-6 relative, amplified by the
-            // conditioning of the kept features' covariance
-            for (x, y) in (0..d * kept.len()).map(|x| wk[(x / kept.len(), x % kept.len())]).zip(&rw) {
-                assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "f {f}: weight {x} vs {y}");
-            }
-            for (x, y) in b.iter().zip(&rb) {
-                assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "f {f}: bias {x} vs {y}");
+        for (ci, case) in cases().iter().enumerate() {
+            let (n, d, tokens) = (case.n, case.d, 150 + 20 * ci);
+            let h = features(tokens, n, n as u64);
+            let w = random_matrix(d * n, 3);
+            let m = Moments::of_tokens(&h, n, 0..tokens);
+            let f = case.features();
+            let rows: Vec<usize> = (0..d).collect();
+            let wm = rows_of(&w, n, &rows);
+            for alpha in [1e-2, 1.0] {
+                let (a, b) = fit(&wm, &f.start(&wm, &rows), &f.through(&m, &gram_matrix(&m)), RefitChoice::Ridge { alpha }).unwrap();
+                let (ra, rb) = ridge_reference(case, &h, tokens, &w, alpha);
+                // f32 Gram sums over a few hundred tokens: ~1e-6 relative, amplified by the
+                // conditioning of the features' covariance
+                let r = a.ncols();
+                for (x, y) in (0..d * r).map(|x| a[(x / r, x % r)]).zip(&ra) {
+                    assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "case {ci} alpha {alpha}: weight {x} vs {y}");
+                }
+                for (x, y) in b.iter().zip(&rb) {
+                    assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "case {ci} alpha {alpha}: bias {x} vs {y}");
+                }
             }
         }
     }
 
     #[test]
     fn held_out_error_matches_the_token_sum() {
-        let (f, d, tokens) = (10, 4, 80);
-        let h = features(tokens, f, 7);
-        let w: Vec<f32> = (0..d * f).map(|x| ((x * 7 % 11) as f32 - 5.0) / 5.0).collect();
-        let kept = vec![0, 1, 4, 6, 9];
-        let m = Moments::of_tokens(&h, f, 0..tokens);
-        let wm = rows_of(&w, f, &(0..d).collect::<Vec<_>>());
-        let wk = Mat::<f64>::from_fn(d, kept.len(), |r, a| wm[(r, kept[a])] * 1.1 + 0.01 * r as f64);
-        let b: Vec<f64> = (0..d).map(|r| 0.1 * r as f64 - 0.2).collect();
-        let gram = Mat::<f64>::from_fn(f, f, |i, j| m.gram[i * f + j] as f64);
-        let (err, target) = held_out_error(&wm, &wk, &b, &kept, &m, &gram);
-        let (mut e, mut t) = (0.0, 0.0);
-        for tok in 0..tokens {
-            for r in 0..d {
-                let y: f64 = (0..f).map(|j| wm[(r, j)] * h[tok * f + j]).sum();
-                let p: f64 = kept.iter().enumerate().map(|(a, &j)| wk[(r, a)] * h[tok * f + j]).sum::<f64>() + b[r];
-                e += (y - p).powi(2);
-                t += y * y;
+        for (ci, case) in cases().iter().enumerate() {
+            let (n, d, tokens) = (case.n, case.d, 80);
+            let h = features(tokens, n, 7 + ci as u64);
+            let w = random_matrix(d * n, 9);
+            let m = Moments::of_tokens(&h, n, 0..tokens);
+            let f = case.features();
+            let rows: Vec<usize> = (0..d).collect();
+            let wm = rows_of(&w, n, &rows);
+            let start = f.start(&wm, &rows);
+            let a = Mat::<f64>::from_fn(d, start.ncols(), |r, c| start[(r, c)] * 1.1 + 0.01 * r as f64);
+            let b: Vec<f64> = (0..d).map(|r| 0.1 * r as f64 - 0.2).collect();
+            let gram = gram_matrix(&m);
+            let sums = f.through(&m, &gram);
+            let (err, target) = HeldOut::new(&wm, &gram, &sums).error(&a, &b);
+            let (mut e, mut t) = (0.0, 0.0);
+            for tok in 0..tokens {
+                let x = &h[tok * n..(tok + 1) * n];
+                let z = case.z(x);
+                for r in 0..d {
+                    let y: f64 = (0..n).map(|j| wm[(r, j)] * x[j]).sum();
+                    let p: f64 = z.iter().enumerate().map(|(c, v)| a[(r, c)] * v).sum::<f64>() + b[r];
+                    e += (y - p).powi(2);
+                    t += y * y;
+                }
             }
+            let (e, t) = (e / tokens as f64, t / tokens as f64);
+            assert!((err - e).abs() <= 1e-4 * e && (target - t).abs() <= 1e-4 * t, "case {ci}: {err} vs {e}, {target} vs {t}");
         }
-        let (e, t) = (e / tokens as f64, t / tokens as f64);
-        assert!((err - e).abs() <= 1e-4 * e && (target - t).abs() <= 1e-4 * t, "{err} vs {e}, {target} vs {t}");
     }
 
     #[test]
@@ -296,32 +448,57 @@ mod tests {
         let h = features(400, f, 11);
         let w: Vec<f32> = (0..d * f).map(|x| ((x * 13 % 17) as f32 - 8.0) / 8.0).collect();
         let kept: Vec<usize> = (0..f).filter(|j| j % 5 != 1).collect();
-        let fm = FfnMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..300), held_out: Moments::of_tokens(&h, f, 300..400) };
-        let out = refit_down(&w, d, &kept, &fm).unwrap();
+        let fm = SplitMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..300), held_out: Moments::of_tokens(&h, f, 300..400) };
+        let out = refit(&w, d, Features::Kept(&kept), &fm).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         let chosen = score(out.report.choice);
         assert!(chosen <= score(RefitChoice::Pruned) && chosen <= score(RefitChoice::MeanBias));
         // near-duplicate channels: the refit recovers most of what pruning lost
         assert!(matches!(out.report.choice, RefitChoice::Ridge { .. }) && chosen < 0.5 * score(RefitChoice::Pruned), "{:?}", out.report);
-        assert_eq!((out.w.len(), out.bias.as_ref().map(|b| b.len())), (d * kept.len(), Some(d)));
+        assert_eq!((out.a.len(), out.bias.as_ref().map(|b| b.len())), (d * kept.len(), Some(d)));
         // independent features and fewer fitting tokens than kept channels: a small ridge
         // overfits the fitting windows, and the held-out ones choose no refit, the mean
         // bias or a large ridge
         let mut rng = StdRng::seed_from_u64(5);
         let noise: Vec<f64> = (0..200 * f).map(|_| 0.5 + rng.random_range(-1.0..1.0)).collect();
-        let few = FfnMoments { dim: f, fit: Moments::of_tokens(&noise, f, 0..6), held_out: Moments::of_tokens(&noise, f, 100..200) };
-        let out = refit_down(&w, d, &kept, &few).unwrap();
+        let few = SplitMoments { dim: f, fit: Moments::of_tokens(&noise, f, 0..6), held_out: Moments::of_tokens(&noise, f, 100..200) };
+        let out = refit(&w, d, Features::Kept(&kept), &few).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         assert!(score(RefitChoice::Ridge { alpha: RIDGE_GRID[0] }) > score(RefitChoice::Pruned), "{:?}", out.report);
         assert!(!matches!(out.report.choice, RefitChoice::Ridge { alpha } if alpha < 0.1), "{:?}", out.report);
     }
 
+    /// A factor pair from the SVD of W S (S the diagonal activation scale) on correlated
+    /// inputs with a non-zero mean: the full covariance and the intercept reduce the
+    /// held-out error of the same rank.
+    #[test]
+    fn a_factor_pair_refit_beats_the_scaled_svd_on_correlated_inputs() {
+        let (n, d, rank) = (14usize, 10usize, 3usize);
+        let h = features(500, n, 19);
+        let w = random_matrix(d * n, 31);
+        let fit_m = Moments::of_tokens(&h, n, 0..400);
+        let scales: Vec<f64> = (0..n).map(|j| (fit_m.gram[j * n + j] as f64 / 400.0).sqrt()).collect();
+        let ws = Mat::<f64>::from_fn(d, n, |r, j| w[r * n + j] as f64 * scales[j]);
+        let svd = ws.thin_svd().unwrap();
+        let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+        let a0: Vec<f32> = (0..d * rank).map(|x| (u[(x / rank, x % rank)] * sv[x % rank].sqrt()) as f32).collect();
+        let b: Vec<f32> = (0..rank * n).map(|x| (sv[x / n].sqrt() * v[(x % n, x / n)] / scales[x % n]) as f32).collect();
+        let sm = SplitMoments { dim: n, fit: fit_m, held_out: Moments::of_tokens(&h, n, 400..500) };
+        let out = refit(&w, d, Features::Projected { b: &b, a0: &a0, rank }, &sm).unwrap();
+        let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
+        assert!(score(RefitChoice::MeanBias) < score(RefitChoice::Pruned), "{:?}", out.report);
+        assert!(score(out.report.choice) < 0.9 * score(RefitChoice::Pruned), "{:?}", out.report);
+        assert_eq!((out.a.len(), out.report.features), (d * rank, rank));
+    }
+
     #[test]
     fn bad_inputs_are_errors() {
-        let fm = FfnMoments { dim: 4, fit: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 0 }, held_out: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 3 } };
-        assert!(refit_down(&[0.5; 8], 2, &[0, 1], &fm).is_err());
-        let fm = FfnMoments { fit: fm.held_out.clone(), ..fm };
-        assert!(refit_down(&[0.5; 8], 2, &[0, 9], &fm).is_err());
-        assert!(refit_down(&[0.5; 7], 2, &[0, 1], &fm).is_err());
+        let fm = SplitMoments { dim: 4, fit: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 0 }, held_out: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 3 } };
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 1]), &fm).is_err());
+        let fm = SplitMoments { fit: fm.held_out.clone(), ..fm };
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 9]), &fm).is_err());
+        assert!(refit(&[0.5; 7], 2, Features::Kept(&[0, 1]), &fm).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[]), &fm).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Projected { b: &[0.5; 4], a0: &[0.5; 4], rank: 2 }, &fm).is_err());
     }
 }

@@ -112,6 +112,8 @@ pub enum Site {
 }
 
 impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnInput, Site::OInput, Site::FfnInput, Site::DownInput];
+
     /// Where `linear` takes its input from.
     pub const fn of(linear: Linear) -> Site {
         match linear {

@@ -113,8 +113,8 @@ pub fn validate(model: &Model, calib: &[u32], seq_len: usize, opts: &CompressOpt
         MethodOptions::Lorap(l) if !(0.0..1.0).contains(&l.reserve) => {
             return Err(CompressError::BadArgument(format!("FFN reserve fraction must be in [0, 1), got {}", l.reserve)).into());
         }
-        MethodOptions::Lorap(l) if l.needs_ffn_moments() && calib.len() / seq_len.max(1) < crate::calib::stats::HOLD_OUT_EVERY => {
-            return Err(CompressError::BadArgument(format!("--ffn-refit and --ffn-selection obs need at least {} calibration windows (every {}th is held out to choose the ridge), got {}", crate::calib::stats::HOLD_OUT_EVERY, crate::calib::stats::HOLD_OUT_EVERY, calib.len() / seq_len.max(1))).into());
+        MethodOptions::Lorap(l) if l.needs_split_moments() && calib.len() / seq_len.max(1) < crate::calib::stats::HOLD_OUT_EVERY => {
+            return Err(CompressError::BadArgument(format!("--ffn-refit, --attention-refit and --ffn-selection obs need at least {} calibration windows (every {}th is held out to choose the ridge), got {}", crate::calib::stats::HOLD_OUT_EVERY, crate::calib::stats::HOLD_OUT_EVERY, calib.len() / seq_len.max(1))).into());
         }
         MethodOptions::Lorap(_) | MethodOptions::Sfsd(_) => {}
     }
@@ -175,10 +175,8 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
 
     let state_bytes = (calib.len() * cfg.hidden_size * 4) as u64;
     let mut resident = resident_bytes(cfg, control.batch_tokens.unwrap_or(crate::model::forward::DEFAULT_BATCH_TOKENS).min(calib.len()), gpu.coop_f16());
-    if method.stats_need() == methods::StatsNeed::FfnMoments {
-        // two [f, f] Gram matrices (fitting and held-out windows) on the GPU
-        resident += 2 * (cfg.intermediate_size as u64).pow(2) * 4;
-    }
+    // the refits' Gram matrices (fitting and held-out windows) on the GPU
+    resident += crate::calib::stats::split_bytes(cfg, method.stats_need());
     let on_host = crate::calib::states::keep_on_host(gpu, state_bytes, resident);
     if on_host {
         tracing::info!(state_bytes, resident, "calibration states kept on the host (with a layer's work they would cross the GPU budget)");
@@ -258,7 +256,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             built.push_copy(store, &name(n))?;
         }
-        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, ffn_refit, .. } = built;
+        let BuiltLayer { tensors, linears, plan, errors, spectra, ffn_kept_channels, ffn_refit, attention_refit, .. } = built;
         // the dense linears go before propagation: under a budget only one copy of the
         // layer's weights is on the GPU while the states run through it
         let LayerWeights { q, k, v, o, gate, up, down, in_norm, post_norm } = dense;
@@ -288,6 +286,7 @@ pub fn compress_with(gpu: &std::sync::Arc<Gpu>, run: &Run, method: &dyn LayerMet
             ffn_total: cfg.intermediate_size,
             ffn_kept_channels,
             ffn_refit,
+            attention_refit,
             weighted_rel_error: errors,
             spectra,
             params_before: cfg.layer_params(i),

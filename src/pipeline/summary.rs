@@ -21,6 +21,9 @@ pub struct LayerReport {
     /// The FFN compensation's choice and its candidates' held-out errors (`--ffn-refit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_refit: Option<crate::methods::refit::RefitReport>,
+    /// Each factored q/k/v/o's refit choice and candidates (`--attention-refit`).
+    #[serde(default, skip_serializing_if = "no_refit")]
+    pub attention_refit: [Option<crate::methods::refit::RefitReport>; 4],
     /// Relative weighted reconstruction error ||(W - AB) S||_F / ||W S||_F of q, k, v, o.
     pub weighted_rel_error: [f64; 4],
     /// Weighted singular values of q, k, v, o (as many as were computed).
@@ -31,6 +34,10 @@ pub struct LayerReport {
     /// Where the layer's time went.
     #[serde(default)]
     pub phases: PhaseSeconds,
+}
+
+fn no_refit(r: &[Option<crate::methods::refit::RefitReport>; 4]) -> bool {
+    r.iter().all(Option::is_none)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -234,8 +234,9 @@ pub fn search(
         Ok((nll.exp(), secs / search_tokens.len() as f64))
     };
     let mut candidates: Vec<Candidate> = Vec::new();
-    // dense, the uniform plans, one sensitivity probe per layer, two guided plans, the moves
-    let total = opts.uniform_ratios.len() + 1 + n + 2 + opts.evaluations;
+    // dense, the uniform plans, one sensitivity probe per layer, two guided plans, the
+    // guided drop, the moves
+    let total = opts.uniform_ratios.len() + 1 + n + 3 + opts.evaluations;
     let record = |origin: String, plan: Plan, ppl: f64, spt: f64, candidates: &mut Vec<Candidate>| -> usize {
         let p = plan_params(cfg, &lib, &plan, opts);
         candidates.push(Candidate { origin, plan, decoder_params: p, decoder_ratio: 1.0 - p as f64 / dense_params as f64, calib_ppl: ppl, seconds_per_token: spt });
@@ -299,11 +300,21 @@ pub fn search(
             best = (plan, ppl);
         }
     }
+    // the least sensitive layer dropped from the best plan so far, its parameters spread
+    // over the others: the drop a random move would rarely find in a short search
+    progress(opts.uniform_ratios.len() + 1 + n + 2, total, "sensitivity-guided drop");
+    if let Some((victim, plan)) = guided_drop(&best.0, &sensitivity, opts, |p| plan_params(cfg, &lib, p, opts), budget) {
+        let (ppl, spt) = evaluate(&mut runner, &plan)?;
+        record(format!("drop layer {victim}"), plan.clone(), ppl, spt, &mut candidates);
+        if ppl < best.1 {
+            best = (plan, ppl);
+        }
+    }
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let att_unit = Linear::ATTENTION.into_iter().map(|l| cfg.linear_params(&LayerPlan { ffn_width: cfg.intermediate_size, ..Default::default() }, l)).sum::<usize>() as f64;
     let ffn_unit = (3 * cfg.hidden_size * cfg.intermediate_size) as f64;
     for step in 0..opts.evaluations {
-        progress(opts.uniform_ratios.len() + 1 + n + 2 + step, total, "local search");
+        progress(opts.uniform_ratios.len() + 1 + n + 3 + step, total, "local search");
         let Some(plan) = propose(&best.0, &mut rng, opts, att_unit, ffn_unit, |p| plan_params(cfg, &lib, p, opts), budget) else { continue };
         let (ppl, spt) = evaluate(&mut runner, &plan)?;
         let better = ppl < best.1;
@@ -408,7 +419,26 @@ fn propose(plan: &Plan, rng: &mut StdRng, opts: &SearchOptions, att_unit: f64, f
         set(&mut p.layers[a], xa, ka);
         set(&mut p.layers[b], xb, kb);
     }
-    // rescale every live layer's keep fractions so the parameters meet the budget
+    meet_budget(p, params, budget)
+}
+
+/// `plan` with its least sensitive live layer dropped and the budget met again: (the
+/// layer, the plan). `None` when drops are off, two layers or fewer live, or the budget
+/// cannot be met.
+fn guided_drop(plan: &Plan, sensitivity: &[f64], opts: &SearchOptions, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<(usize, Plan)> {
+    let live: Vec<usize> = (0..plan.layers.len()).filter(|&i| !plan.layers[i].dropped).collect();
+    if !opts.allow_drop || live.len() <= 2 {
+        return None;
+    }
+    let victim = live.into_iter().min_by(|&a, &b| sensitivity[a].total_cmp(&sensitivity[b]))?;
+    let mut p = plan.clone();
+    p.layers[victim].dropped = true;
+    meet_budget(p, params, budget).map(|p| (victim, p))
+}
+
+/// `p` with every live layer's keep fractions rescaled so the parameters meet `budget`
+/// (within 0.4%); `None` when the clamps keep it from getting there.
+fn meet_budget(mut p: Plan, params: impl Fn(&Plan) -> usize, budget: usize) -> Option<Plan> {
     for _ in 0..30 {
         let have = params(&p) as f64;
         if (have - budget as f64).abs() <= 0.004 * budget as f64 {
@@ -444,5 +474,24 @@ mod tests {
         assert!((params(&p) as f64 - budget as f64).abs() <= 10.0, "{}", params(&p));
         let k: Vec<f64> = p.layers.iter().map(|l| l.attention_keep.unwrap()).collect();
         assert!(k[0] > k[3] && k[3] > k[1] && k[1] > k[2], "{k:?}");
+    }
+
+    #[test]
+    fn the_guided_drop_removes_the_least_sensitive_live_layer_within_budget() {
+        let sens = [4.0, 0.5, 0.1, 2.0, 0.3];
+        let params = |p: &Plan| (p.layers.iter().filter(|l| !l.dropped).map(|l| l.attention_keep.unwrap() + l.ffn_keep.unwrap()).sum::<f64>() * 1000.0) as usize;
+        let budget = 5000; // 50% of 10000
+        let plan = Plan::uniform(5, 0.5);
+        let (victim, p) = guided_drop(&plan, &sens, &SearchOptions::default(), params, budget).unwrap();
+        assert_eq!(victim, 2);
+        assert!(p.layers[2].dropped && p.layers.iter().filter(|l| l.dropped).count() == 1);
+        assert!((params(&p) as f64 - budget as f64).abs() <= 0.004 * budget as f64, "{}", params(&p));
+        // the others gained what the dropped layer held
+        assert!(p.layers[0].attention_keep.unwrap() > 0.6);
+        // already dropped layers are skipped; drops off or too few live layers: none
+        let (victim, _) = guided_drop(&p, &sens, &SearchOptions::default(), params, budget).unwrap();
+        assert_eq!(victim, 4);
+        assert!(guided_drop(&plan, &sens, &SearchOptions { allow_drop: false, ..Default::default() }, params, budget).is_none());
+        assert!(guided_drop(&Plan::uniform(2, 0.5), &sens[..2], &SearchOptions::default(), params, 1000).is_none());
     }
 }
