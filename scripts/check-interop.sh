@@ -16,7 +16,10 @@
 # Usage: bash scripts/check-interop.sh DIR [DIR...]
 # Env: TEXT (held-out text; default $LORAP_ASSETS/text/wiki.txt), SEQ_LEN (512), MAX_TOKENS
 # (2048), TYPES (GGUF types, "f32 f16 q8_0"), THREADS (2), LM_EVAL_LIMIT (4 documents; 0
-# skips lm_eval), BIN (lorap-gpu binary; default target/release/lorap-gpu, built if absent).
+# skips lm_eval), BIN (lorap-gpu binary; default target/release/lorap-gpu, built if absent),
+# VOCAB_TEST (one of llama.cpp's tokenizer test vocabularies, models/ggml-vocab-NAME.gguf in
+# its sources: each GGUF's tokenizer is also run on its .inp texts against the .out ids;
+# scripts/interop/vocab_model.py builds test models from these vocabularies).
 # Prints a markdown table per folder (also left in CACHE/check/NAME/report.md); exits 1
 # if any runtime misses its bound.
 set -euo pipefail
@@ -99,7 +102,7 @@ EOF
     say "$name: gguf $t"
     "$bin" --quiet export --format gguf --type "$t" --model "$dir" --out "$work/gguf-$t" > "$work/gguf-$t.txt"
     llama_py "$root/scripts/interop/llama_check.py" --gguf "$work/gguf-$t/model.gguf" --tokenizer-dir "$dir" --text "$text" \
-      --seq-len "$seq_len" --max-tokens "$max_tokens" --threads "$threads" > "$work/gguf-$t.json"
+      --seq-len "$seq_len" --max-tokens "$max_tokens" --threads "$threads" ${VOCAB_TEST:+--vocab-test "$VOCAB_TEST"} > "$work/gguf-$t.json"
     # decode speed from llama.cpp's own benchmark (prompt 128, 64 generated tokens, 2 runs)
     "$build/bin/llama-bench" -m "$work/gguf-$t/model.gguf" -p 128 -n 64 -r 2 -t "$threads" -o json > "$work/bench-$t.json" 2>/dev/null || true
     "$py" - "$work/gguf-$t.json" "$work/bench-$t.json" <<'EOF'

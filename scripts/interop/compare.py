@@ -30,6 +30,11 @@ def main():
         passed = bound is None or abs(rel) <= bound
         if label == "transformers" and r["params"] != params:
             passed = False
+        # the tokenizer checks fail the run too: a GGUF that tokenizes differently is wrong
+        if "tokenizer" in r and not r["tokenizer"]["identical"]:
+            passed = False
+        if r.get("vocab_test", {}).get("mismatches"):
+            passed = False
         ok &= passed
         size = r.get("file_bytes") or r.get("disk_bytes") or ""
         gen = r.get("generate_tokens_per_second") or r.get("bench_tg_tokens_per_second") or ""
@@ -51,6 +56,9 @@ def main():
         if "tokenizer" in r:
             t = r["tokenizer"]
             print(f"- {label}: llama.cpp's tokenizer (from the GGUF) vs tokenizer.json on {t['tokens_hf']} tokens: {'identical' if t['identical'] else 'differ from token ' + str(t['first_difference'])}; llama-bench pp128 {r.get('bench_pp_tokens_per_second', float('nan')):.1f} tok/s")
+        if "vocab_test" in r:
+            v = r["vocab_test"]
+            print(f"- {label}: llama.cpp's tokenizer on {v['file']}.inp ({v['texts']} texts, {v['tokens']} tokens) vs its .out ids (Hugging Face's): {v['mismatches']} texts differ")
     sys.exit(0 if ok else 1)
 
 

@@ -2,10 +2,14 @@
 built from that package's sources) and measures what the interop check compares: the
 parameter count and size llama.cpp reports, whether llama.cpp's tokenizer (read from the
 GGUF) gives the same ids as tokenizer.json, and the NLL on `lorap-gpu eval`'s windows
-(the same token ids fed to both; all logits of each window kept).
+(the same token ids fed to both; all logits of each window kept). With --vocab-test
+VOCAB.gguf (one of llama.cpp's tokenizer test vocabularies, beside its .inp texts and .out
+ids from Hugging Face's tokenizer), also every .inp text through llama.cpp's tokenizer read
+from --gguf against the .out ids.
 
 Usage: LLAMA_CPP_LIB_PATH=BUILD/bin PYTHONPATH=SRC python llama_check.py --gguf FILE
        --tokenizer-dir DIR --text FILE --seq-len 512 --max-tokens 4096 [--threads 2]
+       [--vocab-test VOCAB.gguf]
 Prints one JSON object."""
 
 import argparse
@@ -16,6 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from vocab_model import vocab_tests  # noqa: E402
 from windows import emit, summary, token_windows  # noqa: E402
 
 import llama_cpp  # noqa: E402
@@ -29,6 +34,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab-test")
     a = ap.parse_args()
     t0 = time.time()
     llm = llama_cpp.Llama(
@@ -62,6 +68,12 @@ def main():
     hf = Tokenizer.from_file(f"{a.tokenizer_dir}/tokenizer.json").encode(text, add_special_tokens=False).ids
     ll = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     same = next((i for i, (x, y) in enumerate(zip(hf, ll)) if x != y), min(len(hf), len(ll)))
+    extra = {}
+    if a.vocab_test:
+        texts, want = vocab_tests(a.vocab_test)
+        got = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) if t else [] for t in texts]
+        bad = [{"text": t, "want": w, "got": g} for t, w, g in zip(texts, want, got) if w != g]
+        extra["vocab_test"] = {"file": os.path.basename(a.vocab_test), "texts": len(texts), "tokens": sum(map(len, want)), "mismatches": len(bad), "first": bad[:3]}
     emit(
         summary(
             nll,
@@ -72,6 +84,7 @@ def main():
             load_seconds=load_s,
             prefill_tokens_per_second=sum(len(w) for w in windows) / prefill_s,
             tokenizer={"tokens_hf": len(hf), "tokens_llama_cpp": len(ll), "identical": hf == ll, "first_difference": same},
+            **extra,
         )
     )
 

@@ -1,15 +1,22 @@
 //! `export --format gguf`: a model folder (dense or compressed) as one GGUF file that
 //! llama.cpp loads and runs at the pruned size. Pruned FFNs keep their kept widths
 //! (`feed_forward_length` per layer), dropped layers are simply absent (the kept ones are
-//! numbered from 0, as in the folder), the tokenizer is embedded. llama.cpp has no
-//! factored or MPO linear, so attention (and any factored FFN) matrices are multiplied back
-//! into dense ones: that is the size this format costs over the folder (`GgufSummary`).
+//! numbered from 0, as in the folder), the tokenizer is embedded (`vocab.rs`: byte-level or
+//! SentencePiece-style BPE). llama.cpp has no factored or MPO linear, so attention (and any
+//! factored FFN) matrices are multiplied back into dense ones: that is the size this format
+//! costs over the folder (`GgufSummary`).
 //!
 //! Architecture: llama.cpp's `llama` graph builds every layer's FFN at one width, so a model
 //! whose layers kept different widths is written as `deci` (llama.cpp's LLaMA variant with
 //! per-layer FFN widths and head counts: the same RMSNorm, rope, attention and SiLU-gated
 //! FFN); uniform widths stay `llama`. q_proj and k_proj rows are reordered per head from
 //! Hugging Face's half-split rope layout to the interleaved pairs llama.cpp rotates.
+//!
+//! Qwen2 is written as `llama` / `deci` too, not as llama.cpp's `qwen2`: both graphs load
+//! `attn_q/k/v.bias` where present (their q/k rows interleaved like the weights), and they
+//! also apply the `ffn_down` / `attn_output` biases a compression method adds and per-layer
+//! FFN widths, where the `qwen2` graph ignores FFN biases and has one width. Past the
+//! biases, Qwen2's layer is LLaMA's (the rope's half-split layout is the interleave's job).
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -17,11 +24,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::format::gguf::{GgufWriter, TensorInfo, TensorType, Value};
-use crate::format::input::{self, InputKind};
 use crate::format::plan::LinearRepr;
 use crate::format::OutputClaim;
 use crate::gpu::Gpu;
-use crate::model::config::{ConfigError, ModelType, RopeType};
+use crate::model::config::{ConfigError, RopeType};
 use crate::format::linear::Linear;
 use crate::model::forward::mpo_dense;
 use crate::model::Model;
@@ -94,126 +100,6 @@ pub struct GgufSummary {
     /// Parameters of the model folder (`ModelConfig::total_params`).
     pub folder_params: u64,
     pub tensors: usize,
-}
-
-/// llama.cpp's token types.
-#[derive(Debug, Clone, Copy)]
-#[repr(i32)]
-enum TokenType {
-    Normal = 1,
-    Control = 3,
-    UserDefined = 4,
-    Unused = 5,
-}
-
-/// The pre-tokenizer regex set llama.cpp applies (`tokenizer.ggml.pre`), recognized from
-/// tokenizer.json's `pre_tokenizer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PreTokenizer {
-    /// ByteLevel with GPT-2's regex.
-    Gpt2,
-    /// Single digits split first, then GPT-2's regex (SmolLM, StarCoder).
-    Smollm,
-    /// LLaMA-3's split regex, then ByteLevel without its own regex.
-    Llama3,
-}
-
-impl PreTokenizer {
-    fn name(self) -> &'static str {
-        match self {
-            PreTokenizer::Gpt2 => "gpt2",
-            PreTokenizer::Smollm => "smollm",
-            PreTokenizer::Llama3 => "llama-bpe",
-        }
-    }
-
-    const LLAMA3_REGEX: &'static str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-    fn detect(pre: &serde_json::Value) -> Option<Self> {
-        let kind = |v: &serde_json::Value| v.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
-        let byte_level_regex = |v: &serde_json::Value| kind(v) == "ByteLevel" && v.get("use_regex").and_then(|b| b.as_bool()).unwrap_or(true);
-        if byte_level_regex(pre) {
-            return Some(PreTokenizer::Gpt2);
-        }
-        let parts = pre.get("pretokenizers")?.as_array()?;
-        match parts.as_slice() {
-            [one] if byte_level_regex(one) => Some(PreTokenizer::Gpt2),
-            [digits, bl] if kind(digits) == "Digits" && digits.get("individual_digits").and_then(|b| b.as_bool()) == Some(true) && byte_level_regex(bl) => {
-                Some(PreTokenizer::Smollm)
-            }
-            [split, bl] if kind(split) == "Split" && kind(bl) == "ByteLevel" && split.pointer("/pattern/Regex").and_then(|r| r.as_str()) == Some(Self::LLAMA3_REGEX) => {
-                Some(PreTokenizer::Llama3)
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer.json.
-fn vocab_metadata(model: &Model) -> Result<Vec<(String, Value)>> {
-    let path = model.dir.join("tokenizer.json");
-    let unsupported = |what: String| ConfigError::Feature { path: path.display().to_string(), what };
-    let tok: serde_json::Value = serde_json::from_slice(&input::read_bytes(&path, InputKind::Tokenizer)?)
-        .map_err(|e| ConfigError::Parse { path: path.display().to_string(), source: e })?;
-    let m = &tok["model"];
-    if m["type"].as_str() != Some("BPE") || m["byte_fallback"].as_bool() == Some(true) {
-        return Err(unsupported("GGUF export embeds byte-level BPE tokenizers (GPT-2, SmolLM, LLaMA-3 style); this one is SentencePiece-style or not BPE".into()).into());
-    }
-    let pre = PreTokenizer::detect(&tok["pre_tokenizer"])
-        .ok_or_else(|| unsupported(format!("pre-tokenizer {} has no llama.cpp counterpart this export knows (gpt2, smollm, llama-bpe)", tok["pre_tokenizer"])))?;
-    let n_vocab = model.cfg.vocab_size;
-    let mut tokens: Vec<Option<String>> = vec![None; n_vocab];
-    let mut types = vec![TokenType::Normal; n_vocab];
-    let mut place = |id: u64, text: &str, ty: TokenType| -> Result<()> {
-        let slot = tokens.get_mut(id as usize).ok_or_else(|| unsupported(format!("token {text:?} has id {id}, outside the vocabulary of {n_vocab}")))?;
-        *slot = Some(text.to_string());
-        types[id as usize] = ty;
-        Ok(())
-    };
-    for (text, id) in m["vocab"].as_object().context("tokenizer.json: model.vocab is not an object")? {
-        place(id.as_u64().context("tokenizer.json: a vocabulary id is not a number")?, text, TokenType::Normal)?;
-    }
-    for t in tok["added_tokens"].as_array().into_iter().flatten() {
-        let ty = if t["special"].as_bool() == Some(true) { TokenType::Control } else { TokenType::UserDefined };
-        place(t["id"].as_u64().context("tokenizer.json: an added token has no id")?, t["content"].as_str().unwrap_or(""), ty)?;
-    }
-    // ids the tokenizer never produces (a vocabulary padded past the tokenizer) still need a
-    // name; llama.cpp marks them unused
-    let types: Vec<i32> = tokens.iter().zip(types).map(|(t, ty)| (if t.is_none() { TokenType::Unused } else { ty }) as i32).collect();
-    let tokens: Vec<String> = tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
-    let merges: Vec<String> = m["merges"]
-        .as_array()
-        .context("tokenizer.json: model.merges is not a list")?
-        .iter()
-        .map(|x| match x {
-            serde_json::Value::String(s) => Ok(s.clone()),
-            serde_json::Value::Array(pair) => Ok(pair.iter().filter_map(|p| p.as_str()).collect::<Vec<_>>().join(" ")),
-            _ => Err(anyhow::anyhow!("tokenizer.json: a merge is neither a string nor a pair")),
-        })
-        .collect::<Result<_>>()?;
-    // the tool scores texts without a BOS; llama.cpp adds one only when told to, so say what
-    // the tokenizer itself does (a template post-processor that inserts the BOS token)
-    let cfg = &model.cfg;
-    let bos = cfg.bos_token_id.as_ref().and_then(|v| v.as_u64()).map(|v| v as u32);
-    let eos = cfg.eos_token_id.as_ref().and_then(|e| e.first());
-    let pad = cfg.raw.get("pad_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-    let bos_text = bos.and_then(|b| tokens.get(b as usize)).cloned().unwrap_or_default();
-    let add_bos = tok["post_processor"]["type"].as_str() == Some("TemplateProcessing") && !bos_text.is_empty() && tok["post_processor"]["single"].to_string().contains(&bos_text);
-    let mut md = vec![
-        ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::Str(pre.name().into())),
-        ("tokenizer.ggml.tokens".to_string(), Value::Strs(tokens)),
-        ("tokenizer.ggml.token_type".to_string(), Value::I32s(types)),
-        ("tokenizer.ggml.merges".to_string(), Value::Strs(merges)),
-    ];
-    for (key, id) in [("bos_token_id", bos), ("eos_token_id", eos), ("padding_token_id", pad)] {
-        if let Some(id) = id {
-            md.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
-        }
-    }
-    md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
-    md.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
-    Ok(md)
 }
 
 /// Rows of a q or k projection reordered per head from [half, half] to interleaved pairs:
@@ -346,7 +232,7 @@ impl Layout<'_> {
             (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
             (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
         ];
-        md.extend(vocab_metadata(self.model)?);
+        md.extend(super::vocab::vocab_metadata(self.model)?);
         Ok((arch, md))
     }
 }
@@ -355,11 +241,9 @@ impl Layout<'_> {
 /// checked against the input, locked, moved into place when complete).
 pub fn export_gguf(gpu: &Gpu, model: &Model, ty: GgufType, out: &Path, force: bool, progress: &mut dyn FnMut(usize, usize)) -> Result<GgufSummary> {
     let cfg = &model.cfg;
-    if cfg.qkv_bias() {
-        return Err(ConfigError::Feature { path: cfg.path.clone(), what: "GGUF export writes llama.cpp's llama/deci graphs, which have no q/k/v biases (qwen2 is not exported)".into() }.into());
-    }
-    if cfg.model_type == ModelType::Mistral && cfg.attention_window().is_some() {
-        return Err(ConfigError::Feature { path: cfg.path.clone(), what: "GGUF export does not carry a sliding attention window".into() }.into());
+    // llama's and deci's graphs attend over the whole context
+    if let Some(w) = cfg.attention_window() {
+        return Err(ConfigError::Feature { path: cfg.path.clone(), what: format!("GGUF export does not carry a sliding attention window ({w} tokens)") }.into());
     }
     let rope_freqs = cfg.rope_scaling.as_ref().filter(|s| s.rope_type == RopeType::Llama3).map(|_| {
         let base = crate::gpu::rope::inv_freq(cfg.head_dim(), cfg.rope_theta);
@@ -433,14 +317,5 @@ mod tests {
         // 2 heads of dim 4, one column: rows h*4 + [0, 1, 2, 3] -> [0, 2, 1, 3]
         let w: Vec<f32> = (0..8).map(|x| x as f32).collect();
         assert_eq!(rope_interleave(&w, 2, 4, 1), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
-    }
-
-    #[test]
-    fn pre_tokenizers_are_recognized_by_structure() {
-        let j = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
-        let smollm = j(r#"{"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}]}"#);
-        assert_eq!(PreTokenizer::detect(&smollm), Some(PreTokenizer::Smollm));
-        assert_eq!(PreTokenizer::detect(&j(r#"{"type": "ByteLevel", "use_regex": true}"#)), Some(PreTokenizer::Gpt2));
-        assert_eq!(PreTokenizer::detect(&j(r#"{"type": "Metaspace"}"#)), None);
     }
 }

@@ -22,6 +22,7 @@ use crate::model::Model;
 
 pub mod gguf;
 pub mod hf;
+mod vocab;
 
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

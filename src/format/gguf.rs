@@ -58,6 +58,7 @@ pub enum Value {
     Str(String),
     U32s(Vec<u32>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
     Strs(Vec<String>),
 }
 
@@ -207,6 +208,10 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
             array(out, ValueType::I32, xs.len());
             xs.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
+        Value::F32s(xs) => {
+            array(out, ValueType::F32, xs.len());
+            xs.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        }
         Value::Strs(xs) => {
             array(out, ValueType::Str, xs.len());
             xs.iter().for_each(|s| put_str(out, s));
@@ -322,6 +327,7 @@ impl Cursor<'_> {
                 match et {
                     ValueType::U32 => Value::U32s((0..n).map(|_| self.u32()).collect::<Result<_>>()?),
                     ValueType::I32 => Value::I32s((0..n).map(|_| self.u32().map(|x| x as i32)).collect::<Result<_>>()?),
+                    ValueType::F32 => Value::F32s((0..n).map(|_| self.u32().map(f32::from_bits)).collect::<Result<_>>()?),
                     ValueType::Str => Value::Strs((0..n).map(|_| self.string()).collect::<Result<_>>()?),
                     other => bail!("GGUF arrays of {other:?} are not read here"),
                 }
@@ -389,6 +395,7 @@ mod tests {
             ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
             ("tokenizer.ggml.tokens".into(), Value::Strs(vec!["a".into(), "ĠThe".into(), "<|endoftext|>".into()])),
             ("tokenizer.ggml.token_type".into(), Value::I32s(vec![1, 1, 3])),
+            ("tokenizer.ggml.scores".into(), Value::F32s(vec![-1.0, 0.5, -1e9])),
             ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ]
     }
