@@ -10,7 +10,7 @@ use lorap_gpu::export::gguf::{export_gguf, GgufType, FILE};
 use lorap_gpu::format::gguf::GgufFile;
 use lorap_gpu::format::linear::Linear;
 use lorap_gpu::methods::ffn::ChannelSelection;
-use lorap_gpu::methods::lorap::LorapOptions;
+use lorap_gpu::methods::lorap::{AttentionRefit, LorapOptions};
 use lorap_gpu::methods::refit::RefitChoice;
 use lorap_gpu::methods::{CompressOptions, MethodOptions};
 use lorap_gpu::model::{forward::Runner, reference, synthetic, Model};
@@ -129,14 +129,14 @@ fn qwen2_with_a_refit_exports_as_a_biased_llama() {
     assert!(e < 1e-3, "hf-dense vs compressed NLL: {e:e}");
 }
 
-/// The attention refit: every factored q/k/v/o reports its choice, the chosen biases are
+/// The attention refit: every factored matrix it covers (v/o, or q/k/v/o) reports its choice, the chosen biases are
 /// stored (qwen2's own q/k/v biases added to them), counted, run as the f64 reference does,
 /// and exported (hf-dense as a llama with attention_bias, GGUF's attn_*.bias).
 #[test]
 fn attention_refit_biases_are_stored_and_run_as_the_reference_does() {
-    for model_type in ["llama", "qwen2"] {
+    for (model_type, which) in [("llama", AttentionRefit::Vo), ("qwen2", AttentionRefit::Qkvo)] {
         let dir = tempfile::tempdir().unwrap();
-        let opts = CompressOptions { method: MethodOptions::Lorap(LorapOptions { attention_refit: true, ..Default::default() }), ratio: 0.5, ..Default::default() };
+        let opts = CompressOptions { method: MethodOptions::Lorap(LorapOptions { attention_refit: Some(which), ..Default::default() }), ratio: 0.5, ..Default::default() };
         let (dense, small, rep) = compressed_with(dir.path(), model_type, &opts);
         let sec = small.cfg.lorap.as_ref().unwrap();
         let mut refitted = 0;
@@ -144,7 +144,7 @@ fn attention_refit_biases_are_stored_and_run_as_the_reference_does() {
             assert!(l.ffn_refit.is_none());
             for lin in Linear::ATTENTION {
                 let r = &l.attention_refit[lin.index()];
-                assert_eq!(r.is_some(), plan.rank(lin).is_some(), "{model_type} {lin:?}: refit exactly where factored");
+                assert_eq!(r.is_some(), plan.rank(lin).is_some() && which.covers(lin), "{model_type} {lin:?}: refit exactly where factored and chosen");
                 if let Some(r) = r {
                     refitted += 1;
                     assert_eq!((r.fit_tokens, r.held_out_tokens, r.features), (9 * 16, 3 * 16, plan.rank(lin).unwrap()));

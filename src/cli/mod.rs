@@ -248,11 +248,12 @@ pub struct CompressArgs {
     /// chosen per layer on every 4th calibration window, held out of the fit.
     #[arg(long)]
     pub ffn_refit: bool,
-    /// Attention compensation: refit the left factor of each factored q/k/v/o against the
-    /// full covariance and mean of its calibration inputs by ridge least squares with a
-    /// bias; chosen per matrix on the held-out windows as for --ffn-refit.
-    #[arg(long)]
-    pub attention_refit: bool,
+    /// Attention compensation: refit the left factor of each factored matrix (vo: v and o;
+    /// qkvo: all four) against the full covariance and mean of its calibration inputs by
+    /// ridge least squares with a bias; chosen per matrix on the held-out windows as for
+    /// --ffn-refit.
+    #[arg(long, value_enum)]
+    pub attention_refit: Option<crate::methods::lorap::AttentionRefit>,
     /// How FFN channels are scored: wanda (weight norms x activation scales) or obs (the
     /// output error left when the other channels compensate; the features' covariance).
     #[arg(long, value_enum)]

@@ -245,7 +245,7 @@ impl CompressArgs {
             ("--layer-allocation sensitivity", self.layer_allocation == LayerAllocation::Sensitivity, Method::Lorap),
             ("--plain-svd", self.plain_svd, Method::Lorap),
             ("--ffn-refit", self.ffn_refit, Method::Lorap),
-            ("--attention-refit", self.attention_refit, Method::Lorap),
+            ("--attention-refit", self.attention_refit.is_some(), Method::Lorap),
             ("--ffn-selection", self.ffn_selection.is_some(), Method::Lorap),
             ("--no-reserve", self.no_reserve, Method::Lorap),
             ("--magnitude-ffn", self.magnitude_ffn, Method::Lorap),

@@ -68,17 +68,38 @@ pub struct LorapOptions {
     /// Refit the kept down_proj columns by ridge least squares with a bias (`refit`).
     #[serde(default)]
     pub ffn_refit: bool,
-    /// Refit each factor pair's left factor, with a bias, against the full input
-    /// covariance and mean (`refit`).
+    /// Which factor pairs' left factors are refitted, with a bias, against the full input
+    /// covariance and mean (`refit`); none by default.
     #[serde(default)]
-    pub attention_refit: bool,
+    pub attention_refit: Option<AttentionRefit>,
+}
+
+/// The attention matrices the factor refit covers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionRefit {
+    /// v and o: their output error reaches the residual stream linearly (v's through the
+    /// attention average), so the output least squares is the error that matters.
+    Vo,
+    /// q and k too, though their output error matters through the attention logits q.k,
+    /// which the output least squares does not weigh (measured: docs/results.md).
+    Qkvo,
+}
+
+impl AttentionRefit {
+    pub fn covers(self, linear: Linear) -> bool {
+        match self {
+            AttentionRefit::Vo => matches!(linear, Linear::V | Linear::O),
+            AttentionRefit::Qkvo => Linear::ATTENTION.contains(&linear),
+        }
+    }
 }
 
 impl LorapOptions {
     /// The sites whose moments the refits and OBS scores need, split into fitting and
     /// held-out windows.
     pub fn split_sites(&self) -> SplitSites {
-        SplitSites { attention: self.attention_refit, ffn: self.ffn_refit || self.ffn_selection == ChannelSelection::Obs }
+        SplitSites { attention: self.attention_refit.is_some(), ffn: self.ffn_refit || self.ffn_selection == ChannelSelection::Obs }
     }
 
     /// Whether any of them is needed (every 4th window is then held out).
@@ -89,7 +110,7 @@ impl LorapOptions {
 
 impl Default for LorapOptions {
     fn default() -> Self {
-        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, ffn_selection: ChannelSelection::Wanda, ffn_refit: false, attention_refit: false }
+        LorapOptions { allocation: Allocation::Fixed31, weighted_svd: true, reserve: 0.01, ffn_activation_scores: true, ffn_selection: ChannelSelection::Wanda, ffn_refit: false, attention_refit: None }
     }
 }
 
@@ -172,7 +193,7 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
                 };
                 let (mut a, b) = factors(&dec, *r, &m.scales);
                 let mut bias = None;
-                if opts.opts.attention_refit {
+                if opts.opts.attention_refit.is_some_and(|a| a.covers(lin)) {
                     let moments = stats.input_split(lin).context("the attention refit needs its inputs' moments")?;
                     let mut clock = svd::HostClock::default();
                     let fitted = clock.time(|| refit::refit(&m.w, out_dim, Features::Projected { b: &b, a0: &a, rank: *r }, moments)).with_context(|| format!("layer {}: {lin:?} refit", input.layer))?;
