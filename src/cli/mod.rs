@@ -629,6 +629,9 @@ fn export(cli: &Cli, a: &ExportArgs) -> Result<()> {
                 s.folder_params,
                 s.params as i64 - s.folder_params as i64
             );
+            if let Some(w) = s.window_as_context {
+                println!("note: the model's sliding attention window ({w} tokens) is written as its context length: llama.cpp attends over the whole context, the same function up to {w} tokens (as this tool runs it); llama.cpp warns past it");
+            }
         }
     }
     Ok(())

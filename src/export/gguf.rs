@@ -27,7 +27,7 @@ use crate::format::gguf::{GgufWriter, TensorInfo, TensorType, Value};
 use crate::format::plan::LinearRepr;
 use crate::format::OutputClaim;
 use crate::gpu::Gpu;
-use crate::model::config::{ConfigError, RopeType};
+use crate::model::config::RopeType;
 use crate::format::linear::Linear;
 use crate::model::forward::mpo_dense;
 use crate::model::Model;
@@ -100,6 +100,9 @@ pub struct GgufSummary {
     /// Parameters of the model folder (`ModelConfig::total_params`).
     pub folder_params: u64,
     pub tensors: usize,
+    /// The sliding attention window written as the training context, where the model has
+    /// one (llama.cpp's LLaMA graphs attend over the whole context).
+    pub window_as_context: Option<usize>,
 }
 
 /// Rows of a q or k projection reordered per head from [half, half] to interleaved pairs:
@@ -213,7 +216,11 @@ impl Layout<'_> {
         let arch = if uniform { GgufArch::Llama } else { GgufArch::Deci };
         let a = arch.name();
         let name = self.model.dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-        let ctx = cfg.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as u32;
+        let max_pos = cfg.raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as usize;
+        // llama's and deci's graphs attend over the whole context, which equals sliding-window
+        // attention up to the window (as this tool's own forward runs it): the window becomes
+        // the training context, past which llama.cpp warns (Mistral v0.1: 4,096)
+        let ctx = cfg.attention_window().map_or(max_pos, |w| w.min(max_pos)) as u32;
         let mut md = vec![
             ("general.architecture".to_string(), Value::Str(a.into())),
             ("general.name".to_string(), Value::Str(name)),
@@ -241,10 +248,6 @@ impl Layout<'_> {
 /// checked against the input, locked, moved into place when complete).
 pub fn export_gguf(gpu: &Gpu, model: &Model, ty: GgufType, out: &Path, force: bool, progress: &mut dyn FnMut(usize, usize)) -> Result<GgufSummary> {
     let cfg = &model.cfg;
-    // llama's and deci's graphs attend over the whole context
-    if let Some(w) = cfg.attention_window() {
-        return Err(ConfigError::Feature { path: cfg.path.clone(), what: format!("GGUF export does not carry a sliding attention window ({w} tokens)") }.into());
-    }
     let rope_freqs = cfg.rope_scaling.as_ref().filter(|s| s.rope_type == RopeType::Llama3).map(|_| {
         let base = crate::gpu::rope::inv_freq(cfg.head_dim(), cfg.rope_theta);
         // llama.cpp divides each base frequency by its factor
@@ -305,7 +308,7 @@ pub fn export_gguf(gpu: &Gpu, model: &Model, ty: GgufType, out: &Path, force: bo
         }
     };
     let target = claim.move_into_place()?;
-    Ok(GgufSummary { path: target.join(FILE), arch, bytes, params, folder_params: cfg.total_params() as u64, tensors: n_tensors })
+    Ok(GgufSummary { path: target.join(FILE), arch, bytes, params, folder_params: cfg.total_params() as u64, tensors: n_tensors, window_as_context: cfg.attention_window() })
 }
 
 #[cfg(test)]
