@@ -114,12 +114,17 @@ impl Moments {
         self.sum.iter().map(|&s| s as f64 / self.tokens as f64).collect()
     }
 
-    /// Covariance entry (i, j) given the mean `mu`: the symmetric mean of both triangles of
-    /// the Gram sums (a GPU Gram's halves may differ in the last bit) over the tokens,
-    /// minus mu_i mu_j.
-    pub fn covariance(&self, mu: &[f64], i: usize, j: usize) -> f64 {
+    /// Gram sum entry (i, j) as the symmetric mean of both triangles (a GPU Gram's halves
+    /// may differ in the last bit).
+    pub fn gram_sym(&self, i: usize, j: usize) -> f64 {
         let f = self.sum.len();
-        0.5 * (self.gram[i * f + j] as f64 + self.gram[j * f + i] as f64) / self.tokens as f64 - mu[i] * mu[j]
+        0.5 * (self.gram[i * f + j] as f64 + self.gram[j * f + i] as f64)
+    }
+
+    /// Covariance entry (i, j) given the mean `mu`: the symmetric Gram entry over the
+    /// tokens, minus mu_i mu_j.
+    pub fn covariance(&self, mu: &[f64], i: usize, j: usize) -> f64 {
+        self.gram_sym(i, j) / self.tokens as f64 - mu[i] * mu[j]
     }
 
     /// The moments of tokens `tokens` of h [.., dim] row-major, summed in f32 as the GPU

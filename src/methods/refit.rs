@@ -103,11 +103,10 @@ impl Through {
     }
 }
 
-/// The symmetric mean of both triangles of a GPU Gram (its halves may differ in the last
-/// bit), as an f64 matrix.
+/// The Gram sums as a symmetric f64 matrix (`Moments::gram_sym`).
 fn gram_matrix(m: &Moments) -> Mat<f64> {
     let n = m.sum.len();
-    Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (m.gram[i * n + j] as f64 + m.gram[j * n + i] as f64))
+    Mat::<f64>::from_fn(n, n, |i, j| m.gram_sym(i, j))
 }
 
 impl Features<'_> {
