@@ -200,3 +200,41 @@ fn the_refit_needs_held_out_windows() {
     assert_eq!(lorap_gpu::cli::classify(&e), lorap_gpu::error::ErrorClass::BadArgument);
     assert!(!out.exists());
 }
+
+/// `compress`'s default: the FFN refit runs when the statistics have at least 4 windows,
+/// is skipped with a note below that, is an error below that when asked for, and
+/// `--no-ffn-refit` turns it off.
+#[test]
+fn compress_refits_the_ffn_by_default_when_the_windows_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dense");
+    synthetic::write_random_model(&src, &synthetic::config_json(synthetic::Shape { model_type: "llama", layers: 2, hidden: 32, ffn: 64, heads: 2, kv_heads: 1, vocab: 101, tied: true }), 5).unwrap();
+    common::write_bpe_tokenizer(&src, 101);
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(&calib, "the quick brown fox jumps over the lazy dog and the cat . ".repeat(40)).unwrap();
+    let run = |samples: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("out-{samples}-{}", extra.join("")));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorap-gpu"))
+            .args(["compress", "--ratio", "0.3", "--seq-len", "8", "--samples", samples])
+            .arg("--model").arg(&src).arg("--calib").arg(&calib).arg("--out").arg(&out)
+            .args(extra)
+            .env("WGPU_BACKEND", "vulkan")
+            .output()
+            .expect("run lorap-gpu");
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        let rep: Option<CompressionReport> = o.status.success().then(|| serde_json::from_str(&std::fs::read_to_string(out.join("compression_report.json")).unwrap()).unwrap());
+        (rep, stderr)
+    };
+    let refitted = |rep: &CompressionReport| rep.layers.iter().filter(|l| l.ffn_refit.is_some()).count();
+    let (rep, stderr) = run("4", &[]);
+    assert_eq!(refitted(&rep.unwrap_or_else(|| panic!("default run: {stderr}"))), 2);
+    let (rep, stderr) = run("4", &["--no-ffn-refit"]);
+    assert_eq!(refitted(&rep.unwrap_or_else(|| panic!("--no-ffn-refit: {stderr}"))), 0);
+    let (rep, stderr) = run("2", &[]);
+    assert_eq!(refitted(&rep.unwrap_or_else(|| panic!("2 windows: {stderr}"))), 0);
+    assert!(stderr.contains("the FFN refit is skipped"), "{stderr}");
+    let (rep, stderr) = run("2", &["--ffn-refit"]);
+    assert!(rep.is_none() && stderr.contains("at least 4 calibration windows"), "{stderr}");
+    let (rep, stderr) = run("4", &["--ffn-refit", "--no-ffn-refit"]);
+    assert!(rep.is_none() && stderr.contains("cannot be used with"), "{stderr}");
+}

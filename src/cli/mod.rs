@@ -243,11 +243,16 @@ pub struct CompressArgs {
     /// Ablation: score FFN channels by weight magnitudes only.
     #[arg(long)]
     pub magnitude_ffn: bool,
-    /// FFN compensation: refit the kept down_proj columns by ridge least squares with a
-    /// bias; the ridge (or no refit, or the removed channels' mean as the bias alone) is
-    /// chosen per layer on every 4th calibration window, held out of the fit.
-    #[arg(long)]
+    /// FFN compensation (the default for --method lorap): refit the kept down_proj columns
+    /// by ridge least squares with a bias; the ridge (or no refit, or the removed channels'
+    /// mean as the bias alone) is chosen per layer on every 4th calibration window, held out
+    /// of the fit. By default it runs when the statistics have at least 4 windows (with
+    /// fewer it is skipped, with a note); given explicitly, fewer is an error.
+    #[arg(long, conflicts_with = "no_ffn_refit")]
     pub ffn_refit: bool,
+    /// Ablation: no FFN compensation (the kept down_proj columns as pruned).
+    #[arg(long)]
+    pub no_ffn_refit: bool,
     /// Attention compensation: refit the left factor of each factored matrix (vo: v and o;
     /// qkvo: all four) against the full covariance and mean of its calibration inputs by
     /// ridge least squares with a bias; chosen per matrix on the held-out windows as for
@@ -394,7 +399,7 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
             reserve: if a.no_reserve { 0.0 } else { 0.01 },
             ffn_activation_scores: !a.magnitude_ffn,
             ffn_selection: a.ffn_selection.unwrap_or_default(),
-            ffn_refit: a.ffn_refit,
+            ffn_refit: ffn_refit_wanted(a, calib.len() / a.seq_len.max(1), cli.quiet),
             attention_refit: a.attention_refit,
         }),
         Method::Sfsd => MethodOptions::Sfsd(SfsdOptions { centred: a.sfsd_centred }),
@@ -483,6 +488,23 @@ fn compress(cli: &Cli, a: &CompressArgs) -> Result<()> {
         println!("time: {}; the host waited on the GPU {:.1} s{busy}", shares.join(", "), rep.phases.blocked_on_gpu);
     }
     Ok(())
+}
+
+/// Whether LoRAP refits the FFN: asked for (`--ffn-refit`; too few windows is then the
+/// pipeline's error), turned off (`--no-ffn-refit`), or by default when the statistics
+/// windows (those a search before the compression does not score on) allow a held-out
+/// choice.
+fn ffn_refit_wanted(a: &CompressArgs, windows: usize, quiet: bool) -> bool {
+    use crate::calib::stats::HOLD_OUT_EVERY;
+    if a.ffn_refit || a.no_ffn_refit {
+        return a.ffn_refit;
+    }
+    let searched = a.surgical || a.layer_allocation == crate::search::LayerAllocation::Sensitivity;
+    let statistics = if searched { windows.saturating_sub(a.search_windows) } else { windows };
+    if statistics < HOLD_OUT_EVERY && !quiet {
+        eprintln!("note: the FFN refit is skipped: it holds out every {HOLD_OUT_EVERY}th calibration window to choose its ridge and the statistics have {statistics} (raise --samples, or pass --no-ffn-refit to silence this)");
+    }
+    statistics >= HOLD_OUT_EVERY
 }
 
 fn search(cli: &Cli, a: &SearchArgs) -> Result<()> {

@@ -241,10 +241,11 @@ impl CompressArgs {
     /// A method's own flags given with another `--method` are refused, not ignored.
     fn method_flags_match(&self) -> Result<(), CompressError> {
         use crate::methods::Method;
-        let given: [(&str, bool, Method); 11] = [
+        let given: [(&str, bool, Method); 12] = [
             ("--layer-allocation sensitivity", self.layer_allocation == LayerAllocation::Sensitivity, Method::Lorap),
             ("--plain-svd", self.plain_svd, Method::Lorap),
             ("--ffn-refit", self.ffn_refit, Method::Lorap),
+            ("--no-ffn-refit", self.no_ffn_refit, Method::Lorap),
             ("--attention-refit", self.attention_refit.is_some(), Method::Lorap),
             ("--ffn-selection", self.ffn_selection.is_some(), Method::Lorap),
             ("--no-reserve", self.no_reserve, Method::Lorap),

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::allocate::{self, Allocation, MatrixSpec};
 use super::ffn::{self, ChannelSelection};
 use super::refit::{self, Features};
+use super::solve::Solver;
 use super::svd;
 use super::{BuiltLayer, LayerInput, LayerMethod, StatsNeed};
 use crate::calib::stats::SplitSites;
@@ -66,6 +67,9 @@ pub struct LorapOptions {
     #[serde(default)]
     pub ffn_selection: ChannelSelection,
     /// Refit the kept down_proj columns by ridge least squares with a bias (`refit`).
+    /// `compress` turns it on unless told otherwise when its statistics have the windows
+    /// for the held-out choice; the library default is off, so that a caller's run on
+    /// fewer windows never fails on it.
     #[serde(default)]
     pub ffn_refit: bool,
     /// Which factor pairs' left factors are refitted, with a bias, against the full input
@@ -197,7 +201,7 @@ fn attention(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progress:
                 if opts.opts.attention_refit.is_some_and(|a| a.covers(lin)) {
                     let moments = stats.input_split(lin).context("the attention refit needs its inputs' moments")?;
                     let mut clock = svd::HostClock::default();
-                    let fitted = clock.time(|| refit::refit(&m.w, out_dim, Features::Projected { b: &b, a0: &a, rank: *r }, moments)).with_context(|| format!("layer {}: {lin:?} refit", input.layer))?;
+                    let fitted = clock.time(|| refit::refit(&m.w, out_dim, Features::Projected { b: &b, a0: &a, rank: *r }, moments, Solver::for_adapter(gpu))).with_context(|| format!("layer {}: {lin:?} refit", input.layer))?;
                     built.host_seconds += clock.seconds();
                     a = fitted.a;
                     built.attention_refit[j] = Some(fitted.report);
@@ -258,7 +262,7 @@ fn ffn_channels(opts: &Lorap, input: &LayerInput, built: &mut BuiltLayer, progre
     let (gate, up) = (ffn::gather_rows(&host.weights[Linear::Gate], d, &kept), ffn::gather_rows(&host.weights[Linear::Up], d, &kept));
     let (down, bias) = if opts.opts.ffn_refit {
         let m = moments()?;
-        let r = host_clock.time(|| refit::refit(&host.weights[Linear::Down], d, Features::Kept(&kept), m)).with_context(|| format!("layer {i}"))?;
+        let r = host_clock.time(|| refit::refit(&host.weights[Linear::Down], d, Features::Kept(&kept), m, Solver::for_adapter(gpu))).with_context(|| format!("layer {i}"))?;
         built.ffn_refit = Some(r.report);
         (r.a, with_own_bias(r.bias, host.biases[Linear::Down].as_deref()))
     } else {

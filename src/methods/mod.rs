@@ -10,6 +10,7 @@ pub mod mpo;
 pub mod phase;
 pub mod refit;
 pub mod sfsd;
+pub mod solve;
 pub mod svd;
 
 use anyhow::{Context, Result};

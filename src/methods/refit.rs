@@ -3,7 +3,8 @@
 //! ridge least squares to the dense linear's output on the calibration inputs, with an
 //! intercept (a bias); the ridge (or no refit, or the mean bias alone) chosen on held-out
 //! calibration windows. The Gram matrices come from the GPU (`calib::stats::SplitMoments`);
-//! the small solves are f64 Cholesky factorizations on the host (faer).
+//! the products and the k x k ridge solves run where the `Solver` says (`methods::solve`:
+//! the GPU in compressions, f64 on the host as the reference).
 //!
 //! With x an input token, z = P x its features (P selects the kept channels K, or is the
 //! right factor B) and A0 the map the compression left (W[:, K], or the left factor), the
@@ -20,11 +21,11 @@
 //! mean know beyond S.
 
 use anyhow::{ensure, Result};
-use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
+use faer::Mat;
 use serde::{Deserialize, Serialize};
 
 use crate::calib::stats::{Moments, SplitMoments};
+use crate::methods::solve::{SolveError, Solver};
 
 /// Ridges tried, relative to the mean feature variance tr(P Sigma P^T) / r.
 pub const RIDGE_GRID: [f64; 7] = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0];
@@ -122,7 +123,7 @@ impl Features<'_> {
         Mat::<f64>::from_fn(rank, n, |c, j| b[c * n + j] as f64)
     }
 
-    fn through(&self, m: &Moments, gram: &Mat<f64>) -> Through {
+    fn through(&self, m: &Moments, gram: &Mat<f64>, solver: Solver) -> Result<Through> {
         let n = m.sum.len();
         let sum: Vec<f64> = m.sum.iter().map(|&x| x as f64).collect();
         let (gp, pgp, psum) = match *self {
@@ -133,13 +134,13 @@ impl Features<'_> {
             }
             Features::Projected { b, rank, .. } => {
                 let p = Self::projection(b, rank, n);
-                let gp = gram * p.transpose();
-                let pgp = &p * &gp;
+                let gp = solver.product(gram.as_ref(), p.transpose())?;
+                let pgp = solver.product(p.as_ref(), gp.as_ref())?;
                 let psum = (0..rank).map(|c| (0..n).map(|j| p[(c, j)] * sum[j]).sum()).collect();
                 (gp, pgp, psum)
             }
         };
-        Through { tokens: m.tokens as f64, gp, pgp, sum, psum }
+        Ok(Through { tokens: m.tokens as f64, gp, pgp, sum, psum })
     }
 
     /// A0 for rows `rows` of W (`w` holds those rows).
@@ -156,9 +157,9 @@ fn rows_of(w: &[f32], n: usize, rows: &[usize]) -> Mat<f64> {
     Mat::<f64>::from_fn(rows.len(), n, |r, j| w[rows[r] * n + j] as f64)
 }
 
-/// The candidate `choice` fitted for the rows `w` of W with starting map `a0` from the
-/// sums `t`: A [rows, r] and b.
-fn fit(w: &Mat<f64>, a0: &Mat<f64>, t: &Through, choice: RefitChoice) -> Result<(Mat<f64>, Vec<f64>)> {
+/// The candidate `choice` fitted for the rows `w` of W (with `wgp` = W G P^T of the sums
+/// `t`) and starting map `a0`: A [rows, r] and b.
+fn fit(w: &Mat<f64>, wgp: &Mat<f64>, a0: &Mat<f64>, t: &Through, choice: RefitChoice, solver: Solver) -> Result<(Mat<f64>, Vec<f64>)> {
     let (rows, r) = (w.nrows(), a0.ncols());
     let n = t.tokens;
     let mu_z: Vec<f64> = t.psum.iter().map(|x| x / n).collect();
@@ -174,18 +175,21 @@ fn fit(w: &Mat<f64>, a0: &Mat<f64>, t: &Through, choice: RefitChoice) -> Result<
             for a in 0..r {
                 normal[(a, a)] += lambda.max(f64::MIN_POSITIVE);
             }
-            let llt = normal.llt(Side::Lower).map_err(|_| anyhow::anyhow!("refit: the features' covariance plus a ridge of {alpha} is not positive definite"))?;
-            let mut rhs = w * &t.gp;
+            let mut rhs = wgp.clone();
             for i in 0..rows {
                 for c in 0..r {
                     rhs[(i, c)] = rhs[(i, c)] / n - w_mu[i] * mu_z[c] + lambda * a0[(i, c)];
                 }
             }
-            let a = llt.rsolve(&rhs);
+            let a = solver.solve_right(&normal, &rhs)?;
             let b = bias_of(&a);
             (a, b)
         }
     })
+}
+
+fn not_definite(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<SolveError>(), Some(SolveError::NotPositiveDefinite { .. }))
 }
 
 /// What the held-out error of any candidate needs of the held-out sums for rows `w`:
@@ -198,18 +202,18 @@ struct HeldOut<'a> {
 }
 
 impl<'a> HeldOut<'a> {
-    fn new(w: &Mat<f64>, gram: &Mat<f64>, t: &'a Through) -> Self {
-        let wg = w * gram;
+    fn new(w: &Mat<f64>, gram: &Mat<f64>, t: &'a Through, solver: Solver) -> Result<Self> {
+        let wg = solver.product(w.as_ref(), gram.as_ref())?;
         let wgw = (0..w.nrows()).map(|i| (0..w.ncols()).map(|j| wg[(i, j)] * w[(i, j)]).sum()).collect();
         let ws = (0..w.nrows()).map(|i| (0..w.ncols()).map(|j| w[(i, j)] * t.sum[j]).sum()).collect();
-        HeldOut { t, wgw, wgp: w * &t.gp, ws }
+        Ok(HeldOut { t, wgw, wgp: solver.product(w.as_ref(), t.gp.as_ref())?, ws })
     }
 
     /// Mean squared error per token of x -> A P x + b against x -> W x, and the mean
     /// squared target.
-    fn error(&self, a: &Mat<f64>, b: &[f64]) -> (f64, f64) {
+    fn error(&self, a: &Mat<f64>, b: &[f64], solver: Solver) -> Result<(f64, f64)> {
         let (n, r) = (self.t.tokens, a.ncols());
-        let apgp = a * &self.t.pgp;
+        let apgp = solver.product(a.as_ref(), self.t.pgp.as_ref())?;
         let mut err = 0.0;
         for i in 0..a.nrows() {
             let dot = |x: &dyn Fn(usize) -> f64| (0..r).map(|c| a[(i, c)] * x(c)).sum::<f64>();
@@ -217,14 +221,14 @@ impl<'a> HeldOut<'a> {
             let cross = self.ws[i] - dot(&|c| self.t.psum[c]);
             err += quad - 2.0 * b[i] * cross + n * b[i] * b[i];
         }
-        ((err / n).max(0.0), self.wgw.iter().sum::<f64>() / n)
+        Ok(((err / n).max(0.0), self.wgw.iter().sum::<f64>() / n))
     }
 }
 
 /// Refits the linear `w` [out, n] that now reads `features`: every candidate is fitted on
 /// the fitting windows and scored on the held-out ones; the winner is fitted again on all
-/// windows.
-pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments) -> Result<Refit> {
+/// windows. The products and solves run on `solver`.
+pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments, solver: Solver) -> Result<Refit> {
     let n = moments.dim;
     let r = features.rank();
     ensure!(w.len() == out * n && r > 0, "refit: the weight is not [{out}, {n}] or there is nothing to fit");
@@ -237,23 +241,44 @@ pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments) 
     let scored: Vec<usize> = (0..out).step_by(step).collect();
     let ws = rows_of(w, n, &scored);
     let a0s = features.start(&ws, &scored);
-    let fit_sums = features.through(&moments.fit, &gram_matrix(&moments.fit));
+    let fit_sums = features.through(&moments.fit, &gram_matrix(&moments.fit), solver)?;
     let held_gram = gram_matrix(&moments.held_out);
-    let held_sums = features.through(&moments.held_out, &held_gram);
-    let held = HeldOut::new(&ws, &held_gram, &held_sums);
+    let held_sums = features.through(&moments.held_out, &held_gram, solver)?;
+    let held = HeldOut::new(&ws, &held_gram, &held_sums, solver)?;
     drop(held_gram);
+    // W G P^T does not depend on the candidate
+    let fit_wgp = solver.product(ws.as_ref(), fit_sums.gp.as_ref())?;
     let mut candidates = vec![RefitChoice::Pruned, RefitChoice::MeanBias];
     candidates.extend(RIDGE_GRID.iter().map(|&alpha| RefitChoice::Ridge { alpha }));
     let mut scores = Vec::new();
     for choice in candidates {
-        let (a, b) = fit(&ws, &a0s, &fit_sums, choice)?;
-        let (err, target) = held.error(&a, &b);
+        let (a, b) = match fit(&ws, &fit_wgp, &a0s, &fit_sums, choice, solver) {
+            Err(e) if not_definite(&e) => {
+                // covariance sums in f32 minus the squared mean: with few tokens and a large
+                // mean the smallest ridges can leave it indefinite; that candidate drops out
+                tracing::debug!("refit: {choice:?} left out: {e}");
+                continue;
+            }
+            r => r?,
+        };
+        let (err, target) = held.error(&a, &b, solver)?;
         scores.push(CandidateScore { choice, held_out_rel_error: err / target.max(f64::MIN_POSITIVE) });
     }
     let best = scores.iter().min_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error)).map(|s| s.choice).unwrap_or(RefitChoice::Pruned);
     let all_rows: Vec<usize> = (0..out).collect();
     let wall = rows_of(w, n, &all_rows);
-    let (a, b) = fit(&wall, &features.start(&wall, &all_rows), &fit_sums.add(&held_sums), best)?;
+    let all_sums = fit_sums.add(&held_sums);
+    let all_wgp = match best {
+        RefitChoice::Ridge { .. } => solver.product(wall.as_ref(), all_sums.gp.as_ref())?,
+        _ => Mat::zeros(0, 0),
+    };
+    let start = features.start(&wall, &all_rows);
+    let (best, (a, b)) = match fit(&wall, &all_wgp, &start, &all_sums, best, solver) {
+        // the winner refitted on every window is indefinite where it was not on the fitting
+        // ones: the mean bias needs no solve
+        Err(e) if not_definite(&e) => (RefitChoice::MeanBias, fit(&wall, &all_wgp, &start, &all_sums, RefitChoice::MeanBias, solver)?),
+        r => (best, r?),
+    };
     let report = RefitReport { choice: best, fit_tokens: moments.fit.tokens, held_out_tokens: moments.held_out.tokens, features: r, candidates: scores };
     let a: Vec<f32> = (0..out * r).map(|x| a[(x / r, x % r)] as f32).collect();
     let bias = (best != RefitChoice::Pruned).then(|| b.iter().map(|&x| x as f32).collect());
@@ -393,8 +418,11 @@ mod tests {
             let f = case.features();
             let rows: Vec<usize> = (0..d).collect();
             let wm = rows_of(&w, n, &rows);
-            for alpha in [1e-2, 1.0] {
-                let (a, b) = fit(&wm, &f.start(&wm, &rows), &f.through(&m, &gram_matrix(&m)), RefitChoice::Ridge { alpha }).unwrap();
+            let gpu = crate::gpu::kernels::test_util::gpu();
+            for (alpha, solver) in [(1e-2, Solver::Host), (1.0, Solver::Host), (1e-2, Solver::Gpu(&gpu)), (1.0, Solver::Gpu(&gpu))] {
+                let sums = f.through(&m, &gram_matrix(&m), solver).unwrap();
+                let wgp = &wm * &sums.gp;
+                let (a, b) = fit(&wm, &wgp, &f.start(&wm, &rows), &sums, RefitChoice::Ridge { alpha }, solver).unwrap();
                 let (ra, rb) = ridge_reference(case, &h, tokens, &w, alpha);
                 // f32 Gram sums over a few hundred tokens: ~1e-6 relative, amplified by the
                 // conditioning of the features' covariance
@@ -423,8 +451,8 @@ mod tests {
             let a = Mat::<f64>::from_fn(d, start.ncols(), |r, c| start[(r, c)] * 1.1 + 0.01 * r as f64);
             let b: Vec<f64> = (0..d).map(|r| 0.1 * r as f64 - 0.2).collect();
             let gram = gram_matrix(&m);
-            let sums = f.through(&m, &gram);
-            let (err, target) = HeldOut::new(&wm, &gram, &sums).error(&a, &b);
+            let sums = f.through(&m, &gram, Solver::Host).unwrap();
+            let (err, target) = HeldOut::new(&wm, &gram, &sums, Solver::Host).unwrap().error(&a, &b, Solver::Host).unwrap();
             let (mut e, mut t) = (0.0, 0.0);
             for tok in 0..tokens {
                 let x = &h[tok * n..(tok + 1) * n];
@@ -448,7 +476,7 @@ mod tests {
         let w: Vec<f32> = (0..d * f).map(|x| ((x * 13 % 17) as f32 - 8.0) / 8.0).collect();
         let kept: Vec<usize> = (0..f).filter(|j| j % 5 != 1).collect();
         let fm = SplitMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..300), held_out: Moments::of_tokens(&h, f, 300..400) };
-        let out = refit(&w, d, Features::Kept(&kept), &fm).unwrap();
+        let out = refit(&w, d, Features::Kept(&kept), &fm, Solver::Host).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         let chosen = score(out.report.choice);
         assert!(chosen <= score(RefitChoice::Pruned) && chosen <= score(RefitChoice::MeanBias));
@@ -461,10 +489,50 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(5);
         let noise: Vec<f64> = (0..200 * f).map(|_| 0.5 + rng.random_range(-1.0..1.0)).collect();
         let few = SplitMoments { dim: f, fit: Moments::of_tokens(&noise, f, 0..6), held_out: Moments::of_tokens(&noise, f, 100..200) };
-        let out = refit(&w, d, Features::Kept(&kept), &few).unwrap();
+        let out = refit(&w, d, Features::Kept(&kept), &few, Solver::Host).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         assert!(score(RefitChoice::Ridge { alpha: RIDGE_GRID[0] }) > score(RefitChoice::Pruned), "{:?}", out.report);
         assert!(!matches!(out.report.choice, RefitChoice::Ridge { alpha } if alpha < 0.1), "{:?}", out.report);
+    }
+
+    /// The refit with its products and solves on the GPU (f32) chooses what the f64 host
+    /// refit chooses and fits the same map: within 1e-3 of the largest weight (the bound of
+    /// the f32 solves in `methods::solve`, on features as correlated as these), and the
+    /// held-out errors within 1e-3 relative. 300 kept features: two blocks of the GPU
+    /// factorization (`CHOLESKY_BLOCK` 256), so its trailing update is in the path.
+    #[test]
+    fn the_gpu_refit_agrees_with_the_host_refit() {
+        let gpu = crate::gpu::kernels::test_util::gpu();
+        let (f, d) = (400, 9);
+        let h = features(900, f, 13);
+        let w = random_matrix(d * f, 17);
+        let kept: Vec<usize> = (0..f).filter(|j| j % 4 != 2).collect();
+        assert!(kept.len() > crate::methods::solve::CHOLESKY_BLOCK);
+        let fm = SplitMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..700), held_out: Moments::of_tokens(&h, f, 700..900) };
+        let host = refit(&w, d, Features::Kept(&kept), &fm, Solver::Host).unwrap();
+        let on_gpu = refit(&w, d, Features::Kept(&kept), &fm, Solver::Gpu(&gpu)).unwrap();
+        assert_eq!(host.report.choice, on_gpu.report.choice, "{:?}\n{:?}", host.report, on_gpu.report);
+        for (x, y) in host.report.candidates.iter().zip(&on_gpu.report.candidates) {
+            assert!((x.held_out_rel_error - y.held_out_rel_error).abs() <= 1e-3 * x.held_out_rel_error.max(1e-3), "{x:?} vs {y:?}");
+        }
+        let scale = host.a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(host.a.iter().zip(&on_gpu.a).all(|(x, y)| (x - y).abs() <= 1e-3 * scale));
+    }
+
+    /// Features with a large mean and a small spread over fewer tokens than channels: the
+    /// covariance from f32 sums minus the squared mean is indefinite at the smallest
+    /// ridges; those candidates drop out and the refit still answers (never an error).
+    #[test]
+    fn an_indefinite_candidate_drops_out() {
+        let (f, d) = (24, 5);
+        let mut rng = StdRng::seed_from_u64(3);
+        let h: Vec<f64> = (0..40 * f).map(|_| 300.0 + 0.01 * rng.random_range(-1.0..1.0)).collect();
+        let w = random_matrix(d * f, 4);
+        let kept: Vec<usize> = (0..f).filter(|j| j % 3 != 0).collect();
+        let sm = SplitMoments { dim: f, fit: Moments::of_tokens(&h, f, 0..8), held_out: Moments::of_tokens(&h, f, 8..40) };
+        let out = refit(&w, d, Features::Kept(&kept), &sm, Solver::Host).unwrap();
+        assert!(out.report.candidates.len() < 2 + RIDGE_GRID.len(), "{:?}", out.report);
+        assert!(out.report.candidates.iter().any(|c| c.choice == out.report.choice));
     }
 
     /// A factor pair from the SVD of W S (S the diagonal activation scale) on correlated
@@ -483,7 +551,7 @@ mod tests {
         let a0: Vec<f32> = (0..d * rank).map(|x| (u[(x / rank, x % rank)] * sv[x % rank].sqrt()) as f32).collect();
         let b: Vec<f32> = (0..rank * n).map(|x| (sv[x / n].sqrt() * v[(x % n, x / n)] / scales[x % n]) as f32).collect();
         let sm = SplitMoments { dim: n, fit: fit_m, held_out: Moments::of_tokens(&h, n, 400..500) };
-        let out = refit(&w, d, Features::Projected { b: &b, a0: &a0, rank }, &sm).unwrap();
+        let out = refit(&w, d, Features::Projected { b: &b, a0: &a0, rank }, &sm, Solver::Host).unwrap();
         let score = |c: RefitChoice| out.report.candidates.iter().find(|s| s.choice == c).unwrap().held_out_rel_error;
         assert!(score(RefitChoice::MeanBias) < score(RefitChoice::Pruned), "{:?}", out.report);
         assert!(score(out.report.choice) < 0.9 * score(RefitChoice::Pruned), "{:?}", out.report);
@@ -493,11 +561,11 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let fm = SplitMoments { dim: 4, fit: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 0 }, held_out: Moments { gram: vec![1.0; 16], sum: vec![0.0; 4], tokens: 3 } };
-        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 1]), &fm).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 1]), &fm, Solver::Host).is_err());
         let fm = SplitMoments { fit: fm.held_out.clone(), ..fm };
-        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 9]), &fm).is_err());
-        assert!(refit(&[0.5; 7], 2, Features::Kept(&[0, 1]), &fm).is_err());
-        assert!(refit(&[0.5; 8], 2, Features::Kept(&[]), &fm).is_err());
-        assert!(refit(&[0.5; 8], 2, Features::Projected { b: &[0.5; 4], a0: &[0.5; 4], rank: 2 }, &fm).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[0, 9]), &fm, Solver::Host).is_err());
+        assert!(refit(&[0.5; 7], 2, Features::Kept(&[0, 1]), &fm, Solver::Host).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Kept(&[]), &fm, Solver::Host).is_err());
+        assert!(refit(&[0.5; 8], 2, Features::Projected { b: &[0.5; 4], a0: &[0.5; 4], rank: 2 }, &fm, Solver::Host).is_err());
     }
 }
