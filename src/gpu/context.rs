@@ -28,6 +28,9 @@ pub const ATTENTION_KERNEL_ENV: &str = "LORAP_ATTENTION_KERNEL";
 pub const COOP_ENV: &str = "LORAP_COOPERATIVE_MATRIX";
 /// Environment variable choosing how shader modules are compiled (`checked` or `trusted`).
 pub const SHADER_CHECKS_ENV: &str = "LORAP_SHADER_CHECKS";
+/// Environment variable forcing where the compensations' dense products and solves run
+/// (`gpu` or `host`; default: the GPU, the host on CPU adapters).
+pub const DENSE_SOLVES_ENV: &str = "LORAP_DENSE_SOLVES";
 
 /// How wgpu compiles our WGSL modules.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -518,6 +521,9 @@ pub struct Gpu {
     max_dispatch_flops: u64,
     /// The attention kernel for this adapter (`LORAP_ATTENTION_KERNEL` read once, at `new`).
     attn_kernel: AttnKernel,
+    /// Whether the compensations' dense products and solves run on this adapter (false:
+    /// in f64 on the host; `LORAP_DENSE_SOLVES` read once, at `new`).
+    dense_solves_here: bool,
     /// Whether the f16 cooperative-matrix GEMM runs here (adapter configuration and subgroup
     /// width match, `LORAP_COOPERATIVE_MATRIX` not `off`; decided at `new`).
     coop_f16: bool,
@@ -606,6 +612,11 @@ impl Gpu {
                 Err(_) => ShaderChecks::default(),
             },
         };
+        let dense_solves_here = match std::env::var(DENSE_SOLVES_ENV).as_deref().map(str::trim) {
+            Ok("gpu") => true,
+            Ok("host") => false,
+            _ => info.device_type != wgpu::DeviceType::Cpu,
+        };
         let timing = features.contains(wgpu::Features::TIMESTAMP_QUERY) && std::env::var(GPU_TIMING_ENV).map_or(true, |v| v.trim() != "off");
         let timer = timing.then(|| Mutex::new(PassTimer::new(queue.get_timestamp_period())));
         tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, ?nt_kernel, ?attn_kernel, coop_f16, ?shader_checks, timing, "GPU ready");
@@ -621,6 +632,7 @@ impl Gpu {
             max_dispatch_flops,
             attn_kernel,
             coop_f16,
+            dense_solves_here,
             pipelines: Mutex::new(PipelineCache::default()),
             uniforms: Mutex::new(UniformRing::default()),
             pool: Arc::new(BufferPool { inner: Mutex::new(PoolInner::default()), max_idle_bytes: 1 << 30 }),
@@ -649,6 +661,12 @@ impl Gpu {
     /// The attention kernel `causal_attention` / `cached_attention` run (chosen at `new`).
     pub fn attn_kernel(&self) -> AttnKernel {
         self.attn_kernel
+    }
+
+    /// Whether dense products and solves of the compensations belong on this adapter (on a
+    /// CPU adapter the host's f64 is exact and faster; `LORAP_DENSE_SOLVES` overrides).
+    pub fn dense_solves_here(&self) -> bool {
+        self.dense_solves_here
     }
 
     /// FLOPs one matmul or attention dispatch may do before it is split (0 = no cap).

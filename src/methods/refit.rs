@@ -272,13 +272,27 @@ pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments, 
         RefitChoice::Ridge { .. } => solver.product(wall.as_ref(), all_sums.gp.as_ref())?,
         _ => Mat::zeros(0, 0),
     };
+    let empty = Mat::<f64>::zeros(0, 0);
     let start = features.start(&wall, &all_rows);
-    let (best, (a, b)) = match fit(&wall, &all_wgp, &start, &all_sums, best, solver) {
-        // the winner refitted on every window is indefinite where it was not on the fitting
-        // ones: the mean bias needs no solve
-        Err(e) if not_definite(&e) => (RefitChoice::MeanBias, fit(&wall, &all_wgp, &start, &all_sums, RefitChoice::MeanBias, solver)?),
-        r => (best, r?),
-    };
+    // the candidates best first: one whose refit on every window is indefinite where it was
+    // not on the fitting windows gives way to the next (Pruned and MeanBias need no solve)
+    let mut ranked: Vec<&CandidateScore> = scores.iter().collect();
+    ranked.sort_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error));
+    let mut fitted = None;
+    for choice in ranked.iter().map(|s| s.choice).chain([RefitChoice::Pruned]) {
+        let wgp = match choice {
+            RefitChoice::Ridge { .. } => &all_wgp,
+            _ => &empty,
+        };
+        match fit(&wall, wgp, &start, &all_sums, choice, solver) {
+            Err(e) if not_definite(&e) => tracing::debug!("refit: {choice:?} on all windows left out: {e}"),
+            r => {
+                fitted = Some((choice, r?));
+                break;
+            }
+        }
+    }
+    let (best, (a, b)) = fitted.ok_or_else(|| anyhow::anyhow!("refit: no candidate could be fitted on all windows"))?;
     let report = RefitReport { choice: best, fit_tokens: moments.fit.tokens, held_out_tokens: moments.held_out.tokens, features: r, candidates: scores };
     let a: Vec<f32> = (0..out * r).map(|x| a[(x / r, x % r)] as f32).collect();
     let bias = (best != RefitChoice::Pruned).then(|| b.iter().map(|&x| x as f32).collect());

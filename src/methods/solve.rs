@@ -63,13 +63,14 @@ fn from_row_major(v: &[f32], rows: usize, cols: usize, ld: usize) -> Mat<f64> {
 
 impl<'a> Solver<'a> {
     /// What a compression uses on `gpu`: its f32 path on a GPU; on a CPU adapter (lavapipe)
-    /// the host's f64, which is exact and, the adapter being the same CPU, faster (measured:
-    /// `benches/refit.rs`, docs/results.md).
+    /// the host's f64, which is exact and, the adapter being the same CPU, 16x faster
+    /// (measured: `benches/refit.rs`, docs/results.md); `LORAP_DENSE_SOLVES=gpu|host`
+    /// overrides (`Gpu::dense_solves_here`).
     pub fn for_adapter(gpu: &'a Gpu) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            Solver::Host
-        } else {
+        if gpu.dense_solves_here() {
             Solver::Gpu(gpu)
+        } else {
+            Solver::Host
         }
     }
 
@@ -80,23 +81,21 @@ impl<'a> Solver<'a> {
         }
         match *self {
             Solver::Host => Ok(a * b),
-            Solver::Gpu(gpu) => {
-                let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
-                if m == 0 || n == 0 || k == 0 {
-                    return Ok(Mat::zeros(m, n));
+            Solver::Gpu(gpu) => match gpu_product(gpu, a, b) {
+                Err(e) if too_big(&e) => {
+                    tracing::debug!("product on the host: {e}");
+                    Ok(a * b)
                 }
-                let (ga, gb) = (gpu.upload(&row_major(a, k))?, gpu.upload(&row_major(b, n))?);
-                let mut enc = gpu.encoder();
-                let c = matmul::matmul(gpu, &mut enc, &ga, &gb, m, k, n)?;
-                gpu.submit(enc);
-                Ok(from_row_major(&gpu.read(&c)?, m, n, n))
-            }
+                r => r,
+            },
         }
     }
 
-    /// X = R N^-1 for symmetric positive definite N [k, k] and R [rows, k] (only N's lower
-    /// triangle is read). On the GPU, a factorization that meets a non-positive f32 pivot is
-    /// redone on the host in f64.
+    /// X = R N^-1 for symmetric positive definite N [k, k] (both triangles stored; the
+    /// factorizations read the lower one) and R [rows, k]. On the GPU, a factorization that
+    /// meets a non-positive f32 pivot, a solution whose sampled residual is above
+    /// `RESIDUAL_LIMIT`, or a system over the memory budget or a buffer limit is redone on
+    /// the host in f64.
     pub fn solve_right(&self, normal: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>, SolveError> {
         let k = normal.nrows();
         if normal.ncols() != k || rhs.ncols() != k {
@@ -109,10 +108,70 @@ impl<'a> Solver<'a> {
                     tracing::debug!("f32 Cholesky lost definiteness at column {column} of {k}: solving on the host in f64");
                     host_solve_right(normal, rhs)
                 }
+                Err(e) if too_big(&e) => {
+                    tracing::debug!("solve on the host: {e}");
+                    host_solve_right(normal, rhs)
+                }
+                Ok(x) => {
+                    // a factorization that stayed positive can still be inaccurate in f32 on
+                    // an ill-conditioned N: a few rows' residual in f64 tells
+                    let residual = sampled_residual(normal, rhs, &x);
+                    if residual > RESIDUAL_LIMIT {
+                        tracing::debug!("f32 solve residual {residual:.1e} of {k}: solving on the host in f64");
+                        host_solve_right(normal, rhs)
+                    } else {
+                        Ok(x)
+                    }
+                }
                 r => r,
             },
         }
     }
+}
+
+/// Relative residual ||x N - r|| / ||r|| (on the sampled rows) above which a GPU solve is
+/// redone on the host: f32 rounding on a well-conditioned system stays near 1e-6.
+const RESIDUAL_LIMIT: f64 = 1e-3;
+
+/// Rows of the solution whose residual is checked (evenly spread; O(rows k^2) on the host).
+const RESIDUAL_ROWS: usize = 8;
+
+/// ||X N - R|| / ||R|| over up to `RESIDUAL_ROWS` evenly spread rows, in f64.
+fn sampled_residual(normal: &Mat<f64>, rhs: &Mat<f64>, x: &Mat<f64>) -> f64 {
+    let (rows, k) = (rhs.nrows(), rhs.ncols());
+    let picked: Vec<usize> = (0..rows).step_by(rows.div_ceil(RESIDUAL_ROWS).max(1)).collect();
+    let xs = Mat::<f64>::from_fn(picked.len(), k, |i, j| x[(picked[i], j)]);
+    let rs = Mat::<f64>::from_fn(picked.len(), k, |i, j| rhs[(picked[i], j)]);
+    let diff = &xs * normal - &rs;
+    let norm = rs.norm_l2();
+    if norm == 0.0 {
+        return diff.norm_l2();
+    }
+    let r = diff.norm_l2() / norm;
+    if r.is_finite() {
+        r
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// GPU errors that only say this product does not fit (the budget, a buffer or binding
+/// limit): the host can still do it.
+fn too_big(e: &SolveError) -> bool {
+    use crate::gpu::context::GpuError;
+    matches!(e, SolveError::Gpu(GpuError::OverBudget { .. } | GpuError::BufferTooLarge { .. } | GpuError::RowTooLarge { .. }))
+}
+
+fn gpu_product(gpu: &Gpu, a: MatRef<f64>, b: MatRef<f64>) -> Result<Mat<f64>, SolveError> {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(Mat::zeros(m, n));
+    }
+    let (ga, gb) = (gpu.upload(&row_major(a, k))?, gpu.upload(&row_major(b, n))?);
+    let mut enc = gpu.encoder();
+    let c = matmul::matmul(gpu, &mut enc, &ga, &gb, m, k, n)?;
+    gpu.submit(enc);
+    Ok(from_row_major(&gpu.read(&c)?, m, n, n))
 }
 
 fn host_solve_right(normal: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>, SolveError> {
@@ -120,7 +179,8 @@ fn host_solve_right(normal: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>, Solve
     Ok(llt.rsolve(rhs))
 }
 
-/// One GEMM C = alpha op(A) op(B) + beta C on sub-matrices of row-major buffers, recorded.
+/// A sub-matrix of a row-major buffer: its first element's offset and the buffer's row
+/// stride, as a GEMM operand or output.
 struct Sub<'a> {
     buf: &'a GpuBuf,
     offset: usize,
@@ -139,6 +199,7 @@ impl<'a> Sub<'a> {
     }
 }
 
+/// Records C = alpha op(A) op(B) + beta C, C [m, n], K = `k` (nothing for an empty one).
 fn gemm(gpu: &Gpu, enc: &mut wgpu::CommandEncoder, (m, n, k): (usize, usize, usize), a: Operand, b: Operand, c: GemmOutput, scale: Scale) -> Result<(), SolveError> {
     if m == 0 || n == 0 || k == 0 {
         return Ok(());
@@ -167,7 +228,8 @@ pub fn gpu_solve_right(gpu: &Gpu, normal: &Mat<f64>, rhs: &Mat<f64>, block: usiz
         padded[i * ld + i] = 1.0;
     }
     let (k_wanted, k) = (k, ld);
-    // N is overwritten by its trailing updates; L lives in a buffer of its own, so that no
+    // N is overwritten by its trailing updates; L (below its diagonal blocks: those are
+    // only ever used through their inverses) lives in a buffer of its own, so that no
     // product reads and writes one buffer
     let nbuf = gpu.upload(&padded)?;
     drop(padded);
@@ -178,8 +240,9 @@ pub fn gpu_solve_right(gpu: &Gpu, normal: &Mat<f64>, rhs: &Mat<f64>, block: usiz
     for &(j0, j1) in &blocks {
         let b = j1 - j0;
         // the diagonal block, after every earlier trailing update (the read drains the queue)
-        let rows_j = gpu.read_range(&nbuf, j0 * ld, b * ld)?;
-        let lower = |i: usize, c: usize| rows_j[i.max(c) * ld + j0 + i.min(c)] as f64;
+        let segments: Vec<(&GpuBuf, usize, usize)> = (j0..j1).map(|r| (&nbuf, r * ld + j0, b)).collect();
+        let rows_j = gpu.read_ranges(&segments)?;
+        let lower = |i: usize, c: usize| rows_j[i.max(c)][i.min(c)] as f64;
         let d = Mat::<f64>::from_fn(b, b, lower);
         let llt = d.llt(Side::Lower).map_err(|_| SolveError::NotPositiveDefinite { column: j0 })?;
         let l = llt.L();
@@ -187,10 +250,6 @@ pub fn gpu_solve_right(gpu: &Gpu, normal: &Mat<f64>, rhs: &Mat<f64>, block: usiz
         invert_lower_triangular(linv.as_mut(), l, faer::Par::Seq);
         if !(0..b).all(|i| linv[(i, i)].is_finite()) {
             return Err(SolveError::NotPositiveDefinite { column: j0 });
-        }
-        for i in 0..b {
-            let row: Vec<f32> = (0..=i).map(|c| l[(i, c)] as f32).collect();
-            gpu.write(&lbuf, (j0 + i) * ld + j0, &row);
         }
         let inv = gpu.upload(&row_major(linv.as_ref(), b))?;
         if j1 < k {
@@ -274,6 +333,45 @@ mod tests {
             let err = max_rel(&got, &want);
             assert!(err < 2e-3, "k {k} rows {rows} block {block}: relative error {err}");
         }
+    }
+
+    /// Storage bindings capped at 16 KiB: every product of the factorization and the solves
+    /// is split into windows (no tensor is assumed to fit one binding).
+    #[test]
+    fn blocked_gpu_solve_splits_over_small_bindings() {
+        let gpu = crate::gpu::kernels::test_util::gpu_with_binding(16 << 10);
+        let (n, r) = (spd(150, 1e2, 11), random(40, 150, 12));
+        let err = max_rel(&gpu_solve_right(&gpu, &n, &r, 64).unwrap(), &host_solve_right(&n, &r).unwrap());
+        assert!(err < 2e-3, "relative error {err}");
+    }
+
+    /// An ill-conditioned system (condition 1e9): the f32 factorization either loses a pivot
+    /// or answers inaccurately; `Solver::Gpu` notices either (the sampled residual) and
+    /// answers as the f64 host does.
+    #[test]
+    fn an_inaccurate_gpu_solve_is_redone_on_the_host() {
+        let gpu = test_gpu();
+        let (n, r) = (spd(96, 1e9, 13), random(9, 96, 14));
+        let want = host_solve_right(&n, &r).unwrap();
+        match gpu_solve_right(&gpu, &n, &r, 32) {
+            Ok(x) => assert!(sampled_residual(&n, &r, &x) > RESIDUAL_LIMIT, "f32 was accurate at condition 1e9: the test needs a worse matrix"),
+            Err(e) => assert!(matches!(e, SolveError::NotPositiveDefinite { .. }), "{e}"),
+        }
+        let got = Solver::Gpu(&gpu).solve_right(&n, &r).unwrap();
+        assert!(max_rel(&got, &want) < 1e-9);
+    }
+
+    /// Over the memory budget the GPU cannot hold the system: the host answers instead.
+    #[test]
+    fn over_the_budget_the_host_answers() {
+        let gpu = Gpu::new(&crate::gpu::kernels::test_util::options()).unwrap();
+        gpu.set_budget(8 << 10);
+        let (n, r) = (spd(100, 10.0, 15), random(6, 100, 16));
+        assert!(matches!(gpu_solve_right(&gpu, &n, &r, 32), Err(e) if too_big(&e)));
+        let got = Solver::Gpu(&gpu).solve_right(&n, &r).unwrap();
+        assert!(max_rel(&got, &host_solve_right(&n, &r).unwrap()) < 1e-12);
+        let (a, b) = (random(50, 60, 17), random(60, 70, 18));
+        assert!(max_rel(&Solver::Gpu(&gpu).product(a.as_ref(), b.as_ref()).unwrap(), &(&a * &b)) < 1e-12);
     }
 
     #[test]
