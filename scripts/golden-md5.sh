@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Byte-identity check for refactors: compresses the real SmolLM2-135M with LoRAP, sfsd and
-# mpo at 0.2 on 4 x 128 C4 calibration tokens with the given binary (default
+# Byte-identity check for refactors: compresses the real SmolLM2-135M with LoRAP (its
+# default, the FFN refit included), sfsd and mpo at 0.2 on 4 x 128 C4 calibration tokens
+# with the given binary (default
 # target/release/lorap-gpu) and prints one md5 per method over the shards and config.json.
 # Run it before and after a change that must not alter results; the lines must match.
 # Usage: bash scripts/golden-md5.sh [BINARY] [SCRATCH_DIR]
