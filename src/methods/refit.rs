@@ -264,25 +264,31 @@ pub fn refit(w: &[f32], out: usize, features: Features, moments: &SplitMoments, 
         let (err, target) = held.error(&a, &b, solver)?;
         scores.push(CandidateScore { choice, held_out_rel_error: err / target.max(f64::MIN_POSITIVE) });
     }
-    let best = scores.iter().min_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error)).map(|s| s.choice).unwrap_or(RefitChoice::Pruned);
     let all_rows: Vec<usize> = (0..out).collect();
     let wall = rows_of(w, n, &all_rows);
     let all_sums = fit_sums.add(&held_sums);
-    let all_wgp = match best {
-        RefitChoice::Ridge { .. } => solver.product(wall.as_ref(), all_sums.gp.as_ref())?,
-        _ => Mat::zeros(0, 0),
-    };
-    let empty = Mat::<f64>::zeros(0, 0);
     let start = features.start(&wall, &all_rows);
-    // the candidates best first: one whose refit on every window is indefinite where it was
-    // not on the fitting windows gives way to the next (Pruned and MeanBias need no solve)
-    let mut ranked: Vec<&CandidateScore> = scores.iter().collect();
-    ranked.sort_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error));
+    // the winner refitted on all windows; one that is indefinite there where it was not on
+    // the fitting windows gives way to the next best (Pruned needs no solve)
+    let mut ranked: Vec<RefitChoice> = {
+        let mut by_error: Vec<&CandidateScore> = scores.iter().collect();
+        by_error.sort_by(|a, b| a.held_out_rel_error.total_cmp(&b.held_out_rel_error));
+        by_error.iter().map(|s| s.choice).collect()
+    };
+    ranked.push(RefitChoice::Pruned);
+    // W G P^T over all rows, for ridge candidates only (computed once, when first needed;
+    // the fit of Pruned and MeanBias does not read it)
+    let mut all_wgp: Option<Mat<f64>> = None;
+    let unread = Mat::<f64>::zeros(0, 0);
     let mut fitted = None;
-    for choice in ranked.iter().map(|s| s.choice).chain([RefitChoice::Pruned]) {
-        let wgp = match choice {
-            RefitChoice::Ridge { .. } => &all_wgp,
-            _ => &empty,
+    for choice in ranked {
+        let ridge = matches!(choice, RefitChoice::Ridge { .. });
+        if ridge && all_wgp.is_none() {
+            all_wgp = Some(solver.product(wall.as_ref(), all_sums.gp.as_ref())?);
+        }
+        let wgp = match (&all_wgp, ridge) {
+            (Some(m), true) => m,
+            _ => &unread,
         };
         match fit(&wall, wgp, &start, &all_sums, choice, solver) {
             Err(e) if not_definite(&e) => tracing::debug!("refit: {choice:?} on all windows left out: {e}"),

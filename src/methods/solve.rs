@@ -38,8 +38,10 @@ pub enum Solver<'a> {
 pub enum SolveError {
     #[error("the normal matrix is not positive definite (diagonal block at column {column})")]
     NotPositiveDefinite { column: usize },
-    #[error("solve shapes: the normal matrix is {normal:?}, the right-hand side {rhs:?}")]
-    Shape { normal: (usize, usize), rhs: (usize, usize) },
+    /// The two operands' (rows, columns): a product's left and right factor, or a solve's
+    /// normal matrix and right-hand side.
+    #[error("shapes do not fit: {left:?} and {right:?}")]
+    Shape { left: (usize, usize), right: (usize, usize) },
     #[error(transparent)]
     Gpu(#[from] crate::gpu::context::GpuError),
 }
@@ -77,7 +79,7 @@ impl<'a> Solver<'a> {
     /// A B.
     pub fn product(&self, a: MatRef<f64>, b: MatRef<f64>) -> Result<Mat<f64>, SolveError> {
         if a.ncols() != b.nrows() {
-            return Err(SolveError::Shape { normal: (a.nrows(), a.ncols()), rhs: (b.nrows(), b.ncols()) });
+            return Err(SolveError::Shape { left: (a.nrows(), a.ncols()), right: (b.nrows(), b.ncols()) });
         }
         match *self {
             Solver::Host => Ok(a * b),
@@ -99,7 +101,7 @@ impl<'a> Solver<'a> {
     pub fn solve_right(&self, normal: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>, SolveError> {
         let k = normal.nrows();
         if normal.ncols() != k || rhs.ncols() != k {
-            return Err(SolveError::Shape { normal: (k, normal.ncols()), rhs: (rhs.nrows(), rhs.ncols()) });
+            return Err(SolveError::Shape { left: (k, normal.ncols()), right: (rhs.nrows(), rhs.ncols()) });
         }
         match *self {
             Solver::Host => host_solve_right(normal, rhs),
