@@ -20,7 +20,7 @@ const FLAGS: &[&str] = &[
     "--mpo-share-centre", "--mpo-matrices", "--power-iters", "--oversample", "--max-vram", "--batch-tokens", "--ratios",
     "--target-ratio", "--evaluations", "--step", "--no-drop", "--allocation", "--seed", "--force", "--resume", "--json",
     "--text", "--max-tokens", "--task", "--prompt", "--max-new", "--preset", "--layers", "--format", "--base", "--adapter",
-    "--max-binding", "--quiet", "--max-abs-weight", "--sfsd-centred", "--plain-svd", "--no-reserve", "--magnitude-ffn",
+    "--max-binding", "--quiet", "--max-abs-weight", "--sfsd-centred", "--plain-svd", "--no-reserve", "--ffn-reserve", "--magnitude-ffn",
     "--layer-allocation", "--help", "--version", "-q",
 ];
 

@@ -241,7 +241,7 @@ impl CompressArgs {
     /// A method's own flags given with another `--method` are refused, not ignored.
     fn method_flags_match(&self) -> Result<(), CompressError> {
         use crate::methods::Method;
-        let given: [(&str, bool, Method); 12] = [
+        let given: [(&str, bool, Method); 13] = [
             ("--layer-allocation sensitivity", self.layer_allocation == LayerAllocation::Sensitivity, Method::Lorap),
             ("--plain-svd", self.plain_svd, Method::Lorap),
             ("--ffn-refit", self.ffn_refit, Method::Lorap),
@@ -249,6 +249,7 @@ impl CompressArgs {
             ("--attention-refit", self.attention_refit.is_some(), Method::Lorap),
             ("--ffn-selection", self.ffn_selection.is_some(), Method::Lorap),
             ("--no-reserve", self.no_reserve, Method::Lorap),
+            ("--ffn-reserve", self.ffn_reserve != crate::methods::lorap::LorapOptions::default().reserve, Method::Lorap),
             ("--magnitude-ffn", self.magnitude_ffn, Method::Lorap),
             ("--sfsd-centred", self.sfsd_centred, Method::Sfsd),
             ("--mpo-max-bond", self.mpo_max_bond.is_some(), Method::Mpo),

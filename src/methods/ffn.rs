@@ -1,6 +1,6 @@
 //! FFN structured channel pruning: Wanda-style channel scores from activation scales or
-//! OBS scores from the intermediate features' covariance, the lowest-scored 1% reserved,
-//! the next fraction p removed.
+//! OBS scores from the intermediate features' covariance, optionally the lowest-scored
+//! fraction reserved (the LoRAP paper's 1%; none by default), the next fraction p removed.
 
 use serde::{Deserialize, Serialize};
 

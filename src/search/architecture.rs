@@ -39,7 +39,7 @@ pub struct SearchOptions {
     pub allow_drop: bool,
     /// Keep-fraction change of one move.
     pub step: f64,
-    /// Fraction of the lowest-scored FFN channels reserved (LoRAP's 1%).
+    /// Fraction of the lowest-scored FFN channels reserved (LoRAP's 1%: 0.01; `compress`'s default: none).
     pub reserve: f64,
     /// Attention rank allocation of every candidate (`compress --plan` must use the same
     /// to reproduce what the search scored; both default to LoRAP's).
@@ -51,7 +51,7 @@ pub struct SearchOptions {
 
 impl Default for SearchOptions {
     fn default() -> Self {
-        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: 0.01, allocation: crate::methods::lorap::LorapOptions::default().allocation, seed: 1, svd: SvdOptions::default() }
+        SearchOptions { uniform_ratios: vec![0.1, 0.2, 0.3, 0.4, 0.5], evaluations: 24, target_ratio: None, allow_drop: true, step: 0.1, reserve: crate::methods::lorap::LorapOptions::default().reserve, allocation: crate::methods::lorap::LorapOptions::default().allocation, seed: 1, svd: SvdOptions::default() }
     }
 }
 
